@@ -1,0 +1,65 @@
+"""Honest parameter and storage accounting.
+
+- ``trainable``: parameters that will receive gradients now (the active adapter's, unless loaded for
+  inference only).
+- ``base``: parameters of the base model, counted once (adapter matrices and the per-adapter copies of
+  ``modules_to_save`` are not part of it).
+- ``adapter``: what the active adapter stores: its tensors, i.e. exactly what ``save_pretrained`` writes.
+- ``adapter_bytes``: the same in bytes, at the tensors' own dtypes (the file adds only a small header).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from peftkit.model import PeftModel
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    base: int
+    adapter: int
+    adapter_bytes: int
+
+    @property
+    def trainable_percent(self) -> float:
+        """Trainable parameters as a percentage of the base model's."""
+        return 100.0 * self.trainable / self.base if self.base else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || base params: {self.base:,} || "
+            f"trainable%: {self.trainable_percent:.4f} || adapter: {self.adapter:,} params, "
+            f"{format_bytes(self.adapter_bytes)}"
+        )
+
+
+def count_parameters(model: PeftModel) -> ParameterCount:
+    # Parameters that exist only because of adapters; trained base biases stay part of the base model.
+    added = {
+        id(p)
+        for _, layer in model.adapter_layers()
+        for name in layer.adapter_names()
+        for p in layer.adapter_parameters(name)
+    }
+    unique = {id(p): p for p in model.base_model.parameters()}  # tied weights counted once
+    base = sum(p.numel() for i, p in unique.items() if i not in added)
+    trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
+    tensors = model.adapter_state_dict(model.active_adapter) if model.active_adapter else {}
+    return ParameterCount(
+        trainable=trainable,
+        base=base,
+        adapter=sum(t.numel() for t in tensors.values()),
+        adapter_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+    )
+
+
+def format_bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

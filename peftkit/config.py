@@ -1,0 +1,103 @@
+"""Adapter configs: validated once at construction, JSON round trip, and a registry of methods.
+
+Every method's config is a frozen dataclass that subclasses :class:`AdapterConfig`. Validation happens in
+``__post_init__`` and every error names the field, the value it got and what is allowed, e.g.
+"`r` must be a positive integer, got 0".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+CONFIG_REGISTRY: dict[str, type[AdapterConfig]] = {}
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the method cannot use."""
+
+
+def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make a config loadable by its ``method`` name."""
+    CONFIG_REGISTRY[cls.method] = cls
+    return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Base of every method's config. Subclasses set ``method`` and add their own fields."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"method": self.method}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            data[field.name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> AdapterConfig:
+        data = dict(data)
+        method = data.pop("method", None)
+        if method not in CONFIG_REGISTRY:
+            raise ConfigError(f"`method` must be one of {sorted(CONFIG_REGISTRY)}, got {method!r}")
+        cls = CONFIG_REGISTRY[method]
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown field(s) {unknown} for method {method!r}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    @staticmethod
+    def from_json(text: str) -> AdapterConfig:
+        return AdapterConfig.from_dict(json.loads(text))
+
+    def _set(self, name: str, value: Any) -> None:
+        """Normalise a field inside ``__post_init__`` (the dataclass is frozen)."""
+        object.__setattr__(self, name, value)
+
+
+# --- validation helpers shared by every config --------------------------------------------------------
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def check_number(name: str, value: Any, *, low: float, high: float, high_inclusive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and low <= value and (value <= high if high_inclusive else value < high)
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ConfigError(f"`{name}` must be a number in [{low}, {high}{bracket}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
+
+
+def as_name_tuple(name: str, value: Any, *, allow_string: bool) -> str | tuple[str, ...] | None:
+    """Normalise a module-name spec: ``None``, one string (a regex or a keyword), or a list of names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if allow_string:
+            return value
+        return (value,)
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value):
+        if not value:
+            raise ConfigError(f"`{name}` must not be an empty list; use None for the default")
+        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    raise ConfigError(f"`{name}` must be a string or a list of non-empty strings, got {value!r}")

@@ -1,0 +1,99 @@
+"""The contract every adapter-carrying module follows, and the per-row routing of a mixed batch.
+
+An :class:`AdapterLayer` wraps one base module and holds any number of named adapters for it. The
+:class:`~peftkit.model.PeftModel` drives the whole model only through this contract: which adapter is
+active, merge / unmerge, the adapter's tensors for a checkpoint, delete. Methods add their own layer types;
+nothing generic knows about a particular method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BASE_ROW = "__base__"  # in a mixed batch, a row that runs through the base model alone (as in HF PEFT)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which adapter each row of a mixed batch uses.
+
+    ``names`` are the distinct adapter names of the batch, ``index[b]`` is the position in ``names`` of row
+    ``b``'s adapter. A layer that has no adapter of a given name leaves those rows on the base layer.
+    """
+
+    names: tuple[str, ...]
+    index: torch.Tensor  # (batch,) int64
+
+    @staticmethod
+    def from_row_names(row_names: Sequence[str], device: torch.device) -> Routing:
+        names = tuple(dict.fromkeys(row_names))
+        position = {name: i for i, name in enumerate(names)}
+        index = torch.tensor([position[name] for name in row_names], dtype=torch.long, device=device)
+        return Routing(names=names, index=index)
+
+    def check_batch(self, batch: int, layer: str) -> None:
+        if batch != len(self.index):
+            raise ValueError(
+                f"mixed batch: `adapter_names` has {len(self.index)} entries but layer {layer} sees a batch of "
+                f"{batch} rows; give one adapter name per row of the input batch"
+            )
+
+
+class AdapterLayer(nn.Module):
+    """Base of every module that carries named adapters around one wrapped base module.
+
+    State kept here, the same for every method: the active adapter (``None`` when adapters are disabled),
+    the adapters merged into the base weights, and the routing of a mixed batch while one runs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self.routing: Routing | None = None
+
+    # --- what each method implements ---------------------------------------------------------------------
+    def base(self) -> nn.Module:
+        """The wrapped module, untouched by adapters that are not merged."""
+        raise NotImplementedError
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        raise NotImplementedError
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, keyed relative to this module in the Hugging Face PEFT layout."""
+        raise NotImplementedError
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def merge(self, name: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unloaded(self, merge: bool) -> nn.Module:
+        """The module that replaces this wrapper when adapters are removed from the model."""
+        if merge and self.active_adapter is not None and self.active_adapter in self.adapter_names():
+            self.merge(self.active_adapter)
+        return self.base()
+
+    # --- shared behaviour --------------------------------------------------------------------------------
+    def runs(self, name: str | None) -> bool:
+        """Whether adapter ``name`` adds its update in the forward pass (it exists here and is not merged)."""
+        return name is not None and name in self.adapter_names() and name not in self.merged_adapters
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.base() if isinstance(module, AdapterLayer) else module

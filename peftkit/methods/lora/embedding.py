@@ -1,0 +1,135 @@
+"""LoRA around an ``nn.Embedding``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.layer import AdapterLayer
+from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.init import EMBEDDING_INITIALISERS, initialise
+from peftkit.methods.lora.stacking import padded_stack
+
+
+class LoraEmbedding(AdapterLayer):
+    """``e(t) = E0[t] + s · B A[:, t]``: a low-rank update of the (vocab x dim) table ``E0``.
+
+    ``A`` is ``lora_embedding_A[name]`` (r x vocab), looked up by token like an embedding table; ``B`` is
+    ``lora_embedding_B[name]`` (dim x r). ``ΔE = s · (B A)ᵀ`` (vocab x dim) merges into the table. Names and
+    shapes follow HF PEFT so that checkpoints move between the two. Dropout is not applied: the input is a
+    token id, not a vector (HF PEFT does the same).
+    """
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+
+    def base(self) -> nn.Module:
+        return self.base_layer
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_embedding_A.keys())
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        weight = self.base_layer.weight
+        self.lora_embedding_A[name] = nn.Parameter(weight.new_empty(config.r, self.num_embeddings))
+        self.lora_embedding_B[name] = nn.Parameter(weight.new_empty(self.embedding_dim, config.r))
+        self.scaling[name] = config.scaling
+        initialise(
+            EMBEDDING_INITIALISERS,
+            self.lora_embedding_A[name],
+            self.lora_embedding_B[name],
+            config.init,
+            config.r,
+        )
+
+    def delete_adapter(self, name: str) -> None:
+        del self.lora_embedding_A[name]
+        del self.lora_embedding_B[name]
+        del self.scaling[name]
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        yield self.lora_embedding_A[name]
+        yield self.lora_embedding_B[name]
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return {
+            "lora_embedding_A": self.lora_embedding_A[name],
+            "lora_embedding_B": self.lora_embedding_B[name],
+        }
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.lora_embedding_A[name].copy_(tensors["lora_embedding_A"])
+            self.lora_embedding_B[name].copy_(tensors["lora_embedding_B"])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s · (B A)ᵀ``, (vocab, dim): the update of the embedding table."""
+        return self.scaling[name] * (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T
+
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            return
+        with torch.no_grad():
+            self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            while self.merged_adapters:
+                self.base_layer.weight -= self.delta_weight(self.merged_adapters.pop()).to(
+                    self.base_layer.weight.dtype
+                )
+
+    def _lookup(self, tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(
+            tokens,
+            table,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(tokens)
+        if self.routing is not None:
+            return self._mixed_forward(tokens, result)
+        name = self.active_adapter
+        if not self.runs(name):
+            return result
+        after_A = self._lookup(tokens, self.lora_embedding_A[name].T)  # (..., r)
+        update = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
+        return result + update.to(result.dtype)
+
+    def _mixed_forward(self, tokens: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        routing = self.routing
+        present = [n for n in routing.names if self.runs(n)]
+        if not present:
+            return result
+        routing.check_batch(tokens.shape[0], f"LoraEmbedding({self.num_embeddings}x{self.embedding_dim})")
+        stack_A, stack_B, scale = padded_stack(
+            routing.names,
+            lambda n: (
+                (self.lora_embedding_A[n], self.lora_embedding_B[n], self.scaling[n])
+                if self.runs(n)
+                else None
+            ),
+            a_shape=(self.num_embeddings,),
+            b_shape=(self.embedding_dim,),
+            like=self.lora_embedding_A[present[0]],
+        )  # (n, r_max, vocab), (n, dim, r_max), (n,)
+        rows = routing.index
+        flat = tokens.reshape(tokens.shape[0], -1)  # (batch, tokens)
+        after_A = stack_A.transpose(1, 2)[rows[:, None], flat]  # (batch, tokens, r_max)
+        update = torch.bmm(after_A, stack_B[rows].transpose(1, 2)) * scale[rows].view(-1, 1, 1)
+        return result + update.reshape(result.shape).to(result.dtype)

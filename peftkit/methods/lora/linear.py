@@ -1,0 +1,126 @@
+"""LoRA around a linear layer: ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2, weight stored transposed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit.layer import AdapterLayer
+from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.init import LINEAR_INITIALISERS, initialise
+from peftkit.methods.lora.stacking import padded_stack
+
+
+class LoraLinear(AdapterLayer):
+    """``h = W0 x + b + s · B A dropout(x)`` for each named adapter (Hu et al. 2021, eq. 3).
+
+    ``A`` is ``lora_A[name]`` (an ``nn.Linear(in, r)``, weight r x in), ``B`` is ``lora_B[name]`` (weight
+    out x r); ``s`` is the config's scaling. Merging adds ``ΔW = s · B A`` to ``W0`` (transposed for
+    ``Conv1D``, whose weight is in x out), after which the layer costs exactly what the base layer costs.
+
+    In a mixed batch (``self.routing`` set) row ``b`` uses adapter ``names[index[b]]``: the A and B matrices
+    of the batch's adapters are stacked (zero-padded to the largest rank, which adds exact zeros) and
+    gathered per row, so the whole batch is two batched matmuls instead of a loop over sub-batches.
+    """
+
+    def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.transposed = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        self.in_features, self.out_features = weight.shape[::-1] if not self.transposed else weight.shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+
+    def base(self) -> nn.Module:
+        return self.base_layer
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling[name] = config.scaling
+        initialise(
+            LINEAR_INITIALISERS, self.lora_A[name].weight, self.lora_B[name].weight, config.init, config.r
+        )
+
+    def delete_adapter(self, name: str) -> None:
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        del self.scaling[name]
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        yield self.lora_A[name].weight
+        yield self.lora_B[name].weight
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(tensors["lora_A.weight"])
+            self.lora_B[name].weight.copy_(tensors["lora_B.weight"])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s · B A`` in the base weight's layout: (out, in) for ``nn.Linear``, (in, out) for ``Conv1D``."""
+        delta = self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)  # (out, in)
+        return delta.T if self.transposed else delta
+
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            return
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            weight += self.delta_weight(name).to(weight.dtype)
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            while self.merged_adapters:
+                weight -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.routing is not None:
+            return self._mixed_forward(x, result)
+        name = self.active_adapter
+        if not self.runs(name):
+            return result
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        x = x.to(lora_A.weight.dtype)
+        update = lora_B(lora_A(self.lora_dropout[name](x))) * self.scaling[name]
+        return result + update.to(result.dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        routing = self.routing
+        present = [n for n in routing.names if self.runs(n)]
+        if not present:
+            return result
+        routing.check_batch(x.shape[0], f"LoraLinear({self.in_features}->{self.out_features})")
+        dtype = self.lora_A[present[0]].weight.dtype
+        stack_A, stack_B, scale = padded_stack(
+            routing.names,
+            lambda n: (
+                (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) if self.runs(n) else None
+            ),
+            a_shape=(self.in_features,),
+            b_shape=(self.out_features,),
+            like=self.lora_A[present[0]].weight,
+        )  # (n, r_max, in), (n, out, r_max), (n,)
+        rows = routing.index
+        xb = x.to(dtype).reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
+        hidden = torch.bmm(xb, stack_A[rows].transpose(1, 2))  # (batch, tokens, r_max)
+        update = torch.bmm(hidden, stack_B[rows].transpose(1, 2))  # (batch, tokens, out)
+        update = update * scale[rows].view(-1, 1, 1)
+        return result + update.reshape(result.shape).to(result.dtype)

@@ -1,0 +1,74 @@
+"""Applying a LoRA adapter to a model: choose the layers, wrap them, pick the biases that train."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit.layer import AdapterLayer
+from peftkit.methods import Method, register_method
+from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.embedding import LoraEmbedding
+from peftkit.methods.lora.linear import LoraLinear
+from peftkit.module_paths import replace_module
+from peftkit.targeting import select_modules
+
+# Base layer type -> the LoRA wrapper for it.
+WRAPPERS: dict[type[nn.Module], type[AdapterLayer]] = {
+    nn.Linear: LoraLinear,
+    Conv1D: LoraLinear,
+    nn.Embedding: LoraEmbedding,
+}
+LORA_LAYERS = (LoraLinear, LoraEmbedding)
+
+
+def _wrapper_for(module: nn.Module) -> type[AdapterLayer] | None:
+    return next((wrapper for base, wrapper in WRAPPERS.items() if isinstance(module, base)), None)
+
+
+def _supported(module: nn.Module) -> bool:
+    return isinstance(module, LORA_LAYERS) or _wrapper_for(module) is not None
+
+
+def inject_lora(model: nn.Module, name: str, config: LoraConfig) -> list[str]:
+    """Wrap every targeted layer (once; a second adapter joins the existing wrapper) and add adapter ``name``."""
+    targets = select_modules(
+        model,
+        target_modules=config.target_modules,
+        exclude_modules=config.exclude_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        modules_to_save=config.modules_to_save,
+        supported=_supported,
+        supported_text="nn.Linear, transformers Conv1D, nn.Embedding",
+    )
+    for path in targets:
+        module = model.get_submodule(path)
+        if not isinstance(module, LORA_LAYERS):
+            module = _wrapper_for(module)(module)
+            replace_module(model, path, module)
+        module.add_adapter(name, config)
+    return targets
+
+
+def trained_biases(model: nn.Module, targets: list[str], config: LoraConfig) -> list[str]:
+    """Names of the base-model bias parameters that train with the adapter (`bias` = all | lora_only)."""
+    if config.bias == "none":
+        return []
+    names = [n for n, _ in model.named_parameters() if n == "bias" or n.endswith(".bias")]
+    if config.bias == "lora_only":
+        names = [n for n in names if n.rsplit(".", 2)[0] in targets]
+    return names
+
+
+register_method(
+    Method(
+        name="lora",
+        config_class=LoraConfig,
+        inject=inject_lora,
+        trained_base_parameters=trained_biases,
+        file_type="LORA",
+        to_file=lambda config, targets: config.to_hf_dict(targets),
+        from_file=LoraConfig.from_hf_dict,
+    )
+)

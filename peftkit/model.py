@@ -1,0 +1,364 @@
+"""``PeftModel``: one frozen base model, any number of named adapters, and their whole lifecycle.
+
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
+    model(**batch)                                  # forwards exactly like `base`
+    model.add_adapter("other", config); model.set_adapter("other")
+    with model.disable_adapter(): model(**batch)    # the base model, exactly
+    model(**batch, adapter_names=["default", "other", "__base__", ...])   # one adapter per row
+    model.save_pretrained(path); PeftModel.from_pretrained(base, path)
+
+The wrapped model is ``model.base_model`` (no attribute delegation: what belongs to the base model is
+reached through it). All adapter layers follow :class:`~peftkit.layer.AdapterLayer`; this class never knows
+which method a layer implements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit import accounting, checkpoint
+from peftkit.bias import BiasBank
+from peftkit.config import AdapterConfig, ConfigError
+from peftkit.layer import BASE_ROW, AdapterLayer, Routing
+from peftkit.methods import method_for_config, method_for_file
+from peftkit.module_paths import replace_module
+from peftkit.modules_to_save import ModulesToSave
+from peftkit.targeting import name_matches
+
+
+class AdapterError(ValueError):
+    """An adapter operation that cannot be carried out as asked (unknown name, merged state, ...)."""
+
+
+class PeftModel(nn.Module):
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self.active_adapter: str | None = None
+        self._targets: dict[str, list[str]] = {}  # adapter -> wrapped module paths
+        self._inference_only: set[str] = set()  # adapters loaded with is_trainable=False
+        self._bias_bank = BiasBank()
+        # unload() hands the model back with the trainable flags it came with
+        self._original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # --- forward --------------------------------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward. With ``adapter_names`` (one per row; ``"__base__"`` for the base model
+        alone) every row runs through its own adapter in a single pass."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        """The base model's config (``transformers`` models), so generation utilities find it."""
+        return getattr(self.base_model, "config", None)
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: AdapterConfig) -> None:
+        """Add adapter ``name`` (not made active: call :meth:`set_adapter`). Refused configs change nothing."""
+        _check_new_name(name, self.peft_config)
+        method = method_for_config(config)
+        saved_paths = self._resolve_modules_to_save(config)
+        self._targets[name] = method.inject(self.base_model, name, config)
+        for path in saved_paths:
+            wrapper = self.base_model.get_submodule(path)
+            if not isinstance(wrapper, ModulesToSave):
+                wrapper = ModulesToSave(wrapper)
+                replace_module(self.base_model, path, wrapper)
+            wrapper.add_adapter(name)
+        self.peft_config[name] = config
+        fully_trained = [p for p, m in self.base_model.named_modules() if isinstance(m, ModulesToSave)]
+        biases = [
+            b
+            for b in method.trained_base_parameters(self.base_model, self._targets[name], config)
+            if not any(b.startswith(p + ".") for p in fully_trained)
+        ]
+        self._bias_bank.add(self.base_model, name, biases)
+        self._apply_active(self.active_adapter)
+
+    def set_adapter(self, name: str) -> None:
+        self._check_exists(name)
+        self._check_not_merged("set_adapter")
+        self.active_adapter = name
+        self._apply_active(name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model is the base model exactly (adapters off, base biases restored)."""
+        self._check_not_merged("disable_adapter")
+        self._apply_active(None)
+        try:
+            yield
+        finally:
+            self._apply_active(self.active_adapter)
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_exists(name)
+        for path, layer in self.adapter_layers():
+            if name in layer.adapter_names():
+                if name in layer.merged_adapters:
+                    layer.unmerge()
+                layer.delete_adapter(name)
+                if not layer.adapter_names():
+                    replace_module(self.base_model, path, layer.base())
+        self._bias_bank.delete(self.base_model, name)
+        del self.peft_config[name], self._targets[name]
+        self._inference_only.discard(name)
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.peft_config), None)
+        self._apply_active(self.active_adapter)
+
+    def merge_adapter(self) -> None:
+        """Fold the active adapter into the base weights: inference then costs what the base model costs."""
+        name = self._require_active()
+        layers = [layer for _, layer in self.adapter_layers() if name in layer.adapter_names()]
+        unmergeable = {type(layer).__name__ for layer in layers if type(layer).merge is AdapterLayer.merge}
+        if unmergeable - {"ModulesToSave"}:
+            raise AdapterError(
+                f"adapter {name!r} cannot be merged: {sorted(unmergeable)} have no weight to fold into"
+            )
+        for layer in layers:
+            if not isinstance(layer, ModulesToSave):
+                layer.merge(name)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            if layer.merged_adapters:
+                layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain base model with the active adapter folded into its weights (and its trained heads)."""
+        self._require_active()
+        self.merge_adapter()
+        return self._unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """The plain base model without any adapter, as it was before ``get_peft_model``."""
+        self.unmerge_adapter()
+        self._bias_bank.restore_base(self.base_model)
+        return self._unload(merge=False)
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def save_pretrained(
+        self, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
+    ) -> None:
+        """Write each adapter (default: all) in the HF PEFT layout: ``default`` into ``directory`` itself,
+        any other adapter into ``directory/<name>``. Only adapter tensors are written, never base weights."""
+        names = list(self.peft_config) if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._check_exists(name)
+        for name in names:
+            config = method_for_config(self.peft_config[name]).to_file(
+                self.peft_config[name], self._targets[name]
+            )
+            config["base_model_name_or_path"] = getattr(self.config, "_name_or_path", None) or None
+            target = Path(directory) if name == "default" else Path(directory) / name
+            checkpoint.write_adapter(target, config, self.adapter_state_dict(name))
+
+    def load_adapter(
+        self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ):
+        """Add adapter ``adapter_name`` from a peftkit or HF PEFT adapter directory.
+
+        Shapes and keys are checked against the model before anything is kept: a mismatch raises an error
+        naming the key and both shapes, and the model is left without the half-loaded adapter."""
+        file_config, tensors = checkpoint.read_adapter(directory)
+        config = method_for_file(file_config).from_file(file_config)
+        self.add_adapter(adapter_name, config)
+        try:
+            expected = self.adapter_state_dict(adapter_name)
+            checkpoint.check_tensors(tensors, expected, source=str(directory))
+            self._load_tensors(adapter_name, tensors)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self._inference_only.add(adapter_name)
+        self._apply_active(self.active_adapter)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        directory: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> PeftModel:
+        file_config, _ = checkpoint.read_adapter(directory)
+        config = method_for_file(file_config).from_file(file_config)
+        peft_model = cls(model, config, adapter_name)
+        # the adapter just built is replaced by the checked, loaded one (same name, same targets)
+        peft_model.delete_adapter(adapter_name)
+        peft_model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        peft_model.set_adapter(adapter_name)
+        return peft_model
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under their checkpoint keys (``base_model.model.<path>.<tensor>``)."""
+        self._check_exists(name)
+        tensors = {}
+        for path, layer in self.adapter_layers():
+            if name in layer.adapter_names():
+                for key, tensor in layer.adapter_state_dict(name).items():
+                    tensors[f"{checkpoint.KEY_PREFIX}{path}.{key}"] = tensor
+        for key, tensor in self._bias_bank.state_dict(self.base_model, name).items():
+            tensors[f"{checkpoint.KEY_PREFIX}{key}"] = tensor
+        return tensors
+
+    # --- accounting ------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> accounting.ParameterCount:
+        return accounting.count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_parameters().summary())
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = [
+            p
+            for _, layer in self.adapter_layers()
+            if name in layer.adapter_names()
+            for p in layer.adapter_parameters(name)
+        ]
+        biases = dict(self.base_model.named_parameters())
+        return params + [biases[b] for b in self._bias_bank.names(name)]
+
+    # --- internals -------------------------------------------------------------------------------------
+    def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
+        """Outermost adapter layers (the trained copies inside a ModulesToSave are not separate layers)."""
+        found: list[tuple[str, AdapterLayer]] = []
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, AdapterLayer) and not any(path.startswith(p + ".") for p, _ in found):
+                found.append((path, module))
+        return found
+
+    def _apply_active(self, name: str | None) -> None:
+        """Route every layer to adapter ``name`` (None: base model) and make exactly its parameters train."""
+        for _, layer in self.adapter_layers():
+            layer.active_adapter = name
+        self._bias_bank.activate(self.base_model, name)
+        for adapter in self.peft_config:
+            trains = adapter == self.active_adapter and adapter not in self._inference_only
+            for parameter in self.adapter_parameters(adapter):
+                parameter.requires_grad_(trains)
+
+    def _load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        for path, layer in self.adapter_layers():
+            if name in layer.adapter_names():
+                prefix = f"{checkpoint.KEY_PREFIX}{path}."
+                layer.load_adapter_state_dict(
+                    name, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                )
+        biases = {b: tensors[f"{checkpoint.KEY_PREFIX}{b}"] for b in self._bias_bank.names(name)}
+        self._bias_bank.load(self.base_model, name, biases)
+
+    def _unload(self, merge: bool) -> nn.Module:
+        for path, layer in self.adapter_layers():
+            replace_module(self.base_model, path, layer.unloaded(merge=merge))
+        for parameter_name, parameter in self.base_model.named_parameters():
+            parameter.requires_grad_(self._original_requires_grad.get(parameter_name, True))
+        self.peft_config.clear()
+        self.active_adapter = None
+        return self.base_model
+
+    def _resolve_modules_to_save(self, config: AdapterConfig) -> list[str]:
+        names = getattr(config, "modules_to_save", None)
+        if not names:
+            return []
+        layers = self.adapter_layers()
+        paths = [
+            p
+            for p, m in self.base_model.named_modules()
+            if p
+            and name_matches(p, names)
+            and not any(p.startswith(q + ".") for q, _ in layers)
+            and (isinstance(m, ModulesToSave) or not isinstance(m, AdapterLayer))
+        ]
+        missing = [n for n in names if not any(name_matches(p, [n]) for p in paths)]
+        if missing:
+            raise ConfigError(
+                f"`modules_to_save` entries {missing} match no module of {type(self.base_model).__name__}"
+            )
+        return paths
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise AdapterError(
+                f"`adapter_names` must be a list of adapter names, one per row, got {adapter_names!r}"
+            )
+        for name in set(adapter_names) - {BASE_ROW}:
+            self._check_exists(name)
+            if self._bias_bank.names(name):
+                raise AdapterError(
+                    f"adapter {name!r} trains base-model biases (bias={self.peft_config[name].bias!r}); "
+                    "biases cannot differ per row, so it cannot join a mixed batch"
+                )
+            if self.training and getattr(self.peft_config[name], "dropout", 0) > 0:
+                raise AdapterError(
+                    f"mixed batches are for inference: adapter {name!r} has dropout and the model is in training "
+                    "mode; call model.eval() first"
+                )
+        self._check_not_merged("a mixed batch (adapter_names=...)")
+        device = next(self.base_model.parameters()).device
+        routing = Routing.from_row_names(list(adapter_names), device)
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
+            layer.routing = routing
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.routing = None
+
+    def _check_exists(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise AdapterError(
+                f"no adapter named {name!r}; adapters on this model: {sorted(self.peft_config)}"
+            )
+
+    def _require_active(self) -> str:
+        if self.active_adapter is None:
+            raise AdapterError("no active adapter; add one and call set_adapter(name)")
+        return self.active_adapter
+
+    def _check_not_merged(self, action: str) -> None:
+        merged = sorted({n for _, layer in self.adapter_layers() for n in layer.merged_adapters})
+        if merged:
+            raise AdapterError(
+                f"{action} needs unmerged adapters, but {merged} is merged; call unmerge_adapter() first"
+            )
+
+
+def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
+    """Freeze ``model`` and add adapter ``adapter_name`` described by ``config`` (made active)."""
+    return PeftModel(model, config, adapter_name)
+
+
+def _check_new_name(name: str, existing: dict[str, AdapterConfig]) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ROW:
+        raise AdapterError(
+            f"adapter name must be a non-empty string without '.' and other than {BASE_ROW!r}, got {name!r}"
+        )
+    if name in existing:
+        raise AdapterError(
+            f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name"
+        )

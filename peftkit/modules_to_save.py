@@ -1,0 +1,71 @@
+"""Modules trained in full next to an adapter (``modules_to_save``), e.g. a freshly initialised task head.
+
+Each adapter gets its own copy of the module, so switching adapters switches heads too, and the original
+stays untouched for the base model and for ``unload()``. Checkpoint keys drop the wrapper, as in HF PEFT:
+``classifier.modules_to_save.<adapter>.weight`` is saved as ``classifier.weight``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from peftkit.layer import AdapterLayer
+
+
+class ModulesToSave(AdapterLayer):
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+
+    def base(self) -> nn.Module:
+        return self.original_module
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, name: str) -> None:
+        trained = copy.deepcopy(self.original_module)
+        trained.requires_grad_(True)
+        self.modules_to_save[name] = trained
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        yield from self.modules_to_save[name].parameters()
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].state_dict(keep_vars=True))
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.modules_to_save[name].load_state_dict(tensors, strict=True)
+
+    def unloaded(self, merge: bool) -> nn.Module:
+        """Merging a fully trained copy means keeping it in place of the original."""
+        if merge and self.active_adapter in self.modules_to_save:
+            return self.modules_to_save[self.active_adapter]
+        return self.original_module
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.routing is not None:
+            return self._mixed_forward(x, *args, **kwargs)
+        name = self.active_adapter
+        module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+        return module(x, *args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each adapter's copy runs on its own rows (a full module cannot be gathered like LoRA's matrices)."""
+        routing = self.routing
+        routing.check_batch(x.shape[0], f"modules_to_save {type(self.original_module).__name__}")
+        result = self.original_module(x, *args, **kwargs)
+        for position, name in enumerate(routing.names):
+            if name not in self.modules_to_save:
+                continue
+            rows = routing.index == position
+            result[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
+        return result

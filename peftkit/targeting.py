@@ -1,0 +1,169 @@
+"""Which modules an adapter wraps: names, regexes, "all-linear", layer ranges and per-architecture defaults.
+
+Matching rules (the same as Hugging Face PEFT's, so that saved configs mean the same thing in both):
+- a list of names matches a module whose dotted path equals a name or ends with ``"." + name``;
+- a single string is a regular expression that must match the whole dotted path;
+- ``"all-linear"`` selects every linear layer except the output head (the model's output embeddings or its
+  classification head) and the modules the config trains in full (``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit.config import ConfigError
+from peftkit.layer import AdapterLayer, unwrap
+
+ALL_LINEAR = "all-linear"
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+# Attention projections that LoRA targets by default, keyed by `config.model_type` (Hu et al. adapt W_q, W_v).
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"),
+    "distilbert": ("q_lin", "v_lin"),
+    "gpt2": ("c_attn",),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+    "opt": ("q_proj", "v_proj"),
+    "t5": ("q", "v"),
+    "mt5": ("q", "v"),
+    "bart": ("q_proj", "v_proj"),
+}
+
+# Attribute names of freshly initialised task heads: never worth a low-rank update, train them in full.
+HEAD_ATTRIBUTES = ("classifier", "score", "qa_outputs")
+
+# Path segments that hold the index of a repeated block, for `layers_to_transform`.
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    linear = [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)]
+    raise ConfigError(
+        f"`target_modules` is required for model type {model_type!r} (no default is known; defaults exist for "
+        f"{sorted(DEFAULT_TARGETS)}). Linear layers in this model: {_sample(linear)}"
+    )
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Dotted paths of the modules that produce the model's output: excluded from "all-linear"."""
+    heads: list[nn.Module] = []
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output) and get_output() is not None:
+        heads.append(get_output())
+    heads.extend(
+        getattr(model, attr) for attr in HEAD_ATTRIBUTES if isinstance(getattr(model, attr, None), nn.Module)
+    )
+    head_ids = {id(head) for head in heads}
+    names = set()
+    for name, module in model.named_modules():
+        if id(module) in head_ids:
+            names.update(sub if not sub else f"{name}.{sub}" for sub, _ in module.named_modules())
+            names.add(name)
+    return names
+
+
+def layer_index(name: str, layers_pattern: str | None) -> int | None:
+    if layers_pattern is None:
+        found = LAYER_INDEX.search(name)
+    else:
+        found = re.search(rf"(?:^|\.){re.escape(layers_pattern)}\.(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else None
+
+
+def name_matches(name: str, spec: str | Sequence[str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def select_modules(
+    model: nn.Module,
+    *,
+    target_modules: str | Sequence[str] | None,
+    exclude_modules: str | Sequence[str] | None = None,
+    layers_to_transform: Sequence[int] | None = None,
+    layers_pattern: str | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    supported: Callable[[nn.Module], bool],
+    supported_text: str,
+) -> list[str]:
+    """Resolve a target spec to the dotted paths of the modules to wrap.
+
+    Raises :class:`ConfigError` when nothing matches (listing names that do exist), when one entry of a list
+    matches nothing (a typo is never silently ignored), or when a matched module is of a type the method
+    cannot wrap.
+    """
+    if target_modules is None:
+        target_modules = default_targets(model)
+    modules = dict(model.named_modules())
+    # Modules inside an adapter wrapper (its base layer, its own small matrices) are never targets themselves;
+    # the wrapper stands for the layer it wraps, so a second adapter lands in the same wrapper.
+    wrappers = [n for n, m in modules.items() if isinstance(m, AdapterLayer)]
+    names = [n for n in modules if n and not any(n.startswith(w + ".") for w in wrappers)]
+    saved = set(modules_to_save or ())
+    in_saved = {
+        n for n in names if any(n == s or n.startswith(s + ".") or n.endswith("." + s) for s in saved)
+    }
+
+    if target_modules == ALL_LINEAR:
+        excluded = output_head_names(model) | in_saved
+        candidates = [n for n in names if isinstance(unwrap(modules[n]), LINEAR_TYPES) and n not in excluded]
+    else:
+        candidates = [n for n in names if name_matches(n, target_modules)]
+        if not isinstance(target_modules, str):
+            missing = [key for key in target_modules if not any(name_matches(n, [key]) for n in names)]
+            if missing and candidates:
+                raise ConfigError(
+                    f"`target_modules` entries {missing} match no module (the others do). "
+                    f"Module names in this model: {_sample(_leaf_names(names))}"
+                )
+    if not candidates:
+        raise ConfigError(
+            f"`target_modules`={target_modules!r} matches no module in {type(model).__name__}. "
+            f"Module names in this model: {_sample(_leaf_names(names))}"
+        )
+
+    if exclude_modules is not None:
+        candidates = [n for n in candidates if not name_matches(n, exclude_modules)]
+    if layers_to_transform is not None:
+        wanted = set(layers_to_transform)
+        candidates = [n for n in candidates if layer_index(n, layers_pattern) in wanted]
+    if not candidates:
+        raise ConfigError(
+            f"`exclude_modules`={exclude_modules!r} / `layers_to_transform`={layers_to_transform!r} "
+            f"(layers_pattern={layers_pattern!r}) leave no module of `target_modules`={target_modules!r} to adapt"
+        )
+
+    unsupported = [f"{n} ({type(modules[n]).__name__})" for n in candidates if not supported(modules[n])]
+    if unsupported:
+        raise ConfigError(
+            f"`target_modules` selects modules this method cannot wrap: {_sample(unsupported)}; "
+            f"supported: {supported_text}"
+        )
+    return candidates
+
+
+def _leaf_names(names: Sequence[str]) -> list[str]:
+    """Distinct last path segments: the short names a user would write in `target_modules`."""
+    return sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+
+
+def _sample(items: Sequence[str], limit: int = 20) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
