@@ -55,7 +55,7 @@ class ModulesToSave(AdapterLayer):
         if self.routing is not None:
             return self._mixed_forward(x, *args, **kwargs)
         name = self.active_adapter
-        module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+        module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module  # noqa: SIM401 (ModuleDict has no get)
         return module(x, *args, **kwargs)
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
