@@ -1,0 +1,139 @@
+"""Tiny models built from transformers config classes (random weights, no download), with matching inputs.
+
+Each entry builds a fresh model with a fixed seed and gives a batch for it, so two calls build identical
+models: one to wrap with peftkit, one kept pristine as the independent reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 64
+BATCH, SEQ = 3, 6
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    name: str
+    build_model: Callable[[], nn.Module]
+    make_batch: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    output: Callable[[object], torch.Tensor]  # the tensor to compare in a model's output
+    targets: tuple[str, ...] | None  # None: use the architecture default
+
+    def build(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.build_model().eval()
+
+    def batch(self, seed: int = 1) -> dict[str, torch.Tensor]:
+        return self.make_batch(torch.Generator().manual_seed(seed))
+
+
+def _tokens(generator: torch.Generator, rows: int = BATCH, length: int = SEQ) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, length), generator=generator)
+
+
+def _text_batch(generator):
+    ids = _tokens(generator)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # one padded row, so attention masks take part
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _seq2seq_batch(generator):
+    return {"input_ids": _tokens(generator), "decoder_input_ids": _tokens(generator, length=4)}
+
+
+def _mlp_batch(generator):
+    return {"input": torch.randn(BATCH, 10, generator=generator)}
+
+
+class MLP(nn.Sequential):
+    """A plain torch model: no config, no transformers."""
+
+    def __init__(self):
+        super().__init__(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _logits(output):
+    return output.logits
+
+
+TINY_MODELS = {
+    "bert": TinyModel(
+        "bert",
+        lambda: BertForSequenceClassification(
+            BertConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=48,
+                max_position_embeddings=32,
+                num_labels=3,
+            )
+        ),
+        _text_batch,
+        _logits,
+        None,
+    ),
+    "gpt2": TinyModel(
+        "gpt2",
+        lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
+        _text_batch,
+        _logits,
+        None,
+    ),
+    "llama": TinyModel(
+        "llama",
+        lambda: LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+            )
+        ),
+        _text_batch,
+        _logits,
+        None,
+    ),
+    "t5": TinyModel(
+        "t5",
+        lambda: T5ForConditionalGeneration(
+            T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0)
+        ),
+        _seq2seq_batch,
+        _logits,
+        None,
+    ),
+    "mlp": TinyModel("mlp", MLP, _mlp_batch, lambda out: out, ("0", "2")),
+}
+
+
+@torch.no_grad()
+def run(model: nn.Module, tiny: TinyModel, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+    """Forward ``batch`` for inference and return the output tensor to compare.
+
+    Outputs are compared without autograd: with gradients enabled, torch's CPU attention picks its kernel by
+    which inputs require grad, so a frozen and an unfrozen copy of the same model can differ in the last bit.
+    """
+    if tiny.name == "mlp":
+        return tiny.output(model(batch["input"], **kwargs))
+    return tiny.output(model(**batch, **kwargs))
