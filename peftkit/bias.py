@@ -14,67 +14,67 @@ from torch import nn
 
 
 class BiasBank:
+    """Per-adapter values of base-model parameters, keyed by the parameter object itself (its dotted name
+    changes when a layer around it is wrapped or unwrapped; the object does not)."""
+
     def __init__(self) -> None:
-        self.base: dict[str, torch.Tensor] = {}  # parameter name -> original value
-        self.adapters: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> parameter name -> its value
+        self.parameters: dict[int, nn.Parameter] = {}
+        self.base: dict[int, torch.Tensor] = {}  # original values
+        self.adapters: dict[str, dict[int, torch.Tensor]] = {}  # adapter -> its values
         self.live: str | None = None  # adapter whose values are in the parameters now (None: base values)
 
-    def names(self, adapter: str) -> list[str]:
-        return list(self.adapters.get(adapter, {}))
+    def parameters_of(self, adapter: str) -> list[nn.Parameter]:
+        return [self.parameters[key] for key in self.adapters.get(adapter, {})]
 
     def add(self, model: nn.Module, adapter: str, names: list[str]) -> None:
         if not names:
             return
-        parameters = dict(model.named_parameters())
-        self._store_live(parameters)
+        named = dict(model.named_parameters())
+        self._store_live()
         for name in names:
-            self.base.setdefault(name, parameters[name].detach().clone())
-        self.adapters[adapter] = {name: self.base[name].clone() for name in names}
-        self._activate(parameters, None)
+            key = id(named[name])
+            self.parameters[key] = named[name]
+            self.base.setdefault(key, named[name].detach().clone())
+        self.adapters[adapter] = {id(named[name]): self.base[id(named[name])].clone() for name in names}
+        self._activate(None)
 
-    def delete(self, model: nn.Module, adapter: str) -> None:
+    def delete(self, adapter: str) -> None:
         if adapter not in self.adapters:
             return
-        parameters = dict(model.named_parameters())
-        self._store_live(parameters)
+        self._store_live()
         del self.adapters[adapter]
-        self._activate(parameters, None)
+        self._activate(None)
 
-    def activate(self, model: nn.Module, adapter: str | None) -> None:
-        """Put ``adapter``'s biases (or the base ones, for ``None`` or an adapter that trains none) in place."""
+    def activate(self, adapter: str | None) -> None:
+        """Put ``adapter``'s values (or the base ones, for ``None`` or an adapter without any) in place."""
         if not self.base:
             return
-        parameters = dict(model.named_parameters())
-        self._store_live(parameters)
-        self._activate(parameters, adapter if adapter in self.adapters else None)
+        self._store_live()
+        self._activate(adapter if adapter in self.adapters else None)
 
     def state_dict(self, model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-        parameters = dict(model.named_parameters())
-        if adapter == self.live:
-            return {name: parameters[name] for name in self.adapters[adapter]}
-        return dict(self.adapters.get(adapter, {}))
+        """The adapter's values under the parameters' current dotted names."""
+        names = {id(p): name for name, p in model.named_parameters()}
+        values = self.adapters.get(adapter, {})
+        return {names[key]: self.parameters[key] if adapter == self.live else value for key, value in values.items()}
 
     def load(self, model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-        parameters = dict(model.named_parameters())
+        named = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in tensors.items():
-                self.adapters[adapter][name].copy_(value)
+                self.adapters[adapter][id(named[name])].copy_(value)
                 if self.live == adapter:
-                    parameters[name].copy_(value)
+                    named[name].copy_(value)
 
-    def restore_base(self, model: nn.Module) -> None:
-        """Leave the base values in the parameters (for ``unload()``)."""
-        self.activate(model, None)
-
-    def _store_live(self, parameters: dict[str, nn.Parameter]) -> None:
+    def _store_live(self) -> None:
         if self.live is not None:
             with torch.no_grad():
-                for name, value in self.adapters[self.live].items():
-                    value.copy_(parameters[name])
+                for key, value in self.adapters[self.live].items():
+                    value.copy_(self.parameters[key])
 
-    def _activate(self, parameters: dict[str, nn.Parameter], adapter: str | None) -> None:
+    def _activate(self, adapter: str | None) -> None:
+        values = self.adapters[adapter] if adapter is not None else {}
         with torch.no_grad():
-            for name, base_value in self.base.items():
-                source = self.adapters[adapter].get(name, base_value) if adapter is not None else base_value
-                parameters[name].copy_(source)
+            for key, base_value in self.base.items():
+                self.parameters[key].copy_(values.get(key, base_value))
         self.live = adapter

@@ -120,7 +120,7 @@ class PeftModel(nn.Module):
                 layer.delete_adapter(name)
                 if not layer.adapter_names():
                     replace_module(self.base_model, path, layer.base())
-        self._bias_bank.delete(self.base_model, name)
+        self._bias_bank.delete(name)
         del self.peft_config[name], self._targets[name]
         self._inference_only.discard(name)
         if self.active_adapter == name:
@@ -154,7 +154,7 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """The plain base model without any adapter, as it was before ``get_peft_model``."""
         self.unmerge_adapter()
-        self._bias_bank.restore_base(self.base_model)
+        self._bias_bank.activate(None)
         return self._unload(merge=False)
 
     # --- checkpoints -----------------------------------------------------------------------------------
@@ -238,8 +238,7 @@ class PeftModel(nn.Module):
             if name in layer.adapter_names()
             for p in layer.adapter_parameters(name)
         ]
-        biases = dict(self.base_model.named_parameters())
-        return params + [biases[b] for b in self._bias_bank.names(name)]
+        return params + self._bias_bank.parameters_of(name)
 
     # --- internals -------------------------------------------------------------------------------------
     def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
@@ -254,7 +253,7 @@ class PeftModel(nn.Module):
         """Route every layer to adapter ``name`` (None: base model) and make exactly its parameters train."""
         for _, layer in self.adapter_layers():
             layer.active_adapter = name
-        self._bias_bank.activate(self.base_model, name)
+        self._bias_bank.activate(name)
         for adapter in self.peft_config:
             trains = adapter == self.active_adapter and adapter not in self._inference_only
             for parameter in self.adapter_parameters(adapter):
@@ -267,7 +266,7 @@ class PeftModel(nn.Module):
                 layer.load_adapter_state_dict(
                     name, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 )
-        biases = {b: tensors[f"{checkpoint.KEY_PREFIX}{b}"] for b in self._bias_bank.names(name)}
+        biases = {b: tensors[f"{checkpoint.KEY_PREFIX}{b}"] for b in self._bias_bank.state_dict(self.base_model, name)}
         self._bias_bank.load(self.base_model, name, biases)
 
     def _unload(self, merge: bool) -> nn.Module:
@@ -307,7 +306,7 @@ class PeftModel(nn.Module):
             )
         for name in set(adapter_names) - {BASE_ROW}:
             self._check_exists(name)
-            if self._bias_bank.names(name):
+            if self._bias_bank.parameters_of(name):
                 raise AdapterError(
                     f"adapter {name!r} trains base-model biases (bias={self.peft_config[name].bias!r}); "
                     "biases cannot differ per row, so it cannot join a mixed batch"
