@@ -90,6 +90,16 @@ class AdapterLayer(nn.Module):
         return self.base()
 
     # --- shared behaviour --------------------------------------------------------------------------------
+    # Model code reads its layers' tensors directly (T5 checks `self.wo.weight.dtype`, tied embeddings share
+    # `weight`): a wrapper shows the wrapped module's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base(), "bias", None)
+
     def runs(self, name: str | None) -> bool:
         """Whether adapter ``name`` adds its update in the forward pass (it exists here and is not merged)."""
         return name is not None and name in self.adapter_names() and name not in self.merged_adapters

@@ -186,6 +186,7 @@ class PeftModel(nn.Module):
         self.add_adapter(adapter_name, config)
         try:
             expected = self.adapter_state_dict(adapter_name)
+            tensors = self._drop_base_copies(tensors, expected, source=str(directory))
             checkpoint.check_tensors(tensors, expected, source=str(directory))
             self._load_tensors(adapter_name, tensors)
         except Exception:
@@ -268,6 +269,24 @@ class PeftModel(nn.Module):
                 )
         biases = {b: tensors[f"{checkpoint.KEY_PREFIX}{b}"] for b in self._bias_bank.state_dict(self.base_model, name)}
         self._bias_bank.load(self.base_model, name, biases)
+
+    def _drop_base_copies(
+        self, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str
+    ) -> dict[str, torch.Tensor]:
+        """HF PEFT also writes the full embedding table when LoRA targets an embedding (in case the vocabulary
+        was resized). A copy equal to the model's own table is redundant and skipped; a different one would
+        silently replace base weights, so it is refused."""
+        base = {f"{checkpoint.KEY_PREFIX}{n}": p for n, p in self.base_model.named_parameters()}
+        kept = {}
+        for key, tensor in tensors.items():
+            if key in expected or key not in base:
+                kept[key] = tensor
+            elif base[key].shape != tensor.shape or not torch.equal(base[key].detach().cpu(), tensor.to(base[key].dtype)):
+                raise checkpoint.CheckpointError(
+                    f"{source} carries its own copy of base weight {key!r} that differs from this model's "
+                    "(a resized vocabulary?); peftkit does not overwrite base weights from an adapter file"
+                )
+        return kept
 
     def _unload(self, merge: bool) -> nn.Module:
         for path, layer in self.adapter_layers():
