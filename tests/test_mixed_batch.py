@@ -1,0 +1,52 @@
+"""One forward pass, one adapter per row: each row equals what its adapter alone gives."""
+
+import pytest
+import torch
+
+from peftkit import BASE_ROW, AdapterError, LoraConfig, get_peft_model
+from tests.tiny_models import TINY_MODELS, run
+
+SETUPS = {
+    "bert": [
+        LoraConfig(r=4, init="random", target_modules=["query", "value", "word_embeddings"], modules_to_save=["classifier"]),
+        LoraConfig(r=2, init="random", target_modules=["key", "dense"], modules_to_save=["classifier"]),
+    ],
+    "gpt2": [LoraConfig(r=4, init="random"), LoraConfig(r=8, init="random", target_modules=["c_fc", "wte"])],
+    "llama": [LoraConfig(r=4, init="random", target_modules="all-linear"), LoraConfig(r=2, init="random", alpha=7)],
+    "t5": [LoraConfig(r=4, init="random"), LoraConfig(r=6, init="random", target_modules=["wo", "shared"])],
+    "mlp": [LoraConfig(r=4, init="random", target_modules=["0"]), LoraConfig(r=3, init="random", target_modules=["0", "4"])],
+}
+
+
+@pytest.mark.parametrize("model_name", sorted(SETUPS))
+def test_mixed_batch_equals_each_adapter_alone(model_name):
+    tiny = TINY_MODELS[model_name]
+    first, second = SETUPS[model_name]
+    model = get_peft_model(tiny.build(), first, adapter_name="a")
+    model.add_adapter("b", second)
+    batch = tiny.batch()
+    rows = ["b", BASE_ROW, "a"]
+    mixed = run(model, tiny, batch, adapter_names=rows)
+    singles = {"a": run(model, tiny, batch)}
+    model.set_adapter("b")
+    singles["b"] = run(model, tiny, batch)
+    with model.disable_adapter():
+        singles[BASE_ROW] = run(model, tiny, batch)
+    assert not torch.allclose(singles["a"], singles["b"])
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(mixed[row], singles[name][row], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_batch_errors():
+    tiny = TINY_MODELS["llama"]
+    model = get_peft_model(tiny.build(), LoraConfig(r=2))
+    with pytest.raises(AdapterError, match="no adapter named 'nope'"):
+        model(**tiny.batch(), adapter_names=["default", "nope", "default"])
+    with pytest.raises(ValueError, match="has 2 entries but layer .* sees a batch of 3 rows"):
+        model(**tiny.batch(), adapter_names=["default", "default"])
+    with pytest.raises(AdapterError, match="one per row"):
+        model(**tiny.batch(), adapter_names="default")
+    model.add_adapter("dropped", LoraConfig(r=2, dropout=0.1))
+    model.train()
+    with pytest.raises(AdapterError, match=r"model.eval\(\)"):
+        model(**tiny.batch(), adapter_names=["dropped"] * 3)
