@@ -56,7 +56,10 @@ class BiasBank:
         """The adapter's values under the parameters' current dotted names."""
         names = {id(p): name for name, p in model.named_parameters()}
         values = self.adapters.get(adapter, {})
-        return {names[key]: self.parameters[key] if adapter == self.live else value for key, value in values.items()}
+        return {
+            names[key]: self.parameters[key] if adapter == self.live else value
+            for key, value in values.items()
+        }
 
     def load(self, model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
         named = dict(model.named_parameters())

@@ -49,6 +49,7 @@ class PeftModel(nn.Module):
         # unload() hands the model back with the trainable flags it came with
         self._original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
+        self.train(model.training)  # follow the base model's mode (eval() on a loaded model stays eval)
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -93,6 +94,7 @@ class PeftModel(nn.Module):
             if not any(b.startswith(p + ".") for p in fully_trained)
         ]
         self._bias_bank.add(self.base_model, name, biases)
+        self.train(self.training)  # new adapter modules (dropout) take the model's current mode
         self._apply_active(self.active_adapter)
 
     def set_adapter(self, name: str) -> None:
@@ -267,7 +269,10 @@ class PeftModel(nn.Module):
                 layer.load_adapter_state_dict(
                     name, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 )
-        biases = {b: tensors[f"{checkpoint.KEY_PREFIX}{b}"] for b in self._bias_bank.state_dict(self.base_model, name)}
+        biases = {
+            b: tensors[f"{checkpoint.KEY_PREFIX}{b}"]
+            for b in self._bias_bank.state_dict(self.base_model, name)
+        }
         self._bias_bank.load(self.base_model, name, biases)
 
     def _drop_base_copies(
@@ -281,7 +286,9 @@ class PeftModel(nn.Module):
         for key, tensor in tensors.items():
             if key in expected or key not in base:
                 kept[key] = tensor
-            elif base[key].shape != tensor.shape or not torch.equal(base[key].detach().cpu(), tensor.to(base[key].dtype)):
+            elif base[key].shape != tensor.shape or not torch.equal(
+                base[key].detach().cpu(), tensor.to(base[key].dtype)
+            ):
                 raise checkpoint.CheckpointError(
                     f"{source} carries its own copy of base weight {key!r} that differs from this model's "
                     "(a resized vocabulary?); peftkit does not overwrite base weights from an adapter file"

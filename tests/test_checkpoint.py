@@ -119,7 +119,10 @@ def test_legacy_bin_with_only_tensors_loads(tmp_path):
     model = _trained(tiny)
     model.save_pretrained(tmp_path)
     (tmp_path / ckpt.WEIGHTS_NAME).unlink()
-    torch.save({k: v.detach().clone() for k, v in model.adapter_state_dict("default").items()}, tmp_path / "adapter_model.bin")
+    torch.save(
+        {k: v.detach().clone() for k, v in model.adapter_state_dict("default").items()},
+        tmp_path / "adapter_model.bin",
+    )
     loaded = PeftModel.from_pretrained(tiny.build(), tmp_path)
     assert torch.equal(run(loaded, tiny, tiny.batch()), run(model, tiny, tiny.batch()))
 
@@ -132,7 +135,9 @@ def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
     tensors["base_model.model.0.lora_A.weight"] = torch.zeros(4, 11)
     ckpt.write_adapter(tmp_path, config, tensors)
     base = tiny.build()
-    with pytest.raises(CheckpointError, match=r"'base_model.model.0.lora_A.weight' has shape \(4, 11\).*expects \(4, 10\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'base_model.model.0.lora_A.weight' has shape \(4, 11\).*expects \(4, 10\)"
+    ):
         PeftModel.from_pretrained(base, tmp_path)
 
 

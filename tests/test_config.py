@@ -18,7 +18,11 @@ from peftkit import AdapterConfig, ConfigError, LoraConfig
         ("bias", "some", r"`bias` must be one of \['none', 'all', 'lora_only'\], got 'some'"),
         ("init", "zeros", r"`init` must be one of \['default', 'gaussian', 'random'\], got 'zeros'"),
         ("target_modules", [], r"`target_modules` must not be an empty list"),
-        ("target_modules", [3], r"`target_modules` must be a string or a list of non-empty strings, got \[3\]"),
+        (
+            "target_modules",
+            [3],
+            r"`target_modules` must be a string or a list of non-empty strings, got \[3\]",
+        ),
         ("layers_to_transform", [-1], r"`layers_to_transform` must be a non-negative integer"),
         ("use_rslora", "yes", r"`use_rslora` must be true or false, got 'yes'"),
         ("modules_to_save", "classifier", None),  # a single name is accepted as a list of one

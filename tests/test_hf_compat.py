@@ -15,22 +15,59 @@ CASES = {
     # name: (tiny model, peftkit config, the equivalent HF PEFT config)
     "bert-heads-biases": (
         "bert",
-        dict(r=4, alpha=8, target_modules=["query", "value", "word_embeddings"], modules_to_save=["classifier"], bias="lora_only"),
-        dict(r=4, lora_alpha=8, target_modules=["query", "value", "word_embeddings"], modules_to_save=["classifier"], bias="lora_only"),
+        dict(
+            r=4,
+            alpha=8,
+            target_modules=["query", "value", "word_embeddings"],
+            modules_to_save=["classifier"],
+            bias="lora_only",
+        ),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value", "word_embeddings"],
+            modules_to_save=["classifier"],
+            bias="lora_only",
+        ),
     ),
-    "bert-all-linear": ("bert", dict(r=2, alpha=4, target_modules="all-linear", bias="all"), dict(r=2, lora_alpha=4, target_modules="all-linear", bias="all")),
+    "bert-all-linear": (
+        "bert",
+        dict(r=2, alpha=4, target_modules="all-linear", bias="all"),
+        dict(r=2, lora_alpha=4, target_modules="all-linear", bias="all"),
+    ),
     "llama-rslora-layers": (
         "llama",
-        dict(r=4, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True, layers_to_transform=[1]),
-        dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True, layers_to_transform=[1], layers_pattern="layers"),
+        dict(
+            r=4,
+            alpha=16,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            use_rslora=True,
+            layers_to_transform=[1],
+        ),
+        dict(
+            r=4,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            use_rslora=True,
+            layers_to_transform=[1],
+            layers_pattern="layers",
+        ),
     ),
     "llama-embedding-regex": (
         "llama",
         dict(r=4, alpha=8, target_modules=r".*\.(embed_tokens|o_proj)"),
         dict(r=4, lora_alpha=8, target_modules=r".*\.(embed_tokens|o_proj)"),
     ),
-    "gpt2-conv1d": ("gpt2", dict(r=4, alpha=8, target_modules=["c_attn", "c_fc"]), dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
-    "t5": ("t5", dict(r=4, alpha=8, target_modules=["q", "v", "wo"]), dict(r=4, lora_alpha=8, target_modules=["q", "v", "wo"])),
+    "gpt2-conv1d": (
+        "gpt2",
+        dict(r=4, alpha=8, target_modules=["c_attn", "c_fc"]),
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    ),
+    "t5": (
+        "t5",
+        dict(r=4, alpha=8, target_modules=["q", "v", "wo"]),
+        dict(r=4, lora_alpha=8, target_modules=["q", "v", "wo"]),
+    ),
 }
 
 

@@ -30,7 +30,10 @@ def test_switching_adapters_switches_outputs():
 def test_forward_returns_the_base_models_output_object():
     model = _model()
     base = TINY.build()
-    ours, theirs = model(**TINY.batch(), labels=TINY.batch()["input_ids"]), base(**TINY.batch(), labels=TINY.batch()["input_ids"])
+    ours, theirs = (
+        model(**TINY.batch(), labels=TINY.batch()["input_ids"]),
+        base(**TINY.batch(), labels=TINY.batch()["input_ids"]),
+    )
     assert type(ours) is type(theirs) and ours.keys() == theirs.keys()
 
 
@@ -60,7 +63,10 @@ def test_merge_then_unmerge_restores_the_weights_closely():
         (lambda m: m.add_adapter("second", LoraConfig()), "an adapter named 'second' already exists"),
         (lambda m: m.add_adapter("a.b", LoraConfig()), "without '.'"),
         (lambda m: m.add_adapter("__base__", LoraConfig()), "other than '__base__'"),
-        (lambda m: m.set_adapter("third"), r"no adapter named 'third'; adapters on this model: \['default', 'second'\]"),
+        (
+            lambda m: m.set_adapter("third"),
+            r"no adapter named 'third'; adapters on this model: \['default', 'second'\]",
+        ),
         (lambda m: m.delete_adapter("third"), "no adapter named 'third'"),
         (lambda m: m.save_pretrained("/nonexistent", adapter_names=["third"]), "no adapter named 'third'"),
     ],
@@ -85,7 +91,9 @@ def test_accounting_counts_the_active_adapter():
     model = _model()
     count = model.trainable_parameters()
     hidden, layers = 32, 2
-    lora_per_layer = 4 * (hidden + hidden) + 4 * (hidden + 16)  # q_proj 32->32, v_proj 32->16 (2 kv heads x 8)
+    lora_per_layer = 4 * (hidden + hidden) + 4 * (
+        hidden + 16
+    )  # q_proj 32->32, v_proj 32->16 (2 kv heads x 8)
     assert count.trainable == count.adapter == layers * lora_per_layer
     assert count.base == sum(p.numel() for p in TINY.build().parameters())
     assert count.trainable_percent == pytest.approx(100 * count.trainable / count.base)

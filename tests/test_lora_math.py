@@ -66,7 +66,9 @@ def test_merged_equals_unmerged_equals_merge_and_unload(tiny):
     batch = tiny.batch()
     model = get_peft_model(tiny.build(), _config(tiny))
     unmerged = run(model, tiny, batch)
-    assert not torch.allclose(unmerged, run(tiny.build(), tiny, batch)), "a random adapter must change the output"
+    assert not torch.allclose(unmerged, run(tiny.build(), tiny, batch)), (
+        "a random adapter must change the output"
+    )
     model.merge_adapter()
     torch.testing.assert_close(run(model, tiny, batch), unmerged, rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()

@@ -8,13 +8,24 @@ from tests.tiny_models import TINY_MODELS, run
 
 SETUPS = {
     "bert": [
-        LoraConfig(r=4, init="random", target_modules=["query", "value", "word_embeddings"], modules_to_save=["classifier"]),
+        LoraConfig(
+            r=4,
+            init="random",
+            target_modules=["query", "value", "word_embeddings"],
+            modules_to_save=["classifier"],
+        ),
         LoraConfig(r=2, init="random", target_modules=["key", "dense"], modules_to_save=["classifier"]),
     ],
     "gpt2": [LoraConfig(r=4, init="random"), LoraConfig(r=8, init="random", target_modules=["c_fc", "wte"])],
-    "llama": [LoraConfig(r=4, init="random", target_modules="all-linear"), LoraConfig(r=2, init="random", alpha=7)],
+    "llama": [
+        LoraConfig(r=4, init="random", target_modules="all-linear"),
+        LoraConfig(r=2, init="random", alpha=7),
+    ],
     "t5": [LoraConfig(r=4, init="random"), LoraConfig(r=6, init="random", target_modules=["wo", "shared"])],
-    "mlp": [LoraConfig(r=4, init="random", target_modules=["0"]), LoraConfig(r=3, init="random", target_modules=["0", "4"])],
+    "mlp": [
+        LoraConfig(r=4, init="random", target_modules=["0"]),
+        LoraConfig(r=3, init="random", target_modules=["0", "4"]),
+    ],
 }
 
 
@@ -42,7 +53,7 @@ def test_mixed_batch_errors():
     model = get_peft_model(tiny.build(), LoraConfig(r=2))
     with pytest.raises(AdapterError, match="no adapter named 'nope'"):
         model(**tiny.batch(), adapter_names=["default", "nope", "default"])
-    with pytest.raises(ValueError, match="has 2 entries but layer .* sees a batch of 3 rows"):
+    with pytest.raises(ValueError, match=r"has 2 entries but layer .* sees a batch of 3 rows"):
         model(**tiny.batch(), adapter_names=["default", "default"])
     with pytest.raises(AdapterError, match="one per row"):
         model(**tiny.batch(), adapter_names="default")

@@ -9,7 +9,9 @@ from tests.tiny_models import TINY_MODELS
 
 
 def _wrapped(model):
-    return sorted(n for n, m in model.base_model.named_modules() if isinstance(m, (LoraLinear, LoraEmbedding)))
+    return sorted(
+        n for n, m in model.base_model.named_modules() if isinstance(m, (LoraLinear, LoraEmbedding))
+    )
 
 
 @pytest.mark.parametrize(
@@ -20,13 +22,18 @@ def test_architecture_defaults(model_name, expected_leaves):
     model = get_peft_model(TINY_MODELS[model_name].build(), LoraConfig(r=2))
     wrapped = _wrapped(model)
     assert {n.rsplit(".", 1)[-1] for n in wrapped} == expected_leaves
-    assert len(wrapped) == len(expected_leaves) * (2 if model_name != "t5" else 6)  # T5: enc self, dec self + cross
+    assert len(wrapped) == len(expected_leaves) * (
+        2 if model_name != "t5" else 6
+    )  # T5: enc self, dec self + cross
 
 
 def test_all_linear_skips_the_output_head_and_modules_to_save():
     llama = get_peft_model(TINY_MODELS["llama"].build(), LoraConfig(r=2, target_modules="all-linear"))
     assert "lm_head" not in _wrapped(llama) and len(_wrapped(llama)) == 14
-    bert = get_peft_model(TINY_MODELS["bert"].build(), LoraConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"]))
+    bert = get_peft_model(
+        TINY_MODELS["bert"].build(),
+        LoraConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"]),
+    )
     assert "classifier" not in " ".join(_wrapped(bert))
     gpt2 = get_peft_model(TINY_MODELS["gpt2"].build(), LoraConfig(r=2, target_modules="all-linear"))
     assert {n.rsplit(".", 1)[-1] for n in _wrapped(gpt2)} == {"c_attn", "c_proj", "c_fc"}
@@ -53,12 +60,16 @@ def test_a_typo_among_good_names_is_not_ignored():
 
 
 def test_unsupported_module_type_is_named():
-    with pytest.raises(ConfigError, match=r"cannot wrap: .*self_attn \(LlamaAttention\).*supported: nn.Linear"):
+    with pytest.raises(
+        ConfigError, match=r"cannot wrap: .*self_attn \(LlamaAttention\).*supported: nn.Linear"
+    ):
         get_peft_model(TINY_MODELS["llama"].build(), LoraConfig(target_modules=["self_attn"]))
 
 
 def test_plain_torch_model_needs_explicit_targets_and_says_which_exist():
-    with pytest.raises(ConfigError, match=r"`target_modules` is required.*Linear layers in this model: 0, 2, 4"):
+    with pytest.raises(
+        ConfigError, match=r"`target_modules` is required.*Linear layers in this model: 0, 2, 4"
+    ):
         get_peft_model(TINY_MODELS["mlp"].build(), LoraConfig())
 
 

@@ -117,7 +117,15 @@ TINY_MODELS = {
     "t5": TinyModel(
         "t5",
         lambda: T5ForConditionalGeneration(
-            T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0)
+            T5Config(
+                vocab_size=VOCAB,
+                d_model=32,
+                d_kv=8,
+                d_ff=48,
+                num_layers=2,
+                num_heads=4,
+                decoder_start_token_id=0,
+            )
         ),
         _seq2seq_batch,
         _logits,

@@ -1,0 +1,35 @@
+"""Entry point of the `peftkit` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from peftkit import __version__
+from peftkit.cli import demo
+
+SUBCOMMANDS = [demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftkit", description="Parameter-efficient fine-tuning of transformer models."
+    )
+    parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
