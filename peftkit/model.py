@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from peftkit import accounting, checkpoint
-from peftkit.bias import BiasBank
+from peftkit.parameter_bank import ParameterBank
 from peftkit.config import AdapterConfig, ConfigError
 from peftkit.layer import BASE_ROW, AdapterLayer, Routing
 from peftkit.methods import method_for_config, method_for_file
@@ -45,7 +45,7 @@ class PeftModel(nn.Module):
         self.active_adapter: str | None = None
         self._targets: dict[str, list[str]] = {}  # adapter -> wrapped module paths
         self._inference_only: set[str] = set()  # adapters loaded with is_trainable=False
-        self._bias_bank = BiasBank()
+        self._bank = ParameterBank()
         # unload() hands the model back with the trainable flags it came with
         self._original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -88,12 +88,12 @@ class PeftModel(nn.Module):
             wrapper.add_adapter(name)
         self.peft_config[name] = config
         fully_trained = [p for p, m in self.base_model.named_modules() if isinstance(m, ModulesToSave)]
-        biases = [
+        in_place = [
             b
             for b in method.trained_base_parameters(self.base_model, self._targets[name], config)
             if not any(b.startswith(p + ".") for p in fully_trained)
         ]
-        self._bias_bank.add(self.base_model, name, biases)
+        self._bank.add(self.base_model, name, in_place)
         self.train(self.training)  # new adapter modules (dropout) take the model's current mode
         self._apply_active(self.active_adapter)
 
@@ -105,7 +105,7 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model is the base model exactly (adapters off, base biases restored)."""
+        """Inside the block the model is the base model exactly (adapters off, base values restored)."""
         self._check_not_merged("disable_adapter")
         self._apply_active(None)
         try:
@@ -122,7 +122,7 @@ class PeftModel(nn.Module):
                 layer.delete_adapter(name)
                 if not layer.adapter_names():
                     replace_module(self.base_model, path, layer.base())
-        self._bias_bank.delete(name)
+        self._bank.delete(name)
         del self.peft_config[name], self._targets[name]
         self._inference_only.discard(name)
         if self.active_adapter == name:
@@ -156,7 +156,7 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """The plain base model without any adapter, as it was before ``get_peft_model``."""
         self.unmerge_adapter()
-        self._bias_bank.activate(None)
+        self._bank.activate(None)
         return self._unload(merge=False)
 
     # --- checkpoints -----------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ class PeftModel(nn.Module):
             if name in layer.adapter_names():
                 for key, tensor in layer.adapter_state_dict(name).items():
                     tensors[f"{checkpoint.KEY_PREFIX}{path}.{key}"] = tensor
-        for key, tensor in self._bias_bank.state_dict(self.base_model, name).items():
+        for key, tensor in self._bank.state_dict(self.base_model, name).items():
             tensors[f"{checkpoint.KEY_PREFIX}{key}"] = tensor
         return tensors
 
@@ -241,7 +241,7 @@ class PeftModel(nn.Module):
             if name in layer.adapter_names()
             for p in layer.adapter_parameters(name)
         ]
-        return params + self._bias_bank.parameters_of(name)
+        return params + self._bank.parameters_of(name)
 
     # --- internals -------------------------------------------------------------------------------------
     def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
@@ -256,7 +256,7 @@ class PeftModel(nn.Module):
         """Route every layer to adapter ``name`` (None: base model) and make exactly its parameters train."""
         for _, layer in self.adapter_layers():
             layer.active_adapter = name
-        self._bias_bank.activate(name)
+        self._bank.activate(name)
         for adapter in self.peft_config:
             trains = adapter == self.active_adapter and adapter not in self._inference_only
             for parameter in self.adapter_parameters(adapter):
@@ -266,14 +266,13 @@ class PeftModel(nn.Module):
         for path, layer in self.adapter_layers():
             if name in layer.adapter_names():
                 prefix = f"{checkpoint.KEY_PREFIX}{path}."
-                layer.load_adapter_state_dict(
-                    name, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-                )
-        biases = {
+                own = {key: tensors[prefix + key] for key in layer.adapter_state_dict(name)}
+                layer.load_adapter_state_dict(name, own)
+        in_place = {
             b: tensors[f"{checkpoint.KEY_PREFIX}{b}"]
-            for b in self._bias_bank.state_dict(self.base_model, name)
+            for b in self._bank.state_dict(self.base_model, name)
         }
-        self._bias_bank.load(self.base_model, name, biases)
+        self._bank.load(self.base_model, name, in_place)
 
     def _drop_base_copies(
         self, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str
@@ -332,10 +331,10 @@ class PeftModel(nn.Module):
             )
         for name in set(adapter_names) - {BASE_ROW}:
             self._check_exists(name)
-            if self._bias_bank.parameters_of(name):
+            if self._bank.parameters_of(name):
                 raise AdapterError(
-                    f"adapter {name!r} trains base-model biases (bias={self.peft_config[name].bias!r}); "
-                    "biases cannot differ per row, so it cannot join a mixed batch"
+                    f"adapter {name!r} trains base-model parameters in place (e.g. biases); those cannot "
+                    "differ per row, so it cannot join a mixed batch"
                 )
             if self.training and getattr(self.peft_config[name], "dropout", 0) > 0:
                 raise AdapterError(

@@ -1,10 +1,14 @@
-"""Base-model biases that an adapter trains (LoRA's ``bias="all"`` / ``"lora_only"``), kept per adapter.
+"""Base-model parameters that an adapter trains in place, kept per adapter.
 
-Those biases are parameters of the base model itself, so in HF PEFT training them changes the base model for
-every adapter and a disabled adapter no longer reproduces it. peftkit keeps one set of values per adapter
-and the base model's original values in a bank, and copies the right set into the live parameters whenever
-the active adapter changes. The parameters keep their identity (an optimizer holding them keeps working);
-``disable_adapter()``, ``unload()`` and the other adapters see the untouched base biases.
+Some methods train tensors the base model already has: LoRA's ``bias="all"``, BitFit's biases, the top
+blocks in layer tuning, every weight in full fine-tuning. Trained naively, those tensors change the base
+model for every adapter, and a disabled adapter no longer reproduces it. The bank keeps the base model's
+original values and one set of values per adapter, and copies the right set into the live parameters when
+the active adapter changes. The parameters keep their identity, so an optimizer holding them keeps working;
+``disable_adapter()``, ``unload()`` and the other adapters see the untouched base values.
+
+Memory: one copy of the original values, plus one per adapter that is not live (the live adapter's values
+are the parameters themselves).
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ import torch
 from torch import nn
 
 
-class BiasBank:
+class ParameterBank:
     """Per-adapter values of base-model parameters, keyed by the parameter object itself (its dotted name
     changes when a layer around it is wrapped or unwrapped; the object does not)."""
 
     def __init__(self) -> None:
         self.parameters: dict[int, nn.Parameter] = {}
         self.base: dict[int, torch.Tensor] = {}  # original values
-        self.adapters: dict[str, dict[int, torch.Tensor]] = {}  # adapter -> its values
+        self.adapters: dict[str, dict[int, torch.Tensor | None]] = {}  # adapter -> its values (None: live)
         self.live: str | None = None  # adapter whose values are in the parameters now (None: base values)
 
     def parameters_of(self, adapter: str) -> list[nn.Parameter]:
@@ -44,10 +48,13 @@ class BiasBank:
         self._store_live()
         del self.adapters[adapter]
         self._activate(None)
+        unused = set(self.base) - {key for values in self.adapters.values() for key in values}
+        for key in unused:
+            del self.base[key], self.parameters[key]
 
     def activate(self, adapter: str | None) -> None:
         """Put ``adapter``'s values (or the base ones, for ``None`` or an adapter without any) in place."""
-        if not self.base:
+        if not self.base or (adapter == self.live) or (adapter not in self.adapters and self.live is None):
             return
         self._store_live()
         self._activate(adapter if adapter in self.adapters else None)
@@ -56,28 +63,27 @@ class BiasBank:
         """The adapter's values under the parameters' current dotted names."""
         names = {id(p): name for name, p in model.named_parameters()}
         values = self.adapters.get(adapter, {})
-        return {
-            names[key]: self.parameters[key] if adapter == self.live else value
-            for key, value in values.items()
-        }
+        return {names[key]: self.parameters[key] if value is None else value for key, value in values.items()}
 
     def load(self, model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in tensors.items():
-                self.adapters[adapter][id(named[name])].copy_(value)
-                if self.live == adapter:
-                    named[name].copy_(value)
+                stored = self.adapters[adapter][id(named[name])]
+                (named[name] if stored is None else stored).copy_(value)
 
     def _store_live(self) -> None:
         if self.live is not None:
-            with torch.no_grad():
-                for key, value in self.adapters[self.live].items():
-                    value.copy_(self.parameters[key])
+            values = self.adapters[self.live]
+            for key in values:
+                values[key] = self.parameters[key].detach().clone()
+            self.live = None
 
     def _activate(self, adapter: str | None) -> None:
         values = self.adapters[adapter] if adapter is not None else {}
         with torch.no_grad():
             for key, base_value in self.base.items():
-                self.parameters[key].copy_(values.get(key, base_value))
+                self.parameters[key].copy_(values[key] if key in values else base_value)
+        for key in values:
+            values[key] = None  # the live parameters now hold them
         self.live = adapter
