@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from peftkit.layer import added_parameter_ids
+
 if TYPE_CHECKING:
     from peftkit.model import PeftModel
 
@@ -38,13 +40,7 @@ class ParameterCount:
 
 
 def count_parameters(model: PeftModel) -> ParameterCount:
-    # Parameters that exist only because of adapters; trained base biases stay part of the base model.
-    added = {
-        id(p)
-        for _, layer in model.adapter_layers()
-        for name in layer.adapter_names()
-        for p in layer.adapter_parameters(name)
-    }
+    added = added_parameter_ids(model.base_model)  # trained base biases stay part of the base model
     unique = {id(p): p for p in model.base_model.parameters()}  # tied weights counted once
     base = sum(p.numel() for i, p in unique.items() if i not in added)
     trainable = sum(p.numel() for p in unique.values() if p.requires_grad)

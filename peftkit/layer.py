@@ -107,3 +107,20 @@ class AdapterLayer(nn.Module):
 
 def unwrap(module: nn.Module) -> nn.Module:
     return module.base() if isinstance(module, AdapterLayer) else module
+
+
+def added_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters that exist only because of adapters: their small matrices, their trained module copies."""
+    return {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, AdapterLayer)
+        for name in module.adapter_names()
+        for p in module.adapter_parameters(name)
+    }
+
+
+def base_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the model's own parameters (tied ones once), without those adapters added."""
+    added = added_parameter_ids(model)
+    return [name for name, p in model.named_parameters() if id(p) not in added]

@@ -257,10 +257,13 @@ class PeftModel(nn.Module):
         for _, layer in self.adapter_layers():
             layer.active_adapter = name
         self._bank.activate(name)
-        for adapter in self.peft_config:
-            trains = adapter == self.active_adapter and adapter not in self._inference_only
+        active = self.active_adapter
+        training = set()
+        if active is not None and active not in self._inference_only:
+            training = {id(p) for p in self.adapter_parameters(active)}
+        for adapter in self.peft_config:  # a parameter two adapters share trains when either is active
             for parameter in self.adapter_parameters(adapter):
-                parameter.requires_grad_(trains)
+                parameter.requires_grad_(id(parameter) in training)
 
     def _load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         for path, layer in self.adapter_layers():

@@ -55,5 +55,31 @@ def method_for_file(data: dict[str, Any]) -> Method:
     raise ConfigError(f"adapter_config.json has `peft_type`={file_type!r}; peftkit reads {known}")
 
 
+def native_file_format(file_type: str, config_class: type[AdapterConfig]) -> dict[str, Any]:
+    """``to_file`` / ``from_file`` for methods HF PEFT has no format for: the peftkit config as JSON, tagged
+    with a ``peft_type`` of peftkit's own (HF PEFT refuses such a file instead of misreading it)."""
+
+    def to_file(config: AdapterConfig, targets: list[str]) -> dict[str, Any]:
+        return {"peft_type": file_type, **config.to_dict()}
+
+    def from_file(data: dict[str, Any]) -> AdapterConfig:
+        data = {k: v for k, v in data.items() if k not in {"peft_type", "base_model_name_or_path"}}
+        config = AdapterConfig.from_dict(data)
+        if not isinstance(config, config_class):
+            raise ConfigError(f"`peft_type`={file_type!r} holds a {type(config).__name__}, expected {config_class.__name__}")
+        return config
+
+    return {"file_type": file_type, "to_file": to_file, "from_file": from_file}
+
+
+def no_targets(model: nn.Module, name: str, config: Any) -> list[str]:
+    """``inject`` for methods that wrap no module: they only train base parameters in place."""
+    return []
+
+
+def no_base_parameters(model: nn.Module, targets: list[str], config: Any) -> list[str]:
+    return []
+
+
 # Importing the method modules registers them.
-from peftkit.methods import lora  # noqa: E402, F401
+from peftkit.methods import bitfit, full, layer_tuning, lora  # noqa: E402, F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.layer import AdapterLayer
+from peftkit.layer import AdapterLayer, base_parameter_names
 from peftkit.methods import Method, register_method
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.embedding import LoraEmbedding
@@ -55,7 +55,7 @@ def trained_biases(model: nn.Module, targets: list[str], config: LoraConfig) -> 
     """Names of the base-model bias parameters that train with the adapter (`bias` = all | lora_only)."""
     if config.bias == "none":
         return []
-    names = [n for n, _ in model.named_parameters() if n == "bias" or n.endswith(".bias")]
+    names = [n for n in base_parameter_names(model) if n == "bias" or n.endswith(".bias")]
     if config.bias == "lora_only":
         names = [n for n in names if n.rsplit(".", 2)[0] in targets]
     return names

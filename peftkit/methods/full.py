@@ -1,0 +1,35 @@
+"""Full fine-tuning through the adapter API: the baseline every other method is compared with.
+
+Every parameter of the base model trains. The "adapter" is then the whole model: that is what is saved and
+counted. Like every in-place method, the trained values are kept per adapter (see
+:mod:`peftkit.parameter_bank`), so ``disable_adapter()`` still gives the pretrained model; this costs one
+extra copy of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from peftkit.config import AdapterConfig, register_config
+from peftkit.layer import base_parameter_names
+from peftkit.methods import Method, native_file_format, no_targets, register_method
+
+
+@register_config
+@dataclass(frozen=True)
+class FullFineTuningConfig(AdapterConfig):
+    """No fields: everything trains."""
+
+    method: ClassVar[str] = "full"
+
+
+register_method(
+    Method(
+        name="full",
+        config_class=FullFineTuningConfig,
+        inject=no_targets,
+        trained_base_parameters=lambda model, targets, config: base_parameter_names(model),
+        **native_file_format("PEFTKIT_FULL", FullFineTuningConfig),
+    )
+)
