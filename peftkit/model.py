@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from peftkit import accounting, checkpoint
-from peftkit.parameter_bank import ParameterBank
 from peftkit.config import AdapterConfig, ConfigError
 from peftkit.layer import BASE_ROW, AdapterLayer, Routing
 from peftkit.methods import method_for_config, method_for_file
 from peftkit.module_paths import replace_module
 from peftkit.modules_to_save import ModulesToSave
+from peftkit.parameter_bank import ParameterBank
 from peftkit.targeting import name_matches
 
 
@@ -272,8 +272,7 @@ class PeftModel(nn.Module):
                 own = {key: tensors[prefix + key] for key in layer.adapter_state_dict(name)}
                 layer.load_adapter_state_dict(name, own)
         in_place = {
-            b: tensors[f"{checkpoint.KEY_PREFIX}{b}"]
-            for b in self._bank.state_dict(self.base_model, name)
+            b: tensors[f"{checkpoint.KEY_PREFIX}{b}"] for b in self._bank.state_dict(self.base_model, name)
         }
         self._bank.load(self.base_model, name, in_place)
 

@@ -66,7 +66,9 @@ def native_file_format(file_type: str, config_class: type[AdapterConfig]) -> dic
         data = {k: v for k, v in data.items() if k not in {"peft_type", "base_model_name_or_path"}}
         config = AdapterConfig.from_dict(data)
         if not isinstance(config, config_class):
-            raise ConfigError(f"`peft_type`={file_type!r} holds a {type(config).__name__}, expected {config_class.__name__}")
+            raise ConfigError(
+                f"`peft_type`={file_type!r} holds a {type(config).__name__}, expected {config_class.__name__}"
+            )
         return config
 
     return {"file_type": file_type, "to_file": to_file, "from_file": from_file}
@@ -82,4 +84,4 @@ def no_base_parameters(model: nn.Module, targets: list[str], config: Any) -> lis
 
 
 # Importing the method modules registers them.
-from peftkit.methods import bitfit, full, layer_tuning, lora  # noqa: E402, F401
+from peftkit.methods import bitfit, full, ia3, layer_tuning, lora  # noqa: E402, F401

@@ -49,7 +49,9 @@ class BitFitConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         self._set("roles", as_name_tuple("roles", self.roles, allow_string=False))
-        self._set("modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False))
+        self._set(
+            "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
+        )
         unknown = sorted(set(self.roles or ()) - set(ROLE_PATTERNS))
         if unknown:
             raise ConfigError(f"`roles` has unknown entries {unknown}; allowed: {sorted(ROLE_PATTERNS)}")
@@ -68,7 +70,9 @@ def bias_names(model: nn.Module, config: BitFitConfig) -> list[str]:
     chosen = [name for name in biases if any(re.search(ROLE_PATTERNS[role], name) for role in config.roles)]
     empty = [role for role in config.roles if not any(re.search(ROLE_PATTERNS[role], n) for n in biases)]
     if empty:
-        found = sorted({role for role, pattern in ROLE_PATTERNS.items() if any(re.search(pattern, n) for n in biases)})
+        found = sorted(
+            {role for role, pattern in ROLE_PATTERNS.items() if any(re.search(pattern, n) for n in biases)}
+        )
         raise ConfigError(f"`roles` {empty} match no bias of {type(model).__name__}; roles present: {found}")
     return chosen
 

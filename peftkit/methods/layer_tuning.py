@@ -44,7 +44,9 @@ class LayerTuningConfig(AdapterConfig):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"`{flag}` must be true or false, got {getattr(self, flag)!r}")
         self._set("block_lists", as_name_tuple("block_lists", self.block_lists, allow_string=False))
-        self._set("modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False))
+        self._set(
+            "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
+        )
 
 
 def find_block_lists(model: nn.Module) -> list[str]:
@@ -69,7 +71,9 @@ def trained_parameter_names(model: nn.Module, config: LayerTuningConfig) -> list
     for path in lists:
         blocks = model.get_submodule(path)
         if not isinstance(blocks, nn.ModuleList):
-            raise ConfigError(f"`block_lists` entry {path!r} is a {type(blocks).__name__}, not an nn.ModuleList")
+            raise ConfigError(
+                f"`block_lists` entry {path!r} is a {type(blocks).__name__}, not an nn.ModuleList"
+            )
         if config.top_k > len(blocks):
             raise ConfigError(f"`top_k`={config.top_k} but {path!r} has only {len(blocks)} blocks")
         prefixes += [f"{path}.{i}." for i in range(len(blocks) - config.top_k, len(blocks))]
@@ -85,7 +89,9 @@ def _embedding_paths(model: nn.Module) -> list[str]:
     get_input = getattr(model, "get_input_embeddings", None)
     table = get_input() if callable(get_input) else None
     if table is None:
-        raise ConfigError(f"`include_embeddings`: {type(model).__name__} does not say which its input embeddings are")
+        raise ConfigError(
+            f"`include_embeddings`: {type(model).__name__} does not say which its input embeddings are"
+        )
     path = next(p for p, m in model.named_modules() if m is table)
     parent = path.rpartition(".")[0]
     if parent and type(model.get_submodule(parent)).__name__.endswith("Embeddings"):
@@ -103,7 +109,9 @@ def _final_norm_paths(model: nn.Module, lists: list[str]) -> list[str]:
             if "norm" in type(child).__name__.lower() and "embed" not in child_name:
                 paths.append(f"{parent}.{child_name}" if parent else child_name)
     if not paths:
-        raise ConfigError(f"`include_final_norm`: no norm follows the blocks {lists} in {type(model).__name__}")
+        raise ConfigError(
+            f"`include_final_norm`: no norm follows the blocks {lists} in {type(model).__name__}"
+        )
     return paths
 
 

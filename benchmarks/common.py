@@ -1,0 +1,273 @@
+"""Shared pieces of the benchmark workers: models, inputs, wrapping with either library, clocks, memory.
+
+Every worker process builds the same model from a transformers config class (random weights, fixed seed,
+nothing downloaded), the same inputs, and wraps it with LoRA r=8 alpha=16 on all linear layers in the
+library it was asked for. peftkit and Hugging Face PEFT are only imported by the process that uses them,
+so neither pays for importing the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+THREADS = 2
+SEED = 0
+INPUT_SEED = 1234
+BATCH, TOKENS = 8, 128
+RANK, ALPHA = 8, 16
+LIBRARIES = ("peftkit", "hf")
+RESULT_PREFIX = "RESULT "  # the worker's one result line on stdout starts with this
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model built from a config class; ``head`` is a fresh task head both libraries train in full."""
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    task: str  # "classification" (label per row) or "causal-lm" (next-token labels)
+    head: tuple[str, ...] = ()
+
+
+VOCAB, HIDDEN, LAYERS, HEADS = 16000, 256, 4, 4
+
+
+def _bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * HIDDEN,
+        max_position_embeddings=256,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_positions=256,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        intermediate_size=688,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config)
+
+
+_SHAPE = f"hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, vocab {VOCAB}"
+MODELS: dict[str, ModelSpec] = {
+    "bert": ModelSpec(
+        "bert",
+        f"BertForSequenceClassification: {_SHAPE}, FFN {4 * HIDDEN}, 2 labels",
+        _bert,
+        "classification",
+        head=("classifier",),
+    ),
+    "gpt2": ModelSpec("gpt2", f"GPT2LMHeadModel: {_SHAPE}, FFN {4 * HIDDEN}, tied LM head", _gpt2, "causal-lm"),
+    "llama": ModelSpec("llama", f"LlamaForCausalLM: {_SHAPE}, FFN 688 (SwiGLU), untied LM head", _llama, "causal-lm"),
+}
+
+
+def setup() -> None:
+    """Same threads, same seeds, quiet libraries: call first in every worker."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(SEED)
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def build_model(name: str) -> nn.Module:
+    torch.manual_seed(SEED)
+    return MODELS[name].build()
+
+
+def make_batch(name: str, rows: int = BATCH, with_labels: bool = True) -> dict[str, torch.Tensor]:
+    """Token ids (and labels for training) from a fixed generator: identical in every process."""
+    generator = torch.Generator().manual_seed(INPUT_SEED)
+    input_ids = torch.randint(0, VOCAB, (rows, TOKENS), generator=generator)
+    batch = {"input_ids": input_ids}
+    if with_labels:
+        if MODELS[name].task == "classification":
+            batch["labels"] = torch.randint(0, 2, (rows,), generator=generator)
+        else:
+            batch["labels"] = input_ids
+    return batch
+
+
+def wrap_lora(library: str, model: nn.Module, model_name: str, adapter: str = "default") -> nn.Module:
+    """LoRA r=8, alpha=16, no dropout, on every linear layer but the output head; a fresh task head (BERT's
+    classifier) is trained in full in both libraries, so both wrap exactly the same layers."""
+    torch.manual_seed(SEED)
+    head = list(MODELS[model_name].head) or None
+    if library == "peftkit":
+        import peftkit
+
+        config = peftkit.LoraConfig(r=RANK, alpha=ALPHA, target_modules="all-linear", modules_to_save=head)
+        return peftkit.get_peft_model(model, config, adapter_name=adapter)
+    if library == "hf":
+        import peft
+
+        config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", modules_to_save=head)
+        return peft.get_peft_model(model, config, adapter_name=adapter)
+    raise ValueError(f"unknown library {library!r}; expected one of {LIBRARIES}")
+
+
+def add_lora(library: str, model: nn.Module, model_name: str, adapter: str) -> None:
+    """A further adapter with the same config as :func:`wrap_lora`'s."""
+    head = list(MODELS[model_name].head) or None
+    if library == "peftkit":
+        import peftkit
+
+        model.add_adapter(
+            adapter, peftkit.LoraConfig(r=RANK, alpha=ALPHA, target_modules="all-linear", modules_to_save=head)
+        )
+    else:
+        import peft
+
+        model.add_adapter(
+            adapter, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", modules_to_save=head)
+        )
+
+
+def wrapped_layer_paths(library: str, model: nn.Module) -> list[str]:
+    """Paths (relative to the base model) of the layers carrying LoRA: to check both libraries match."""
+    if library == "peftkit":
+        from peftkit.layer import AdapterLayer
+        from peftkit.modules_to_save import ModulesToSave
+
+        return sorted(
+            path
+            for path, module in model.base_model.named_modules()
+            if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSave)
+        )
+    from peft.tuners.lora import LoraLayer
+
+    return sorted(
+        path.removeprefix("base_model.model.")
+        for path, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    )
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- clocks --------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(
+    variants: dict[str, tuple[Callable[[], None], Callable[[], Any], Callable[[], None]]],
+    *,
+    warmup: int,
+    rounds: int,
+    calls: int,
+) -> dict[str, dict[str, float]]:
+    """Median seconds per call of each variant, measured in alternating blocks so drift hits all alike.
+
+    ``variants[name] = (enter, call, leave)``: ``enter``/``leave`` switch the model into that variant (merge,
+    unmerge, ...) outside the clock. Each round runs every variant once: enter, ``calls`` timed calls, leave.
+    The first round is preceded by ``warmup`` untimed calls per variant.
+    """
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(rounds):
+        for name, (enter, call, leave) in variants.items():
+            enter()
+            for _ in range(warmup if round_index == 0 else 0):
+                call()
+            times[name].extend(timed(call) for _ in range(calls))
+            leave()
+    return {name: summarise(values) for name, values in times.items()}
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(values), "min_s": min(values), "n": len(values)}
+
+
+# --- memory --------------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mib() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of resident memory (VmHWM) since the last :func:`reset_peak_rss`."""
+    return _status_kib("VmHWM") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0, ``clear_refs`` value 5), so that the peak measured
+    afterwards excludes what the imports and earlier phases touched."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def allocator() -> str:
+    """``jemalloc`` when libjemalloc is mapped into this process (LD_PRELOAD), else ``glibc``."""
+    with open("/proc/self/maps") as maps:
+        return "jemalloc" if "libjemalloc" in maps.read() else "glibc"
+
+
+# --- worker plumbing -----------------------------------------------------------------------------------
+def worker_args(description: str, libraries: tuple[str, ...]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--library", choices=libraries, required=True)
+    parser.add_argument("--model", choices=sorted(MODELS), required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer calls: checks the script runs")
+    return parser.parse_args()
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the worker's result as one JSON line for the driver to pick up."""
+    result = {**result, "allocator": allocator(), "threads": torch.get_num_threads(), "pid": os.getpid()}
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()

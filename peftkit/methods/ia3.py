@@ -1,0 +1,240 @@
+"""(IA)³ (Liu et al. 2022, arXiv:2205.05638): learned vectors that rescale keys, values and the feed-forward
+intermediate activation.
+
+For a targeted layer ``y = W x + b``:
+- attention projections (keys, values) rescale the output: ``y = l ⊙ (W x + b)``, ``l`` of size ``out``;
+- feed-forward output layers rescale their input (the intermediate activation): ``y = W (l ⊙ x) + b``,
+  ``l`` of size ``in``.
+With ``l = 1`` at start the model is unchanged. Both forms fold into the weights: ``W ← diag(l) W`` (and
+``b ← l ⊙ b``) or ``W ← W diag(l)``. Names, shapes and config fields follow HF PEFT's IA3 so adapters move
+between the two libraries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_choice, register_config
+from peftkit.layer import AdapterLayer
+from peftkit.methods import Method, no_base_parameters, register_method
+from peftkit.module_paths import replace_module
+from peftkit.targeting import name_matches, select_modules
+
+# model_type -> (target_modules, feedforward_modules): keys, values and the feed-forward output layer.
+IA3_DEFAULTS: dict[str, tuple[str, str]] = {
+    "bert": (r".*\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
+    "roberta": (r".*\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
+    "gpt2": (r".*\.(c_attn|mlp\.c_proj)", r".*\.mlp\.c_proj"),
+    "llama": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
+    "mistral": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
+    "qwen2": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
+    "t5": (r".*\.(k|v|wo)", r".*\.wo"),
+}
+INIT_MODES = ("ones", "random")
+
+
+@register_config
+@dataclass(frozen=True)
+class IA3Config(AdapterConfig):
+    """Fields:
+    target_modules: layers to rescale (names, one regex, or ``None`` for the architecture's default).
+    feedforward_modules: those of the targets that rescale their input (the feed-forward output layer).
+    modules_to_save: modules trained in full besides (a fresh task head).
+    init: ``ones`` (identity at start) or ``random`` (non-identity, for tests).
+    """
+
+    method: ClassVar[str] = "ia3"
+
+    target_modules: str | tuple[str, ...] | None = None
+    feedforward_modules: str | tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    init: str = "ones"
+
+    def __post_init__(self) -> None:
+        self._set("target_modules", as_name_tuple("target_modules", self.target_modules, allow_string=True))
+        self._set(
+            "feedforward_modules",
+            as_name_tuple("feedforward_modules", self.feedforward_modules, allow_string=True),
+        )
+        self._set(
+            "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
+        )
+        check_choice("init", self.init, INIT_MODES)
+        if self.feedforward_modules is not None and self.target_modules is None:
+            raise ConfigError(
+                "`feedforward_modules` needs explicit `target_modules` (it must be a subset of them)"
+            )
+
+    def resolved(self, model: nn.Module) -> tuple[str | tuple[str, ...], str | tuple[str, ...] | None]:
+        if self.target_modules is not None:
+            return self.target_modules, self.feedforward_modules
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in IA3_DEFAULTS:
+            raise ConfigError(
+                f"`target_modules` is required for model type {model_type!r}; IA3 defaults exist for {sorted(IA3_DEFAULTS)}"
+            )
+        return IA3_DEFAULTS[model_type]
+
+    def to_hf_dict(self, targets: list[str]) -> dict[str, Any]:
+        return {
+            "peft_type": "IA3",
+            "task_type": None,
+            "target_modules": _jsonable(self.target_modules) if self.target_modules else sorted(targets),
+            "feedforward_modules": _jsonable(self.feedforward_modules) if self.target_modules else None,
+            "modules_to_save": _jsonable(self.modules_to_save),
+            "init_ia3_weights": self.init == "ones",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+        }
+
+    @staticmethod
+    def from_hf_dict(data: dict[str, Any]) -> IA3Config:
+        return IA3Config(
+            target_modules=data.get("target_modules"),
+            feedforward_modules=data.get("feedforward_modules") or None,
+            modules_to_save=data.get("modules_to_save"),
+            init="ones" if data.get("init_ia3_weights", True) else "random",
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class IA3Linear(AdapterLayer):
+    """Rescales a linear / ``Conv1D`` layer's output (``l`` shaped (out, 1)) or, for a feed-forward layer,
+    its input (``l`` shaped (1, in)), per named adapter. A mixed batch gathers one vector per row."""
+
+    def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.transposed = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        self.in_features, self.out_features = weight.shape if self.transposed else weight.shape[::-1]
+        self.ia3_l = nn.ParameterDict()
+        self.feedforward: dict[str, bool] = {}
+
+    def base(self) -> nn.Module:
+        return self.base_layer
+
+    def adapter_names(self) -> list[str]:
+        return list(self.ia3_l.keys())
+
+    def add_adapter(self, name: str, config: IA3Config, feedforward: bool) -> None:
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        vector = self.base_layer.weight.new_ones(shape)
+        if config.init == "random":
+            vector += 0.1 * torch.randn_like(vector)
+        self.ia3_l[name] = nn.Parameter(vector)
+        self.feedforward[name] = feedforward
+
+    def delete_adapter(self, name: str) -> None:
+        del self.ia3_l[name], self.feedforward[name]
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        yield self.ia3_l[name]
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return {"ia3_l": self.ia3_l[name]}
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.ia3_l[name].copy_(tensors["ia3_l"])
+
+    def _fold(self, name: str, inverse: bool) -> None:
+        vector = self.ia3_l[name].detach().flatten()
+        if inverse and bool((vector == 0).any()):
+            raise ValueError(f"IA3 adapter {name!r} has a zero scale; it cannot be unmerged from the weights")
+        factor = 1 / vector if inverse else vector
+        # Which weight axis holds the scaled features: output rows of nn.Linear are dim 0, of Conv1D dim 1.
+        output_axis = 1 if self.transposed else 0
+        axis = 1 - output_axis if self.feedforward[name] else output_axis
+        shape = [1, 1]
+        shape[axis] = -1
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            weight.mul_(factor.view(shape).to(weight.dtype))
+            if not self.feedforward[name] and self.base_layer.bias is not None:
+                self.base_layer.bias.mul_(factor.to(self.base_layer.bias.dtype))
+
+    def merge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            self._fold(name, inverse=False)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._fold(self.merged_adapters.pop(), inverse=True)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None:
+            return self._mixed_forward(x, *args, **kwargs)
+        name = self.active_adapter
+        if not self.runs(name):
+            return self.base_layer(x, *args, **kwargs)
+        vector = self.ia3_l[name].flatten()
+        if self.feedforward[name]:
+            return self.base_layer((x * vector).to(x.dtype), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result * vector).to(result.dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routing = self.routing
+        routing.check_batch(x.shape[0], f"IA3Linear({self.in_features}->{self.out_features})")
+        in_scale = x.new_ones(len(routing.names), self.in_features)  # (n, in): 1 leaves a row unchanged
+        out_scale = x.new_ones(len(routing.names), self.out_features)  # (n, out)
+        for i, name in enumerate(routing.names):
+            if self.runs(name):
+                (in_scale if self.feedforward[name] else out_scale)[i] = self.ia3_l[name].flatten()
+        rows = routing.index
+        view = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # broadcast over the token axes
+        result = self.base_layer(x * in_scale[rows].view(view), *args, **kwargs)
+        return result * out_scale[rows].view(view)
+
+
+def _supported(module: nn.Module) -> bool:
+    return isinstance(module, (IA3Linear, nn.Linear, Conv1D))
+
+
+def inject_ia3(model: nn.Module, name: str, config: IA3Config) -> list[str]:
+    target_modules, feedforward_modules = config.resolved(model)
+    targets = select_modules(
+        model,
+        target_modules=target_modules,
+        modules_to_save=config.modules_to_save,
+        supported=_supported,
+        supported_text="nn.Linear, transformers Conv1D",
+    )
+    feedforward = {
+        t for t in targets if feedforward_modules is not None and name_matches(t, feedforward_modules)
+    }
+    if feedforward_modules is not None and not feedforward:
+        raise ConfigError(
+            f"`feedforward_modules`={feedforward_modules!r} matches none of the targeted modules"
+        )
+    for path in targets:
+        module = model.get_submodule(path)
+        if not isinstance(module, IA3Linear):
+            module = IA3Linear(module)
+            replace_module(model, path, module)
+        module.add_adapter(name, config, feedforward=path in feedforward)
+    return targets
+
+
+register_method(
+    Method(
+        name="ia3",
+        config_class=IA3Config,
+        inject=inject_ia3,
+        trained_base_parameters=no_base_parameters,
+        file_type="IA3",
+        to_file=lambda config, targets: config.to_hf_dict(targets),
+        from_file=IA3Config.from_hf_dict,
+    )
+)
