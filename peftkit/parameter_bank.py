@@ -83,7 +83,7 @@ class ParameterBank:
         values = self.adapters[adapter] if adapter is not None else {}
         with torch.no_grad():
             for key, base_value in self.base.items():
-                self.parameters[key].copy_(values[key] if key in values else base_value)
+                self.parameters[key].copy_(values.get(key, base_value))
         for key in values:
             values[key] = None  # the live parameters now hold them
         self.live = adapter
