@@ -9,6 +9,7 @@ so neither pays for importing the other.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -37,70 +38,88 @@ class ModelSpec:
 
     name: str
     description: str
-    build: Callable[[], nn.Module]
+    build: Callable[[Size], nn.Module]
     task: str  # "classification" (label per row) or "causal-lm" (next-token labels)
     head: tuple[str, ...] = ()
 
 
-VOCAB, HIDDEN, LAYERS, HEADS = 16000, 256, 4, 4
+@dataclass(frozen=True)
+class Size:
+    vocab: int = 16000
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    ffn: int = 1024
 
 
-def _bert() -> nn.Module:
+SIZE = Size()
+TINY = Size(vocab=64, hidden=16, layers=1, heads=2, ffn=32)  # for the untimed pre-run, see `preload`
+
+
+def _bert(size: Size) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=4 * HIDDEN,
-        max_position_embeddings=256,
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        intermediate_size=size.ffn,
+        max_position_embeddings=TOKENS,
         num_labels=2,
     )
     return BertForSequenceClassification(config)
 
 
-def _gpt2() -> nn.Module:
+def _gpt2(size: Size) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=HIDDEN,
-        n_layer=LAYERS,
-        n_head=HEADS,
-        n_positions=256,
+        vocab_size=size.vocab,
+        n_embd=size.hidden,
+        n_layer=size.layers,
+        n_head=size.heads,
+        n_inner=size.ffn,
+        n_positions=TOKENS,
         bos_token_id=0,
         eos_token_id=0,
     )
     return GPT2LMHeadModel(config)
 
 
-def _llama() -> nn.Module:
+def _llama(size: Size) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        intermediate_size=688,
-        max_position_embeddings=256,
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        intermediate_size=size.ffn * 688 // 1024,  # SwiGLU: about 8/3 x hidden, as LLaMA
+        max_position_embeddings=TOKENS,
     )
     return LlamaForCausalLM(config)
 
 
-_SHAPE = f"hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, vocab {VOCAB}"
+_SHAPE = f"hidden {SIZE.hidden}, {SIZE.layers} layers, {SIZE.heads} heads, vocab {SIZE.vocab}"
 MODELS: dict[str, ModelSpec] = {
     "bert": ModelSpec(
         "bert",
-        f"BertForSequenceClassification: {_SHAPE}, FFN {4 * HIDDEN}, 2 labels",
+        f"BertForSequenceClassification: {_SHAPE}, FFN {SIZE.ffn}, 2 labels (classifier trained in full)",
         _bert,
         "classification",
         head=("classifier",),
     ),
-    "gpt2": ModelSpec("gpt2", f"GPT2LMHeadModel: {_SHAPE}, FFN {4 * HIDDEN}, tied LM head", _gpt2, "causal-lm"),
-    "llama": ModelSpec("llama", f"LlamaForCausalLM: {_SHAPE}, FFN 688 (SwiGLU), untied LM head", _llama, "causal-lm"),
+    "gpt2": ModelSpec(
+        "gpt2", f"GPT2LMHeadModel: {_SHAPE}, FFN {SIZE.ffn}, LM head tied to the embeddings", _gpt2, "causal-lm"
+    ),
+    "llama": ModelSpec(
+        "llama",
+        f"LlamaForCausalLM: {_SHAPE}, SwiGLU FFN {SIZE.ffn * 688 // 1024}, untied LM head",
+        _llama,
+        "causal-lm",
+    ),
 }
 
 
@@ -114,15 +133,17 @@ def setup() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def build_model(name: str) -> nn.Module:
+def build_model(name: str, size: Size = SIZE) -> nn.Module:
     torch.manual_seed(SEED)
-    return MODELS[name].build()
+    return MODELS[name].build(size)
 
 
-def make_batch(name: str, rows: int = BATCH, with_labels: bool = True) -> dict[str, torch.Tensor]:
+def make_batch(
+    name: str, rows: int = BATCH, with_labels: bool = True, size: Size = SIZE
+) -> dict[str, torch.Tensor]:
     """Token ids (and labels for training) from a fixed generator: identical in every process."""
     generator = torch.Generator().manual_seed(INPUT_SEED)
-    input_ids = torch.randint(0, VOCAB, (rows, TOKENS), generator=generator)
+    input_ids = torch.randint(0, size.vocab, (rows, TOKENS), generator=generator)
     batch = {"input_ids": input_ids}
     if with_labels:
         if MODELS[name].task == "classification":
@@ -185,6 +206,25 @@ def wrapped_layer_paths(library: str, model: nn.Module) -> list[str]:
         for path, module in model.named_modules()
         if isinstance(module, LoraLayer)
     )
+
+
+def preload(model_name: str, library: str) -> None:
+    """Run a tiny model of the same class through one training step and one inference pass, untimed.
+
+    transformers imports model code lazily and HF PEFT imports much of it eagerly: without this, the process
+    that imports peftkit would count ~100 MB of transformers modules as "training memory" that the HF PEFT
+    process had already paid for at import. Afterwards both start their memory baseline alike."""
+    model = build_model(model_name, TINY)
+    if library in LIBRARIES:
+        model = wrap_lora(library, model, model_name)
+    batch = make_batch(model_name, rows=2, size=TINY)
+    model.train()
+    model(**batch).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    del model
+    gc.collect()
 
 
 def trainable_count(model: nn.Module) -> int:

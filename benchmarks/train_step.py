@@ -12,7 +12,8 @@ Memory: the process's resident-set high-water mark (VmHWM) is reset just before 
 after the last step; ``peak_train_mib`` is that peak minus the resident memory at the reset, i.e. the memory
 the model, its adapter, gradients, optimizer state and activations added at their peak. The imports (HF
 PEFT pulls in more modules than peftkit) are left out; ``ru_maxrss_mib`` (the whole process's peak, imports
-included) is reported as well.
+included) is reported as well. To make the baseline fair, a tiny model of the same class is first run
+through one step untimed (see ``common.preload``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ STEPS, WARMUP = 12, 3
 def main() -> None:
     args = common.worker_args(__doc__.splitlines()[0], (*common.LIBRARIES, "full"))
     common.setup()
-    if args.library != "full":  # import the library before the memory baseline
-        __import__("peftkit" if args.library == "peftkit" else "peft")
+    common.preload(args.model, args.library)  # imports and one-time set-up stay out of the baseline
     batch = common.make_batch(args.model)
 
     baseline = common.rss_mib()

@@ -41,6 +41,10 @@ class AdapterConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def requires(self) -> tuple[str, ...]:
+        """Names of other adapters this one builds on (a fusion needs the adapters it combines)."""
+        return ()
+
     def replace(self, **changes: Any) -> AdapterConfig:
         return dataclasses.replace(self, **changes)
 

@@ -115,7 +115,7 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self._check_exists(name)
-        for path, layer in self.adapter_layers():
+        for path, layer in reversed(self.adapter_layers()):  # inner first: outer paths stay valid
             if name in layer.adapter_names():
                 if name in layer.merged_adapters:
                     layer.unmerge()
@@ -245,11 +245,16 @@ class PeftModel(nn.Module):
 
     # --- internals -------------------------------------------------------------------------------------
     def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
-        """Outermost adapter layers (the trained copies inside a ModulesToSave are not separate layers)."""
+        """Every adapter layer, outer before inner (a LoRA layer may sit inside a module that a parallel
+        adapter wraps); the trained copies inside a ModulesToSave are part of it, not layers of their own."""
         found: list[tuple[str, AdapterLayer]] = []
+        copies: list[str] = []
         for path, module in self.base_model.named_modules():
-            if isinstance(module, AdapterLayer) and not any(path.startswith(p + ".") for p, _ in found):
-                found.append((path, module))
+            if not isinstance(module, AdapterLayer) or any(path.startswith(p + ".") for p in copies):
+                continue
+            found.append((path, module))
+            if isinstance(module, ModulesToSave):
+                copies.append(path)
         return found
 
     def _apply_active(self, name: str | None) -> None:
@@ -297,7 +302,7 @@ class PeftModel(nn.Module):
         return kept
 
     def _unload(self, merge: bool) -> nn.Module:
-        for path, layer in self.adapter_layers():
+        for path, layer in reversed(self.adapter_layers()):  # inner first: outer paths stay valid
             replace_module(self.base_model, path, layer.unloaded(merge=merge))
         for parameter_name, parameter in self.base_model.named_parameters():
             parameter.requires_grad_(self._original_requires_grad.get(parameter_name, True))

@@ -111,10 +111,15 @@ def select_modules(
     if target_modules is None:
         target_modules = default_targets(model)
     modules = dict(model.named_modules())
-    # Modules inside an adapter wrapper (its base layer, its own small matrices) are never targets themselves;
-    # the wrapper stands for the layer it wraps, so a second adapter lands in the same wrapper.
+    # Modules inside an adapter wrapper (the wrapped layer itself, the adapter's own matrices, trained copies)
+    # are never targets: the wrapper stands for the layer it wraps, so a second adapter joins the same
+    # wrapper. Modules deeper inside a wrapped layer (a projection inside a wrapped MLP) remain targets.
     wrappers = [n for n, m in modules.items() if isinstance(m, AdapterLayer)]
-    names = [n for n in modules if n and not any(n.startswith(w + ".") for w in wrappers)]
+    names = [
+        n
+        for n in modules
+        if n and not any(n.startswith(w + ".") and not n.startswith(f"{w}.base_layer.") for w in wrappers)
+    ]
     saved = set(modules_to_save or ())
     in_saved = {
         n for n in names if any(n == s or n.startswith(s + ".") or n.endswith("." + s) for s in saved)

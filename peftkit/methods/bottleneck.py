@@ -1,0 +1,308 @@
+"""Bottleneck adapters: serial (Houlsby et al. 2019; Pfeiffer et al. 2020) and parallel (He et al. 2021).
+
+An adapter maps a hidden vector ``h`` (size d) through a bottleneck of size m << d:
+``a(h) = U f(D h + b_D) + b_U`` with ``D`` (m x d), ``U`` (d x m), ``f`` a non-linearity.
+
+- serial: the sub-layer's output ``h`` becomes ``h + s · a(h)`` before the residual connection; Houlsby puts
+  one after the attention output projection and one after the feed-forward output projection, Pfeiffer only
+  the latter;
+- parallel (He et al., "Towards a unified view of PETL"): the feed-forward sub-layer ``FFN(x)`` becomes
+  ``FFN(x) + s · a(x)``, the adapter reading the sub-layer's input.
+
+``U`` and ``b_U`` start at zero, so a fresh adapter leaves the model's output exactly unchanged. A bottleneck
+adapter adds a non-linearity; it cannot be folded into the weights, and ``merge_adapter()`` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peftkit.config import (
+    AdapterConfig,
+    ConfigError,
+    as_name_tuple,
+    check_choice,
+    check_number,
+    check_positive_int,
+    register_config,
+)
+from peftkit.layer import AdapterLayer
+from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
+from peftkit.module_paths import replace_module
+from peftkit.targeting import select_modules
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+
+# model_type -> where adapters go: the attention and feed-forward output projections (serial), and the
+# feed-forward sub-layer for parallel adapters: `ffn` when one module is the whole sub-layer (its input and
+# output are the sub-layer's), or `ffn_input` + `ffn_output` when the sub-layer spans modules (BERT).
+POSITIONS: dict[str, dict[str, str]] = {
+    "bert": {
+        "attention_output": r".*\.attention\.output\.dense",
+        "ffn_output": r".*\.layer\.\d+\.output\.dense",
+        "ffn_input": r".*\.layer\.\d+\.intermediate",
+    },
+    "gpt2": {
+        "attention_output": r".*\.attn\.c_proj",
+        "ffn_output": r".*\.mlp\.c_proj",
+        "ffn": r".*\.h\.\d+\.mlp",
+    },
+    "llama": {
+        "attention_output": r".*\.self_attn\.o_proj",
+        "ffn_output": r".*\.mlp\.down_proj",
+        "ffn": r".*\.layers\.\d+\.mlp",
+    },
+    "t5": {
+        "attention_output": r".*\.(SelfAttention|EncDecAttention)\.o",
+        "ffn_output": r".*\.DenseReluDense\.wo",
+        "ffn": r".*\.DenseReluDense",
+    },
+}
+POSITIONS["roberta"] = POSITIONS["bert"]
+POSITIONS["mistral"] = POSITIONS["qwen2"] = POSITIONS["llama"]
+
+
+@register_config
+@dataclass(frozen=True)
+class BottleneckConfig(AdapterConfig):
+    """Fields:
+    placement: ``houlsby`` (serial after attention and feed-forward), ``pfeiffer`` (serial after the
+        feed-forward) or ``parallel`` (next to the feed-forward, He et al.).
+    bottleneck_size: m; or ``reduction_factor``: m = d / reduction_factor (one of the two).
+    non_linearity: relu, gelu, tanh or silu.
+    scaling: s (He et al. use 4 for parallel adapters).
+    target_modules: for serial adapters on any model: the layers whose outputs get an adapter (overrides the
+        architecture's positions).
+    modules_to_save: modules trained in full besides (a fresh task head).
+    init: ``zeros`` (U = 0: the model starts unchanged) or ``random`` (for tests).
+    """
+
+    method: ClassVar[str] = "bottleneck"
+
+    placement: str = "pfeiffer"
+    bottleneck_size: int | None = None
+    reduction_factor: float | None = 16
+    non_linearity: str = "relu"
+    scaling: float = 1.0
+    target_modules: str | tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    init: str = "zeros"
+
+    def __post_init__(self) -> None:
+        check_choice("placement", self.placement, PLACEMENTS)
+        check_choice("non_linearity", self.non_linearity, ACTIVATIONS)
+        check_choice("init", self.init, ("zeros", "random"))
+        check_number("scaling", self.scaling, low=0, high=float("inf"))
+        if self.bottleneck_size is not None:
+            check_positive_int("bottleneck_size", self.bottleneck_size)
+            self._set("reduction_factor", None)
+        elif self.reduction_factor is None:
+            raise ConfigError("one of `bottleneck_size` and `reduction_factor` must be set, got neither")
+        else:
+            check_number("reduction_factor", self.reduction_factor, low=1, high=float("inf"))
+        self._set("target_modules", as_name_tuple("target_modules", self.target_modules, allow_string=True))
+        self._set(
+            "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
+        )
+        if self.target_modules is not None and self.placement == "parallel":
+            raise ConfigError(
+                "`target_modules` places serial adapters; `placement`='parallel' uses the model's FFN"
+            )
+
+    def size_for(self, hidden: int) -> int:
+        return self.bottleneck_size or max(1, round(hidden / self.reduction_factor))
+
+
+class Bottleneck(nn.Module):
+    """``a(h) = U f(D h)`` with biases; U starts at zero."""
+
+    def __init__(self, hidden: int, config: BottleneckConfig, like: torch.Tensor) -> None:
+        super().__init__()
+        size = config.size_for(hidden)
+        self.down = nn.Linear(hidden, size, device=like.device, dtype=like.dtype)
+        self.activation = ACTIVATIONS[config.non_linearity]()
+        self.up = nn.Linear(size, hidden, device=like.device, dtype=like.dtype)
+        if config.init == "zeros":
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.activation(self.down(h)))  # (..., hidden)
+
+
+class BottleneckLayer(AdapterLayer):
+    """Adapters around one module. Serial: ``y = m(x)``, ``y + s·a(y)``. Parallel: ``y = m(x) + s·a(x')``
+    where ``x'`` is the input of the sub-layer (this module's own input, or the input of ``input_module``,
+    captured by a hook when the sub-layer spans several modules, as BERT's does).
+
+    A fusion (:mod:`peftkit.methods.fusion`) active on this layer combines several serial adapters' outputs.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, hidden: int, parallel: bool, input_module: nn.Module | None
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.hidden = hidden
+        self.parallel = parallel
+        self.adapters = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.fusions = nn.ModuleDict()
+        self._captured: torch.Tensor | None = None
+        self._hook = None
+        if input_module is not None:
+            self._hook = input_module.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        self._captured = args[0]
+
+    def base(self) -> nn.Module:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        return self.base_layer
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.keys()) + list(self.fusions.keys())
+
+    def add_adapter(self, name: str, config: BottleneckConfig) -> None:
+        self.adapters[name] = Bottleneck(self.hidden, config, like=_first_parameter(self.base_layer))
+        self.scaling[name] = config.scaling
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.fusions:
+            del self.fusions[name]
+        else:
+            del self.adapters[name], self.scaling[name]
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        yield from (self.fusions[name] if name in self.fusions else self.adapters[name]).parameters()
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self.fusions:
+            return {f"fusion.{k}": v for k, v in self.fusions[name].state_dict(keep_vars=True).items()}
+        return {f"adapter.{k}": v for k, v in self.adapters[name].state_dict(keep_vars=True).items()}
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        module, prefix = (
+            (self.fusions[name], "fusion.") if name in self.fusions else (self.adapters[name], "adapter.")
+        )
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=True)
+
+    def _update(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        return self.scaling[name] * self.adapters[name](h)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        source = (self._captured if self._captured is not None else x) if self.parallel else y
+        self._captured = None
+        if self.routing is not None:
+            return self._mixed_forward(source, y)
+        name = self.active_adapter
+        if name in self.fusions:
+            fusion = self.fusions[name]
+            return fusion(y, [y + self._update(member, y) for member in fusion.adapter_order])
+        if not self.runs(name):
+            return y
+        return y + self._update(name, source).to(y.dtype)
+
+    def _mixed_forward(self, source: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by adapter: each adapter runs on its own rows (adapters differ in size)."""
+        routing = self.routing
+        routing.check_batch(y.shape[0], f"bottleneck adapter on {type(self.base_layer).__name__}")
+        result = y.clone()
+        for position, name in enumerate(routing.names):
+            if name in self.fusions:
+                raise ValueError(f"fusion {name!r} cannot join a mixed batch; run it on its own")
+            if self.runs(name):
+                rows = routing.index == position
+                result[rows] = y[rows] + self._update(name, source[rows]).to(y.dtype)
+        return result
+
+
+def _first_parameter(module: nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+def _hidden_size(model: nn.Module, module: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "hidden_size", None):
+        return config.hidden_size
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if weight is not None and weight.dim() == 2:
+        return weight.shape[1]  # Conv1D: (in, out)
+    raise ConfigError(f"cannot tell the hidden size at {type(module).__name__}; use an nn.Linear target")
+
+
+def _positions(model: nn.Module, config: BottleneckConfig) -> dict[str, str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in POSITIONS:
+        raise ConfigError(
+            f"bottleneck adapters have no positions for model type {model_type!r} (known: {sorted(POSITIONS)}); "
+            "give `target_modules` (the layers whose outputs get a serial adapter)"
+        )
+    return POSITIONS[model_type]
+
+
+def inject_bottleneck(model: nn.Module, name: str, config: BottleneckConfig) -> list[str]:
+    def select(spec):
+        return select_modules(
+            model,
+            target_modules=spec,
+            modules_to_save=config.modules_to_save,
+            supported=lambda m: True,
+            supported_text="any module",
+        )
+
+    inputs: dict[str, str | None] = {}
+    if config.target_modules is not None:
+        targets = select(config.target_modules)
+    elif config.placement == "parallel":
+        positions = _positions(model, config)
+        if "ffn" in positions:
+            targets = select(positions["ffn"])
+        else:  # add at the sub-layer's output projection, read the input of its first module
+            targets = select(positions["ffn_output"])
+            starts = select(positions["ffn_input"])
+            if len(starts) != len(targets):
+                raise ConfigError(f"found {len(starts)} feed-forward inputs but {len(targets)} outputs")
+            inputs = dict(zip(targets, starts, strict=True))
+    else:
+        positions = _positions(model, config)
+        wanted = ["ffn_output"] if config.placement == "pfeiffer" else ["attention_output", "ffn_output"]
+        targets = [t for key in wanted for t in select(positions[key])]
+
+    for path in targets:
+        module = model.get_submodule(path)
+        if not isinstance(module, BottleneckLayer):
+            start = inputs.get(path)
+            module = BottleneckLayer(
+                module,
+                hidden=_hidden_size(model, module),
+                parallel=config.placement == "parallel",
+                input_module=model.get_submodule(start) if start else None,
+            )
+            replace_module(model, path, module)
+        elif module.parallel != (config.placement == "parallel"):
+            raise ConfigError(f"{path} already holds {'parallel' if module.parallel else 'serial'} adapters")
+        module.add_adapter(name, config)
+    return targets
+
+
+register_method(
+    Method(
+        name="bottleneck",
+        config_class=BottleneckConfig,
+        inject=inject_bottleneck,
+        trained_base_parameters=no_base_parameters,
+        **native_file_format("PEFTKIT_BOTTLENECK", BottleneckConfig),
+    )
+)
