@@ -77,6 +77,11 @@ class PeftModel(nn.Module):
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
         """Add adapter ``name`` (not made active: call :meth:`set_adapter`). Refused configs change nothing."""
         _check_new_name(name, self.peft_config)
+        missing = [r for r in config.requires() if r not in self.peft_config]
+        if missing:
+            raise AdapterError(
+                f"adapter {name!r} builds on {missing}, which this model does not have; add them first"
+            )
         method = method_for_config(config)
         saved_paths = self._resolve_modules_to_save(config)
         self._targets[name] = method.inject(self.base_model, name, config)
@@ -115,6 +120,9 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self._check_exists(name)
+        dependants = [other for other, config in self.peft_config.items() if name in config.requires()]
+        if dependants:
+            raise AdapterError(f"adapters {dependants} build on {name!r}; delete them first")
         for path, layer in reversed(self.adapter_layers()):  # inner first: outer paths stay valid
             if name in layer.adapter_names():
                 if name in layer.merged_adapters:
@@ -136,7 +144,9 @@ class PeftModel(nn.Module):
         unmergeable = {type(layer).__name__ for layer in layers if type(layer).merge is AdapterLayer.merge}
         if unmergeable - {"ModulesToSave"}:
             raise AdapterError(
-                f"adapter {name!r} cannot be merged: {sorted(unmergeable)} have no weight to fold into"
+                f"adapter {name!r} ({self.peft_config[name].method}) cannot be merged: its layers "
+                f"{sorted(unmergeable - {'ModulesToSave'})} add a non-linear function of their input, which no "
+                "change of the base weights reproduces; run it unmerged"
             )
         for layer in layers:
             if not isinstance(layer, ModulesToSave):
