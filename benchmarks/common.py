@@ -112,7 +112,10 @@ MODELS: dict[str, ModelSpec] = {
         head=("classifier",),
     ),
     "gpt2": ModelSpec(
-        "gpt2", f"GPT2LMHeadModel: {_SHAPE}, FFN {SIZE.ffn}, LM head tied to the embeddings", _gpt2, "causal-lm"
+        "gpt2",
+        f"GPT2LMHeadModel: {_SHAPE}, FFN {SIZE.ffn}, LM head tied to the embeddings",
+        _gpt2,
+        "causal-lm",
     ),
     "llama": ModelSpec(
         "llama",
@@ -178,13 +181,15 @@ def add_lora(library: str, model: nn.Module, model_name: str, adapter: str) -> N
         import peftkit
 
         model.add_adapter(
-            adapter, peftkit.LoraConfig(r=RANK, alpha=ALPHA, target_modules="all-linear", modules_to_save=head)
+            adapter,
+            peftkit.LoraConfig(r=RANK, alpha=ALPHA, target_modules="all-linear", modules_to_save=head),
         )
     else:
         import peft
 
         model.add_adapter(
-            adapter, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", modules_to_save=head)
+            adapter,
+            peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", modules_to_save=head),
         )
 
 

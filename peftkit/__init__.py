@@ -4,6 +4,12 @@ from peftkit.accounting import ParameterCount
 from peftkit.checkpoint import CheckpointError
 from peftkit.config import AdapterConfig, ConfigError
 from peftkit.layer import BASE_ROW
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.methods.full import FullFineTuningConfig
+from peftkit.methods.fusion import FusionConfig
+from peftkit.methods.ia3 import IA3Config
+from peftkit.methods.layer_tuning import LayerTuningConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.model import AdapterError, PeftModel, get_peft_model
 
@@ -13,8 +19,14 @@ __all__ = [
     "BASE_ROW",
     "AdapterConfig",
     "AdapterError",
+    "BitFitConfig",
+    "BottleneckConfig",
     "CheckpointError",
     "ConfigError",
+    "FullFineTuningConfig",
+    "FusionConfig",
+    "IA3Config",
+    "LayerTuningConfig",
     "LoraConfig",
     "ParameterCount",
     "PeftModel",

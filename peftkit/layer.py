@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftkit.module_paths import replace_module
+
 BASE_ROW = "__base__"  # in a mixed batch, a row that runs through the base model alone (as in HF PEFT)
 
 
@@ -124,3 +126,25 @@ def base_parameter_names(model: nn.Module) -> list[str]:
     """Names of the model's own parameters (tied ones once), without those adapters added."""
     added = added_parameter_ids(model)
     return [name for name, p in model.named_parameters() if id(p) not in added]
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The plain module under any chain of adapter wrappers (IA3 around LoRA around an nn.Linear, ...)."""
+    while isinstance(module, AdapterLayer):
+        module = module.base()
+    return module
+
+
+def find_or_wrap(model: nn.Module, path: str, wrapper: type[AdapterLayer], make) -> AdapterLayer:
+    """The ``wrapper`` already somewhere in the chain of wrappers at ``path``, or a new one (``make(module)``)
+    put around the outermost, so that every method keeps one wrapper per layer however many adapters it adds."""
+
+    outer = model.get_submodule(path)
+    module = outer
+    while isinstance(module, AdapterLayer):
+        if isinstance(module, wrapper):
+            return module
+        module = module.base()
+    new = make(outer)
+    replace_module(model, path, new)
+    return new

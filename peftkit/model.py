@@ -129,7 +129,7 @@ class PeftModel(nn.Module):
                     layer.unmerge()
                 layer.delete_adapter(name)
                 if not layer.adapter_names():
-                    replace_module(self.base_model, path, layer.base())
+                    replace_module(self.base_model, path, layer.unloaded(merge=False))
         self._bank.delete(name)
         del self.peft_config[name], self._targets[name]
         self._inference_only.discard(name)
@@ -179,9 +179,8 @@ class PeftModel(nn.Module):
         for name in names:
             self._check_exists(name)
         for name in names:
-            config = method_for_config(self.peft_config[name]).to_file(
-                self.peft_config[name], self._targets[name]
-            )
+            method = method_for_config(self.peft_config[name])
+            config = method.to_file(self.peft_config[name], self._targets[name], self.base_model)
             config["base_model_name_or_path"] = getattr(self.config, "_name_or_path", None) or None
             target = Path(directory) if name == "default" else Path(directory) / name
             checkpoint.write_adapter(target, config, self.adapter_state_dict(name))

@@ -26,7 +26,7 @@ class Method:
     trained_base_parameters: Callable[[nn.Module, list[str], Any], list[str]]
     # adapter_config.json: the Hugging Face PEFT `peft_type` it is written as, and the translation both ways
     file_type: str
-    to_file: Callable[[Any, list[str]], dict[str, Any]]
+    to_file: Callable[[Any, list[str], nn.Module], dict[str, Any]]  # (config, wrapped paths, model)
     from_file: Callable[[dict[str, Any]], AdapterConfig]
 
 
@@ -59,7 +59,7 @@ def native_file_format(file_type: str, config_class: type[AdapterConfig]) -> dic
     """``to_file`` / ``from_file`` for methods HF PEFT has no format for: the peftkit config as JSON, tagged
     with a ``peft_type`` of peftkit's own (HF PEFT refuses such a file instead of misreading it)."""
 
-    def to_file(config: AdapterConfig, targets: list[str]) -> dict[str, Any]:
+    def to_file(config: AdapterConfig, targets: list[str], model: nn.Module) -> dict[str, Any]:
         return {"peft_type": file_type, **config.to_dict()}
 
     def from_file(data: dict[str, Any]) -> AdapterConfig:

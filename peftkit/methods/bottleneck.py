@@ -31,9 +31,8 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
-from peftkit.layer import AdapterLayer
+from peftkit.layer import AdapterLayer, find_or_wrap, innermost
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
-from peftkit.module_paths import replace_module
 from peftkit.targeting import select_modules
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -138,48 +137,53 @@ class Bottleneck(nn.Module):
 
 class BottleneckLayer(AdapterLayer):
     """Adapters around one module. Serial: ``y = m(x)``, ``y + s·a(y)``. Parallel: ``y = m(x) + s·a(x')``
-    where ``x'`` is the input of the sub-layer (this module's own input, or the input of ``input_module``,
-    captured by a hook when the sub-layer spans several modules, as BERT's does).
+    where ``x'`` is the input of the sub-layer (this module's own input, or the input of an earlier module
+    of the sub-layer, captured by a hook, when the sub-layer spans several modules as BERT's does).
 
     A fusion (:mod:`peftkit.methods.fusion`) active on this layer combines several serial adapters' outputs.
     """
 
-    def __init__(
-        self, base_layer: nn.Module, hidden: int, parallel: bool, input_module: nn.Module | None
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, hidden: int) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.hidden = hidden
-        self.parallel = parallel
         self.adapters = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.parallel: dict[str, bool] = {}
         self.fusions = nn.ModuleDict()
         self._captured: torch.Tensor | None = None
         self._hook = None
-        if input_module is not None:
-            self._hook = input_module.register_forward_pre_hook(self._capture)
+
+    def read_input_of(self, module: nn.Module) -> None:
+        """Parallel adapters here read ``module``'s input (the sub-layer's) instead of this module's."""
+        if self._hook is None:
+            self._hook = module.register_forward_pre_hook(self._capture)
 
     def _capture(self, module: nn.Module, args: tuple) -> None:
         self._captured = args[0]
 
     def base(self) -> nn.Module:
+        return self.base_layer
+
+    def unloaded(self, merge: bool) -> nn.Module:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        return self.base_layer
+        return super().unloaded(merge)
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys()) + list(self.fusions.keys())
 
     def add_adapter(self, name: str, config: BottleneckConfig) -> None:
-        self.adapters[name] = Bottleneck(self.hidden, config, like=_first_parameter(self.base_layer))
+        self.adapters[name] = Bottleneck(self.hidden, config, like=next(self.base_layer.parameters()))
         self.scaling[name] = config.scaling
+        self.parallel[name] = config.placement == "parallel"
 
     def delete_adapter(self, name: str) -> None:
         if name in self.fusions:
             del self.fusions[name]
         else:
-            del self.adapters[name], self.scaling[name]
+            del self.adapters[name], self.scaling[name], self.parallel[name]
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         yield from (self.fusions[name] if name in self.fusions else self.adapters[name]).parameters()
@@ -195,24 +199,27 @@ class BottleneckLayer(AdapterLayer):
         )
         module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=True)
 
-    def _update(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        return self.scaling[name] * self.adapters[name](h)
+    def _update(
+        self, name: str, x: torch.Tensor, y: torch.Tensor, captured: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``s · a(source)``: the source is the sub-layer input for a parallel adapter, the output otherwise."""
+        source = (captured if captured is not None else x) if self.parallel[name] else y
+        return (self.scaling[name] * self.adapters[name](source)).to(y.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        source = (self._captured if self._captured is not None else x) if self.parallel else y
-        self._captured = None
+        captured, self._captured = self._captured, None
         if self.routing is not None:
-            return self._mixed_forward(source, y)
+            return self._mixed_forward(x, y, captured)
         name = self.active_adapter
         if name in self.fusions:
             fusion = self.fusions[name]
-            return fusion(y, [y + self._update(member, y) for member in fusion.adapter_order])
+            return fusion(y, [y + self._update(member, x, y, captured) for member in fusion.adapter_order])
         if not self.runs(name):
             return y
-        return y + self._update(name, source).to(y.dtype)
+        return y + self._update(name, x, y, captured)
 
-    def _mixed_forward(self, source: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
         """Rows grouped by adapter: each adapter runs on its own rows (adapters differ in size)."""
         routing = self.routing
         routing.check_batch(y.shape[0], f"bottleneck adapter on {type(self.base_layer).__name__}")
@@ -222,12 +229,9 @@ class BottleneckLayer(AdapterLayer):
                 raise ValueError(f"fusion {name!r} cannot join a mixed batch; run it on its own")
             if self.runs(name):
                 rows = routing.index == position
-                result[rows] = y[rows] + self._update(name, source[rows]).to(y.dtype)
+                rows_captured = captured[rows] if captured is not None else None
+                result[rows] = y[rows] + self._update(name, x[rows], y[rows], rows_captured)
         return result
-
-
-def _first_parameter(module: nn.Module) -> torch.Tensor:
-    return next(module.parameters())
 
 
 def _hidden_size(model: nn.Module, module: nn.Module) -> int:
@@ -281,19 +285,15 @@ def inject_bottleneck(model: nn.Module, name: str, config: BottleneckConfig) -> 
         targets = [t for key in wanted for t in select(positions[key])]
 
     for path in targets:
-        module = model.get_submodule(path)
-        if not isinstance(module, BottleneckLayer):
-            start = inputs.get(path)
-            module = BottleneckLayer(
-                module,
-                hidden=_hidden_size(model, module),
-                parallel=config.placement == "parallel",
-                input_module=model.get_submodule(start) if start else None,
-            )
-            replace_module(model, path, module)
-        elif module.parallel != (config.placement == "parallel"):
-            raise ConfigError(f"{path} already holds {'parallel' if module.parallel else 'serial'} adapters")
-        module.add_adapter(name, config)
+        layer = find_or_wrap(
+            model,
+            path,
+            BottleneckLayer,
+            lambda m: BottleneckLayer(m, hidden=_hidden_size(model, innermost(m))),
+        )
+        if path in inputs:
+            layer.read_input_of(model.get_submodule(inputs[path]))
+        layer.add_adapter(name, config)
     return targets
 
 

@@ -80,7 +80,7 @@ def inject_fusion(model: nn.Module, name: str, config: FusionConfig) -> list[str
             f"`adapters` {list(config.adapters)} are not all bottleneck adapters of this model "
             f"(bottleneck adapters present: {present}); add or load them before the fusion"
         )
-    parallel = [p for p in targets if model.get_submodule(p).parallel]
+    parallel = [p for p in targets if any(model.get_submodule(p).parallel[a] for a in config.adapters)]
     if parallel:
         raise ConfigError(
             "AdapterFusion combines serial bottleneck adapters; these are parallel: "

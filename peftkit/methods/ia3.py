@@ -21,9 +21,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_choice, register_config
-from peftkit.layer import AdapterLayer
+from peftkit.layer import AdapterLayer, find_or_wrap, innermost
 from peftkit.methods import Method, no_base_parameters, register_method
-from peftkit.module_paths import replace_module
 from peftkit.targeting import name_matches, select_modules
 
 # model_type -> (target_modules, feedforward_modules): keys, values and the feed-forward output layer.
@@ -81,12 +80,19 @@ class IA3Config(AdapterConfig):
             )
         return IA3_DEFAULTS[model_type]
 
-    def to_hf_dict(self, targets: list[str]) -> dict[str, Any]:
+    def to_hf_dict(self, targets: list[str], model: nn.Module) -> dict[str, Any]:
+        """HF PEFT's IA3 fields. The architecture defaults are written out as the resolved module paths, so
+        the file means the same layers to any reader."""
+        target_modules, feedforward_modules = self.target_modules, self.feedforward_modules
+        if target_modules is None:
+            ff_spec = self.resolved(model)[1]
+            target_modules = sorted(targets)
+            feedforward_modules = sorted(t for t in targets if name_matches(t, ff_spec))
         return {
             "peft_type": "IA3",
             "task_type": None,
-            "target_modules": _jsonable(self.target_modules) if self.target_modules else sorted(targets),
-            "feedforward_modules": _jsonable(self.feedforward_modules) if self.target_modules else None,
+            "target_modules": _jsonable(target_modules),
+            "feedforward_modules": _jsonable(feedforward_modules),
             "modules_to_save": _jsonable(self.modules_to_save),
             "init_ia3_weights": self.init == "ones",
             "fan_in_fan_out": False,
@@ -114,7 +120,7 @@ class IA3Linear(AdapterLayer):
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.transposed = isinstance(base_layer, Conv1D)
+        self.transposed = isinstance(innermost(base_layer), Conv1D)
         weight = base_layer.weight
         self.in_features, self.out_features = weight.shape if self.transposed else weight.shape[::-1]
         self.ia3_l = nn.ParameterDict()
@@ -199,7 +205,7 @@ class IA3Linear(AdapterLayer):
 
 
 def _supported(module: nn.Module) -> bool:
-    return isinstance(module, (IA3Linear, nn.Linear, Conv1D))
+    return isinstance(innermost(module), (nn.Linear, Conv1D))
 
 
 def inject_ia3(model: nn.Module, name: str, config: IA3Config) -> list[str]:
@@ -219,11 +225,9 @@ def inject_ia3(model: nn.Module, name: str, config: IA3Config) -> list[str]:
             f"`feedforward_modules`={feedforward_modules!r} matches none of the targeted modules"
         )
     for path in targets:
-        module = model.get_submodule(path)
-        if not isinstance(module, IA3Linear):
-            module = IA3Linear(module)
-            replace_module(model, path, module)
-        module.add_adapter(name, config, feedforward=path in feedforward)
+        find_or_wrap(model, path, IA3Linear, IA3Linear).add_adapter(
+            name, config, feedforward=path in feedforward
+        )
     return targets
 
 
@@ -234,7 +238,7 @@ register_method(
         inject=inject_ia3,
         trained_base_parameters=no_base_parameters,
         file_type="IA3",
-        to_file=lambda config, targets: config.to_hf_dict(targets),
+        to_file=lambda config, targets, model: config.to_hf_dict(targets, model),
         from_file=IA3Config.from_hf_dict,
     )
 )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.layer import AdapterLayer
+from peftkit.layer import AdapterLayer, innermost
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.init import LINEAR_INITIALISERS, initialise
 from peftkit.methods.lora.stacking import padded_stack
@@ -29,7 +29,7 @@ class LoraLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.transposed = isinstance(base_layer, Conv1D)
+        self.transposed = isinstance(innermost(base_layer), Conv1D)
         weight = base_layer.weight
         self.in_features, self.out_features = weight.shape[::-1] if not self.transposed else weight.shape
         self.lora_A = nn.ModuleDict()

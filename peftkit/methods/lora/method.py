@@ -5,12 +5,11 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.layer import AdapterLayer, base_parameter_names
+from peftkit.layer import AdapterLayer, base_parameter_names, find_or_wrap, innermost
 from peftkit.methods import Method, register_method
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.linear import LoraLinear
-from peftkit.module_paths import replace_module
 from peftkit.targeting import select_modules
 
 # Base layer type -> the LoRA wrapper for it.
@@ -19,15 +18,15 @@ WRAPPERS: dict[type[nn.Module], type[AdapterLayer]] = {
     Conv1D: LoraLinear,
     nn.Embedding: LoraEmbedding,
 }
-LORA_LAYERS = (LoraLinear, LoraEmbedding)
 
 
 def _wrapper_for(module: nn.Module) -> type[AdapterLayer] | None:
-    return next((wrapper for base, wrapper in WRAPPERS.items() if isinstance(module, base)), None)
+    plain = innermost(module)
+    return next((wrapper for base, wrapper in WRAPPERS.items() if isinstance(plain, base)), None)
 
 
 def _supported(module: nn.Module) -> bool:
-    return isinstance(module, LORA_LAYERS) or _wrapper_for(module) is not None
+    return _wrapper_for(module) is not None
 
 
 def inject_lora(model: nn.Module, name: str, config: LoraConfig) -> list[str]:
@@ -43,11 +42,8 @@ def inject_lora(model: nn.Module, name: str, config: LoraConfig) -> list[str]:
         supported_text="nn.Linear, transformers Conv1D, nn.Embedding",
     )
     for path in targets:
-        module = model.get_submodule(path)
-        if not isinstance(module, LORA_LAYERS):
-            module = _wrapper_for(module)(module)
-            replace_module(model, path, module)
-        module.add_adapter(name, config)
+        wrapper = _wrapper_for(model.get_submodule(path))
+        find_or_wrap(model, path, wrapper, wrapper).add_adapter(name, config)
     return targets
 
 
@@ -68,7 +64,7 @@ register_method(
         inject=inject_lora,
         trained_base_parameters=trained_biases,
         file_type="LORA",
-        to_file=lambda config, targets: config.to_hf_dict(targets),
+        to_file=lambda config, targets, model: config.to_hf_dict(targets),
         from_file=LoraConfig.from_hf_dict,
     )
 )
