@@ -111,3 +111,36 @@ def test_hf_options_peftkit_lacks_are_refused_not_ignored(tmp_path):
     theirs.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="use_dora"):
         PeftModel.from_pretrained(tiny.build(), tmp_path)
+
+
+IA3_CASES = {
+    "bert": dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]),
+    "gpt2": dict(
+        target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True
+    ),
+    "llama": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "t5": dict(target_modules=["k", "v", "wo"], feedforward_modules=["wo"]),
+}
+
+
+@pytest.mark.parametrize("model_name", sorted(IA3_CASES))
+def test_ia3_moves_between_the_libraries_both_ways(model_name, tmp_path):
+    from peftkit import IA3Config
+
+    tiny = TINY_MODELS[model_name]
+    ours = get_peft_model(
+        tiny.build(), IA3Config(init="random")
+    )  # architecture defaults, written out resolved
+    expected = run(ours, tiny, tiny.batch())
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny.build(), tmp_path / "ours").eval()
+    assert torch.equal(run(theirs, tiny, tiny.batch()), expected)
+
+    theirs = peft.get_peft_model(
+        tiny.build(), peft.IA3Config(init_ia3_weights=False, **IA3_CASES[model_name])
+    )
+    theirs.eval()
+    expected = run(theirs, tiny, tiny.batch())
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = PeftModel.from_pretrained(tiny.build(), tmp_path / "theirs")
+    assert torch.equal(run(ours, tiny, tiny.batch()), expected)
