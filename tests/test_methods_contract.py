@@ -119,12 +119,11 @@ def _train(model, tiny, steps=3):
 
 
 @pytest.fixture(params=sorted(CASES))
-def case(request):
-    return request.param, CASES[request.param]
+def spec(request):
+    return CASES[request.param]
 
 
-def test_method_contract(case, tiny, tmp_path):
-    method, spec = case
+def test_method_contract(spec, tiny, tmp_path):
     if tiny.name in spec.unsupported:
         with pytest.raises(ConfigError, match=spec.unsupported[tiny.name]):
             get_peft_model(tiny.build(), spec.config(tiny))

@@ -54,7 +54,7 @@ def test_bitfit_roles_select_a_subset():
 
 
 def test_bitfit_says_clearly_when_there_is_nothing_to_train():
-    with pytest.raises(ConfigError, match="has no bias parameters.*use LoRA or IA3"):
+    with pytest.raises(ConfigError, match=r"has no bias parameters.*use LoRA or IA3"):
         get_peft_model(TINY_MODELS["llama"].build(), BitFitConfig())
     with pytest.raises(
         ConfigError, match=r"`roles` \['query'\] match no bias of GPT2LMHeadModel; roles present"
