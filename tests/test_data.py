@@ -304,7 +304,8 @@ def test_task_is_required_and_checked_for_user_files(tmp_path):
     ):
         load_splits(path)
     with pytest.raises(
-        DataError, match=r"unknown task 'classify'.*sequence-classification, token-classification"
+        DataError,
+        match=r"unknown task 'classify'; expected one of: sequence-classification, token-classification",
     ):
         load_splits(path, "classify")
 

@@ -63,9 +63,10 @@ class Splits:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
 
-def check_task(task: str | None, allowed: Sequence[str] = TASKS, *, what: str = "peftkit") -> str:
+def check_task(task: str | None, allowed: Sequence[str] = TASKS, *, what: str | None = None) -> str:
     if task not in allowed:
-        raise DataError(f"unknown task {task!r} for {what}; expected one of: {', '.join(allowed)}")
+        where = f" for {what}" if what else ""
+        raise DataError(f"unknown task {task!r}{where}; expected one of: {', '.join(allowed)}")
     return task
 
 
