@@ -12,6 +12,14 @@ from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.layer_tuning import LayerTuningConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.model import AdapterError, PeftModel, get_peft_model
+from peftkit.qlora import get_qlora_model, paged_adamw_8bit
+from peftkit.quantization import (
+    QuantizationConfig,
+    dequantize_model,
+    prepare_for_kbit_training,
+    quantize_model,
+    storage_report,
+)
 
 __version__ = "0.1.0"
 
@@ -30,5 +38,12 @@ __all__ = [
     "LoraConfig",
     "ParameterCount",
     "PeftModel",
+    "QuantizationConfig",
+    "dequantize_model",
     "get_peft_model",
+    "get_qlora_model",
+    "paged_adamw_8bit",
+    "prepare_for_kbit_training",
+    "quantize_model",
+    "storage_report",
 ]

@@ -18,6 +18,7 @@ from peftkit.config import (
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian", "random")
+ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16")
 
 # peftkit `init` <-> HF PEFT `init_lora_weights`
 _INIT_TO_HF: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "random": False}
@@ -61,6 +62,10 @@ class LoraConfig(AdapterConfig):
         modules_to_save: modules trained in full and saved with the adapter (e.g. a fresh classifier head).
         init: ``default`` (A Kaiming-uniform, B zero), ``gaussian`` (A ~ N(0, 1/r), B zero) or ``random``
             (A and B both non-zero: the adapter changes the output from the start; for tests and analysis).
+        adapter_dtype: dtype of the A and B matrices of linear layers and of their compute: ``float32``,
+            ``bfloat16`` or ``float16``; ``None`` follows the base layer (its weight's dtype, or for a 4-bit
+            quantized layer its compute dtype). Not written to ``adapter_config.json`` (HF PEFT has no such
+            field): a loaded adapter takes the default of the model it is loaded onto.
     """
 
     method: ClassVar[str] = "lora"
@@ -76,6 +81,7 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = False
     modules_to_save: tuple[str, ...] | None = None
     init: str = "default"
+    adapter_dtype: str | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("r", self.r)
@@ -97,6 +103,7 @@ class LoraConfig(AdapterConfig):
             )
         check_choice("bias", self.bias, BIAS_MODES)
         check_choice("init", self.init, INIT_MODES)
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"`use_rslora` must be true or false, got {self.use_rslora!r}")
 

@@ -29,9 +29,13 @@ class LoraLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.transposed = isinstance(innermost(base_layer), Conv1D)
-        weight = base_layer.weight
-        self.in_features, self.out_features = weight.shape[::-1] if not self.transposed else weight.shape
+        plain = innermost(base_layer)
+        self.transposed = isinstance(plain, Conv1D)
+        # read from the layer, not its weight: a quantized layer stores its weight packed
+        if self.transposed:
+            self.in_features, self.out_features = plain.weight.shape
+        else:
+            self.in_features, self.out_features = plain.in_features, plain.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -43,9 +47,13 @@ class LoraLinear(AdapterLayer):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
+    def default_adapter_dtype(self) -> torch.dtype:
+        """The adapters' dtype when the config does not choose one: the base weight's."""
+        return self.base_layer.weight.dtype
+
     def add_adapter(self, name: str, config: LoraConfig) -> None:
-        weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else self.default_adapter_dtype()
+        factory = {"device": self.base_layer.weight.device, "dtype": dtype}
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()

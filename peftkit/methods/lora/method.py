@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -12,17 +14,28 @@ from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.linear import LoraLinear
 from peftkit.targeting import select_modules
 
-# Base layer type -> the LoRA wrapper for it.
+# Base layer type -> the LoRA wrapper for it. The most specific type wins (a quantized linear layer is also
+# an nn.Linear).
 WRAPPERS: dict[type[nn.Module], type[AdapterLayer]] = {
     nn.Linear: LoraLinear,
     Conv1D: LoraLinear,
     nn.Embedding: LoraEmbedding,
 }
+# Layer types of optional libraries -> the peftkit module that registers their wrapper. It is imported when
+# such a layer is first met (a model holding the layer has imported its library already; others never pay).
+LAZY_WRAPPERS: dict[str, str] = {
+    "bitsandbytes.nn.modules.Linear4bit": "peftkit.methods.lora.quantized",
+}
 
 
 def _wrapper_for(module: nn.Module) -> type[AdapterLayer] | None:
-    plain = innermost(module)
-    return next((wrapper for base, wrapper in WRAPPERS.items() if isinstance(plain, base)), None)
+    for cls in type(innermost(module)).__mro__:
+        lazy = LAZY_WRAPPERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if cls not in WRAPPERS and lazy is not None:
+            importlib.import_module(lazy)
+        if cls in WRAPPERS:
+            return WRAPPERS[cls]
+    return None
 
 
 def _supported(module: nn.Module) -> bool:
@@ -39,7 +52,7 @@ def inject_lora(model: nn.Module, name: str, config: LoraConfig) -> list[str]:
         layers_pattern=config.layers_pattern,
         modules_to_save=config.modules_to_save,
         supported=_supported,
-        supported_text="nn.Linear, transformers Conv1D, nn.Embedding",
+        supported_text="nn.Linear, transformers Conv1D, nn.Embedding, bitsandbytes Linear4bit",
     )
     for path in targets:
         wrapper = _wrapper_for(model.get_submodule(path))

@@ -1,0 +1,283 @@
+"""A model's linear layers in 4-bit NormalFloat with double quantization (QLoRA's storage), via bitsandbytes.
+
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314) stores each frozen weight in NF4: blocks of 64 values, each
+block scaled by its absolute maximum ``c`` and rounded to the nearest of 16 levels placed at quantiles of
+N(0, 1), so ``W ≈ c · q``. Double quantization stores the fp32 block scales themselves in 8 bit (blocks of
+256 scales, one fp32 second-level scale each): ``4 + 8/64 + 32/(64·256) ≈ 4.127`` bits, about 0.516 bytes per
+parameter. Compute de-quantizes on the fly to the compute dtype.
+
+The kernels are bitsandbytes' (``bnb.nn.Linear4bit``, ``quant_type="nf4"``, ``compress_statistics=True``),
+which run on CPU and CUDA; a model loaded by transformers with ``BitsAndBytesConfig(load_in_4bit=True, ...)``
+holds the same layers and works with everything here. The output head and the embeddings stay in full
+precision (``"all-linear"`` leaves the head out; embeddings are not linear layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftkit.config import ConfigError, as_name_tuple, check_choice
+from peftkit.layer import AdapterLayer
+from peftkit.targeting import output_head_names, select_modules
+
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _bnb():
+    """bitsandbytes, imported on first use (it takes seconds, and plain LoRA never needs it)."""
+    try:
+        import bitsandbytes
+    except ImportError as error:  # pragma: no cover - it is a dependency of peftkit
+        raise ImportError("4-bit quantization needs bitsandbytes: pip install bitsandbytes") from error
+    return bitsandbytes
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Which linear layers to store in 4 bit, and how.
+
+    Fields:
+        target_modules: ``"all-linear"`` (every ``nn.Linear`` but the output head), a list of names (suffix
+            match) or one regex (whole-path match), as in :class:`~peftkit.LoraConfig`.
+        exclude_modules: names or a regex kept in full precision.
+        quant_type: ``nf4`` (QLoRA's NormalFloat) or ``fp4``.
+        double_quant: quantize the block scales too (8 bit, blocks of 256): ~0.127 instead of 0.5 bits/param.
+        blocksize: values per quantization block (QLoRA: 64).
+        compute_dtype: dtype the weights are de-quantized to for the matmul.
+    """
+
+    target_modules: str | tuple[str, ...] = "all-linear"
+    exclude_modules: str | tuple[str, ...] | None = None
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules"):
+            value = as_name_tuple(name, getattr(self, name), allow_string=True)
+            object.__setattr__(self, name, value)
+        if self.target_modules is None:
+            raise ConfigError(
+                "`target_modules` must name the layers to quantize, e.g. 'all-linear'; got None"
+            )
+        check_choice("quant_type", self.quant_type, QUANT_TYPES)
+        if not isinstance(self.double_quant, bool):
+            raise ConfigError(f"`double_quant` must be true or false, got {self.double_quant!r}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ConfigError(f"`blocksize` must be one of {list(BLOCKSIZES)}, got {self.blocksize!r}")
+        check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self.compute_dtype)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit linear layer (checked without importing bitsandbytes)."""
+    return any(
+        f"{cls.__module__}.{cls.__qualname__}" == "bitsandbytes.nn.modules.Linear4bit"
+        for cls in type(module).__mro__
+    )
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(is_quantized_linear(m) for m in model.modules())
+
+
+# --- one layer -------------------------------------------------------------------------------------------
+def quantize_linear(linear: nn.Linear, config: QuantizationConfig) -> nn.Module:
+    """A ``bnb.nn.Linear4bit`` holding ``linear``'s weight in 4 bit (on the weight's device) and its bias as
+    is. De-quantizing gives the weight back in its original dtype."""
+    bnb = _bnb()
+    weight = linear.weight.detach()
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=config.torch_compute_dtype,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        device="meta",  # no full-precision copy is allocated: the weight arrives quantized below
+    )
+    _set_quantized_weight(layer, weight, blocksize=config.blocksize)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
+    layer.train(linear.training)
+    return layer
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight (out, in) de-quantized, in the dtype it had before quantization."""
+    bnb = _bnb()
+    param = layer.weight
+    state = param.quant_state if param.quant_state is not None else layer.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks a weight for its CPU inference kernel (AVX512-BF16) on the first eval forward,
+        # undoing double quantization; put it back in the standard layout (what its own state_dict does)
+        param.data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(param.data, state)
+        param.quant_state = layer.quant_state = state
+    with torch.no_grad():
+        return bnb.functional.dequantize_4bit(param.data, state)
+
+
+def requantize_(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Store ``weight`` (out, in) in ``layer`` with the layer's own quantization settings (in place)."""
+    old = layer.weight
+    _set_quantized_weight(
+        layer,
+        weight,
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
+    )
+
+
+def dequantize_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` with the de-quantized weight (dtype: the original one unless given)."""
+    weight = dequantize_weight(layer)
+    dtype = dtype or weight.dtype
+    plain = nn.Linear(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dtype
+    )
+    plain.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if layer.bias is not None:
+        plain.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+    plain.train(layer.training)
+    return plain
+
+
+def _set_quantized_weight(layer: nn.Module, weight: torch.Tensor, **settings) -> None:
+    bnb = _bnb()
+    settings.setdefault("compress_statistics", layer.weight.compress_statistics)
+    settings.setdefault("quant_type", layer.weight.quant_type)
+    param = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, module=layer, **settings)
+    layer.weight = param.to(weight.device)  # Params4bit quantizes when moved to a real device
+    # keep the double-quantized storage on CPU too (bitsandbytes would repack it for inference, see above)
+    layer.support_avx512bf16_for_cpu = False
+
+
+# --- a whole model ---------------------------------------------------------------------------------------
+def quantize_model(model: nn.Module, config: QuantizationConfig | None = None) -> list[str]:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` in place by 4-bit ones; returns their paths.
+
+    The output head is never quantized (it is excluded even when named), nor are layers already 4-bit or
+    wrapped by an adapter. Quantizing a layer frees its full-precision weight once nothing else holds it."""
+    config = config or QuantizationConfig()
+    head = output_head_names(model)
+    targets = select_modules(
+        model,
+        target_modules=config.target_modules,
+        exclude_modules=config.exclude_modules,
+        supported=lambda m: True,
+        supported_text="nn.Linear",
+    )
+    targets = [
+        path
+        for path in targets
+        if path not in head
+        and type(model.get_submodule(path)) is nn.Linear  # not Conv1D, not already 4-bit, not a wrapper
+    ]
+    if not targets:
+        raise ConfigError(
+            f"`target_modules`={config.target_modules!r} selects no full-precision nn.Linear layer "
+            f"(other than the output head) to quantize in {type(model).__name__}"
+        )
+    for path in targets:
+        parent, _, child = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, quantize_linear(getattr(owner, child), config))
+    return targets
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every 4-bit linear layer of ``model`` in place by a plain ``nn.Linear``; returns their paths."""
+    paths = [
+        p for p, m in model.named_modules() if is_quantized_linear(m) and not isinstance(m, AdapterLayer)
+    ]
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, dequantize_linear(getattr(owner, child), dtype))
+    return paths
+
+
+# --- storage accounting ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StorageReport:
+    """Bytes held by a model, from its actual tensors (``state_dict``, tied tensors once).
+
+    ``quantized_bytes`` counts everything a 4-bit layer stores for its weight: packed 4-bit codes, 8-bit block
+    scales, their fp32 second-level scales and offset, both code books and bitsandbytes' packed settings."""
+
+    quantized_parameters: int  # logical weight entries held in 4 bit
+    quantized_bytes: int
+    other_bytes: int  # everything else: embeddings, head, norms, biases, adapters
+
+    @property
+    def bytes_per_quantized_parameter(self) -> float:
+        return self.quantized_bytes / self.quantized_parameters if self.quantized_parameters else 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.quantized_bytes + self.other_bytes
+
+
+def storage_report(model: nn.Module) -> StorageReport:
+    quantized_parameters = quantized_bytes = 0
+    counted: set[tuple[int, int]] = set()
+    for module in model.modules():
+        if is_quantized_linear(module):
+            quantized_parameters += module.in_features * module.out_features
+            for key, tensor in module.state_dict().items():
+                if key == "weight" or key.startswith("weight."):
+                    quantized_bytes += _count_once(tensor, counted)
+    other_bytes = sum(_count_once(t, counted) for t in model.state_dict().values())
+    return StorageReport(quantized_parameters, quantized_bytes, other_bytes)
+
+
+def _count_once(tensor: torch.Tensor, counted: set[tuple[int, int]]) -> int:
+    key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+    if key in counted:
+        return 0
+    counted.add(key)
+    return tensor.numel() * tensor.element_size()
+
+
+# --- preparation for k-bit training ----------------------------------------------------------------------
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
+    """What training on a quantized base needs, done once (HF PEFT leaves it to the user as
+    ``prepare_model_for_kbit_training``): the base frozen; normalisation layers in fp32 (their statistics
+    lose too much in 16 bit); the input embeddings' output made to require grad (transformers models), so
+    that checkpointed blocks whose own parameters are all frozen still pass gradients to the adapters inside
+    them, also when checkpointing is switched on later; with ``gradient_checkpointing``, checkpointing on
+    (non-reentrant)."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if is_quantized_linear(module):
+            # keep the double-quantized storage when it runs for inference too (bitsandbytes would repack
+            # it for its AVX512-BF16 CPU kernel, undoing double quantization; that also fails on layers
+            # narrower than one block)
+            module.support_avx512bf16_for_cpu = False
+        if "norm" in type(module).__name__.lower():
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != torch.float32:
+                    param.data = param.data.float()
+    if hasattr(model, "enable_input_require_grads"):
+        # always, not only when checkpointing is asked for here: switching it on later stays safe
+        model.enable_input_require_grads()
+    if gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ConfigError(
+                f"`gradient_checkpointing`=True needs a transformers model; {type(model).__name__} has no "
+                "gradient_checkpointing_enable()"
+            )
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
