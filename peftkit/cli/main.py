@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from peftkit import __version__
-from peftkit.cli import demo
+from peftkit.cli import demo, evaluate, predict, train
 
-SUBCOMMANDS = [demo]
+SUBCOMMANDS = [train, evaluate, predict, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: a clear message, no traceback
+        print(f"peftkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

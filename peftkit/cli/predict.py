@@ -1,0 +1,34 @@
+"""`peftkit predict` (labels or tags) and `peftkit generate` (text): a trained run's adapter on given inputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(subparsers) -> None:
+    for name, text in (("predict", "label or tag given texts"), ("generate", "generate from given prompts")):
+        parser = subparsers.add_parser(name, help=f"{text} with a trained run's adapter")
+        parser.add_argument("run_dir", help="the --output-dir of a `peftkit train` run")
+        parser.add_argument("inputs", nargs="*", help="texts or prompts (default: one per line on stdin)")
+        parser.add_argument("--max-new-tokens", type=int, default=64)
+        parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftkit.training.loop import load_run
+
+    config, task, tokenizer, model, label_names = load_run(args.run_dir)
+    inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    outputs = task.predict(
+        model,
+        inputs,
+        tokenizer,
+        max_length=config.max_length,
+        label_names=label_names,
+        max_new_tokens=args.max_new_tokens,
+    )
+    for text, output in zip(inputs, outputs, strict=True):
+        print(json.dumps({"input": text, "output": output}, ensure_ascii=False))
+    return 0

@@ -1,0 +1,165 @@
+"""Sequence classification (accuracy, macro-F1) and token classification (entity-level P/R/F1, seqeval)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from seqeval.metrics import f1_score, precision_score, recall_score
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+from peftkit.tasks.base import Metric, Task, batches, model_device, to_device
+
+HEAD_NAMES = ("classifier", "score")  # the task head attribute across BERT-, LLaMA- and GPT-2-style models
+IGNORE = -100  # label positions the loss skips
+
+
+def _head(model: nn.Module) -> list[str]:
+    return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def _label_maps(label_names: Sequence[str]) -> dict:
+    return {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
+
+
+def macro_f1(predictions: list[int], labels: list[int], num_labels: int) -> float:
+    """Mean over classes of F1 = 2PR / (P + R); a class never predicted nor present counts as 0."""
+    scores = []
+    for cls in range(num_labels):
+        tp = sum(p == cls and y == cls for p, y in zip(predictions, labels, strict=True))
+        fp = sum(p == cls and y != cls for p, y in zip(predictions, labels, strict=True))
+        fn = sum(p != cls and y == cls for p, y in zip(predictions, labels, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / num_labels
+
+
+class SequenceClassification(Task):
+    name = "sequence-classification"
+    primary = Metric("accuracy", higher_is_better=True)
+
+    def load_model(self, model_dir: Path, label_names, tokenizer) -> nn.Module:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, **_label_maps(label_names))
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder models find the last real token by it
+        return model
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return _head(model)
+
+    def collate(self, records, tokenizer, max_length):
+        batch = tokenizer(
+            [r["text"] for r in records],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        batch["labels"] = torch.tensor([r["label"] for r in records])
+        return dict(batch)
+
+    @torch.no_grad()
+    def evaluate(self, model, records, tokenizer, *, batch_size, max_length, label_names):
+        model.eval()
+        predictions, labels, loss_sum = [], [], 0.0
+        for chunk in batches(records, batch_size):
+            batch = to_device(self.collate(chunk, tokenizer, max_length), model_device(model))
+            output = model(**batch)
+            loss_sum += output.loss.item() * len(chunk)
+            predictions += output.logits.argmax(-1).tolist()
+            labels += batch["labels"].tolist()
+        correct = sum(p == y for p, y in zip(predictions, labels, strict=True))
+        return {
+            "loss": loss_sum / len(records),
+            "accuracy": correct / len(records),
+            "macro_f1": macro_f1(predictions, labels, len(label_names)),
+        }
+
+    @torch.no_grad()
+    def predict(self, model, inputs, tokenizer, *, max_length, label_names, max_new_tokens=64):
+        model.eval()
+        batch = tokenizer(
+            list(inputs), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
+        logits = model(**to_device(dict(batch), model_device(model))).logits
+        return [label_names[i] for i in logits.argmax(-1).tolist()]
+
+
+class TokenClassification(Task):
+    name = "token-classification"
+    primary = Metric("f1", higher_is_better=True)
+
+    def load_model(self, model_dir: Path, label_names, tokenizer) -> nn.Module:
+        return AutoModelForTokenClassification.from_pretrained(model_dir, **_label_maps(label_names))
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return _head(model)
+
+    def collate(self, records, tokenizer, max_length):
+        """Word-level tags go to each word's first sub-token; other sub-tokens and special tokens get -100."""
+        batch = tokenizer(
+            [r["tokens"] for r in records],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        labels = torch.full_like(batch["input_ids"], IGNORE)
+        for row, record in enumerate(records):
+            previous = None
+            for position, word in enumerate(batch.word_ids(row)):
+                if word is not None and word != previous:
+                    labels[row, position] = record["tags"][word]
+                previous = word
+        batch = dict(batch)
+        batch["labels"] = labels
+        return batch
+
+    @torch.no_grad()
+    def evaluate(self, model, records, tokenizer, *, batch_size, max_length, label_names):
+        model.eval()
+        gold, predicted, loss_sum = [], [], 0.0
+        for chunk in batches(records, batch_size):
+            batch = to_device(self.collate(chunk, tokenizer, max_length), model_device(model))
+            output = model(**batch)
+            loss_sum += output.loss.item() * len(chunk)
+            guesses = output.logits.argmax(-1)
+            for row in range(len(chunk)):
+                keep = batch["labels"][row] != IGNORE  # one position per (kept) word
+                gold.append([label_names[i] for i in batch["labels"][row][keep].tolist()])
+                predicted.append([label_names[i] for i in guesses[row][keep].tolist()])
+        return {
+            "loss": loss_sum / len(records),
+            "precision": precision_score(gold, predicted, zero_division=0),
+            "recall": recall_score(gold, predicted, zero_division=0),
+            "f1": f1_score(gold, predicted, zero_division=0),
+        }
+
+    @torch.no_grad()
+    def predict(self, model, inputs, tokenizer, *, max_length, label_names, max_new_tokens=64):
+        """Each input is a sentence; words are split on whitespace; one tag per word."""
+        model.eval()
+        words = [text.split() for text in inputs]
+        batch = tokenizer(
+            words,
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        guesses = model(**to_device(dict(batch), model_device(model))).logits.argmax(-1)
+        results = []
+        for row, sentence in enumerate(words):
+            tags, previous = {}, None
+            for position, word in enumerate(batch.word_ids(row)):
+                if word is not None and word != previous:
+                    tags[word] = label_names[guesses[row, position].item()]
+                previous = word
+            results.append([(w, tags.get(i, "O")) for i, w in enumerate(sentence)])
+        return results

@@ -1,0 +1,46 @@
+"""One process or several (``torchrun`` / ``accelerate launch``): rank, world size, and the few collective
+operations the loop needs. On CPU the gloo backend is used."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_environment() -> Distributed:
+        """Join the process group when a launcher set WORLD_SIZE > 1 (torchrun and accelerate both do)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return Distributed()
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's value, on every rank (a decision such as early stopping must be the same everywhere)."""
+        if self.world_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def shutdown(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

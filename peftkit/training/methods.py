@@ -1,0 +1,38 @@
+"""From a training config to the adapter config of the chosen method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from peftkit.config import AdapterConfig, ConfigError
+from peftkit.methods.bitfit import BitFitConfig
+from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.methods.full import FullFineTuningConfig
+from peftkit.methods.ia3 import IA3Config
+from peftkit.methods.layer_tuning import LayerTuningConfig
+from peftkit.methods.lora import LoraConfig
+from peftkit.training.config import TrainConfig
+
+# name -> (training config, modules a task head adds) -> adapter config
+METHOD_BUILDERS: dict[str, Callable[[TrainConfig, list[str]], AdapterConfig]] = {
+    "lora": lambda c, heads: LoraConfig(
+        r=c.r,
+        alpha=c.alpha,
+        dropout=c.dropout,
+        target_modules=c.target_modules,
+        modules_to_save=heads or None,
+    ),
+    "ia3": lambda c, heads: IA3Config(target_modules=c.target_modules, modules_to_save=heads or None),
+    "bitfit": lambda c, heads: BitFitConfig(modules_to_save=heads or None),
+    "layer_tuning": lambda c, heads: LayerTuningConfig(top_k=c.top_k, modules_to_save=heads or None),
+    "bottleneck": lambda c, heads: BottleneckConfig(
+        placement=c.placement, bottleneck_size=c.bottleneck_size, modules_to_save=heads or None
+    ),
+    "full": lambda c, heads: FullFineTuningConfig(),
+}
+
+
+def adapter_config_for(config: TrainConfig, heads: list[str]) -> AdapterConfig:
+    if config.method not in METHOD_BUILDERS:
+        raise ConfigError(f"`method` must be one of {sorted(METHOD_BUILDERS)}, got {config.method!r}")
+    return METHOD_BUILDERS[config.method](config, heads)
