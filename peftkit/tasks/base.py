@@ -28,6 +28,8 @@ class Task:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; padding rows need one
             tokenizer.pad_token = tokenizer.eos_token
+        # Every task feeds one segment per row: ids and mask only (decoders refuse BERT's token_type_ids).
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
         return tokenizer
 
     def load_model(self, model_dir: Path, label_names: Sequence[str] | None, tokenizer) -> nn.Module:

@@ -26,7 +26,7 @@ class TrainConfig:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.1
-    target_modules: str | list[str] | None = None
+    target_modules: str | list[str] | None = "all-linear"  # None: the architecture's default
     top_k: int = 2
     placement: str = "pfeiffer"
     bottleneck_size: int = 32
@@ -35,18 +35,18 @@ class TrainConfig:
     max_steps: int | None = 150
     batch_size: int = 16
     gradient_accumulation: int = 1
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
-    max_length: int = 64
+    max_length: int = 48
     bf16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
     # evaluation, checkpoints, output
     eval_every: int = 50
     eval_batch_size: int = 64
-    eval_limit: int | None = 500  # validation records per evaluation (None: all)
+    eval_limit: int | None = 300  # validation records per evaluation (None: all)
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     save_every: int = 50
     output_dir: str = "runs/train"
