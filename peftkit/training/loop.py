@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
 
 from peftkit.accounting import format_bytes
 from peftkit.checkpoint import WEIGHTS_NAME
@@ -71,6 +72,16 @@ class TrainResult:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -114,7 +125,8 @@ def train(config: TrainConfig, log=print) -> TrainResult:
         )
     model_dir = resolve_model(config.model, log=say)
     tokenizer = task.load_tokenizer(model_dir)
-    base = task.load_model(model_dir, splits.label_names, tokenizer)
+    with quiet_transformers():  # its load report lists the fresh task head, which the adapter trains in full
+        base = task.load_model(model_dir, splits.label_names, tokenizer)
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(base, adapter_config_for(config, task.head_modules(base)))
@@ -297,7 +309,8 @@ def load_run(run_dir: str | Path):
     task = TASKS[labels["task"]]
     model_dir = resolve_model(config.model)
     tokenizer = task.load_tokenizer(model_dir)
-    base = task.load_model(model_dir, labels["label_names"], tokenizer)
+    with quiet_transformers():
+        base = task.load_model(model_dir, labels["label_names"], tokenizer)
     return (
         config,
         task,
