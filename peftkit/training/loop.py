@@ -130,9 +130,10 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(base, adapter_config_for(config, task.head_modules(base)))
-    say(
-        f"{config.method} on {config.model} ({splits.task}, {splits.source}): {model.trainable_parameters().summary()}"
-    )
+    sizes = ", ".join(f"{k} {v:,}" for k, v in splits.sizes().items())
+    limited = f"; the first {config.limit:,} of a seeded shuffle (--limit none: all)" if config.limit else ""
+    say(f"data: {splits.source} ({splits.task}): {sizes}{limited}")
+    say(f"{config.method} on {config.model}: {model.trainable_parameters().summary()}")
 
     checkpoint = run_state.find_checkpoint(run_dir) if config.resume else None
     if (
