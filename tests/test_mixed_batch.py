@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from peftkit import BASE_ROW, AdapterError, LoraConfig, get_peft_model
+from peftkit import BASE_ROW, AdapterError, BottleneckConfig, IA3Config, LoraConfig, get_peft_model
 from tests.tiny_models import TINY_MODELS, run
 
-SETUPS = {
-    "bert": [
+SETUPS = {  # case -> (tiny model, first adapter, second adapter)
+    "lora-bert-heads": (
+        "bert",
         LoraConfig(
             r=4,
             init="random",
@@ -15,24 +16,41 @@ SETUPS = {
             modules_to_save=["classifier"],
         ),
         LoraConfig(r=2, init="random", target_modules=["key", "dense"], modules_to_save=["classifier"]),
-    ],
-    "gpt2": [LoraConfig(r=4, init="random"), LoraConfig(r=8, init="random", target_modules=["c_fc", "wte"])],
-    "llama": [
+    ),
+    "lora-gpt2": (
+        "gpt2",
+        LoraConfig(r=4, init="random"),
+        LoraConfig(r=8, init="random", target_modules=["c_fc", "wte"]),
+    ),
+    "lora-llama": (
+        "llama",
         LoraConfig(r=4, init="random", target_modules="all-linear"),
         LoraConfig(r=2, init="random", alpha=7),
-    ],
-    "t5": [LoraConfig(r=4, init="random"), LoraConfig(r=6, init="random", target_modules=["wo", "shared"])],
-    "mlp": [
+    ),
+    "lora-t5": (
+        "t5",
+        LoraConfig(r=4, init="random"),
+        LoraConfig(r=6, init="random", target_modules=["wo", "shared"]),
+    ),
+    "lora-mlp": (
+        "mlp",
         LoraConfig(r=4, init="random", target_modules=["0"]),
         LoraConfig(r=3, init="random", target_modules=["0", "4"]),
-    ],
+    ),
+    "ia3-gpt2": ("gpt2", IA3Config(init="random"), IA3Config(init="random")),
+    "bottleneck-t5": (
+        "t5",
+        BottleneckConfig(bottleneck_size=4, init="random"),
+        BottleneckConfig(placement="parallel", bottleneck_size=2, init="random"),
+    ),
+    "lora-and-ia3-llama": ("llama", LoraConfig(r=4, init="random"), IA3Config(init="random")),
 }
 
 
-@pytest.mark.parametrize("model_name", sorted(SETUPS))
-def test_mixed_batch_equals_each_adapter_alone(model_name):
+@pytest.mark.parametrize("case", sorted(SETUPS))
+def test_mixed_batch_equals_each_adapter_alone(case):
+    model_name, first, second = SETUPS[case]
     tiny = TINY_MODELS[model_name]
-    first, second = SETUPS[model_name]
     model = get_peft_model(tiny.build(), first, adapter_name="a")
     model.add_adapter("b", second)
     batch = tiny.batch()

@@ -10,7 +10,6 @@ from transformers import BertConfig, BertModel
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import (
-    BASE_ROW,
     AdapterError,
     BitFitConfig,
     BottleneckConfig,
@@ -168,22 +167,6 @@ def test_placements_and_sizes(placement, per_layer):
     assert all(m.adapters["default"].down.out_features == 32 // 8 for m in layers)
 
 
-def test_bottleneck_mixed_batch_equals_each_adapter_alone():
-    tiny = TINY_MODELS["t5"]
-    model = get_peft_model(tiny.build(), BottleneckConfig(bottleneck_size=4, init="random"), adapter_name="a")
-    model.add_adapter("b", BottleneckConfig(placement="parallel", bottleneck_size=2, init="random"))
-    batch = tiny.batch()
-    rows = ["b", "a", BASE_ROW]
-    mixed = run(model, tiny, batch, adapter_names=rows)
-    single = {"a": run(model, tiny, batch)}
-    model.set_adapter("b")
-    single["b"] = run(model, tiny, batch)
-    with model.disable_adapter():
-        single[BASE_ROW] = run(model, tiny, batch)
-    for row, name in enumerate(rows):
-        torch.testing.assert_close(mixed[row], single[name][row], rtol=1e-5, atol=1e-6)
-
-
 def test_bottleneck_config_errors():
     with pytest.raises(
         ConfigError, match=r"`placement` must be one of \['houlsby', 'pfeiffer', 'parallel'\]"
@@ -290,19 +273,3 @@ def test_ia3_defaults_follow_the_paper():
         "bert.encoder.layer.0.output.dense",
         "bert.encoder.layer.1.output.dense",
     ]
-
-
-def test_ia3_mixed_batch_equals_each_adapter_alone():
-    tiny = TINY_MODELS["gpt2"]
-    model = get_peft_model(tiny.build(), IA3Config(init="random"), adapter_name="a")
-    model.add_adapter("b", IA3Config(init="random"))
-    batch = tiny.batch()
-    rows = ["a", BASE_ROW, "b"]
-    mixed = run(model, tiny, batch, adapter_names=rows)
-    single = {"a": run(model, tiny, batch)}
-    model.set_adapter("b")
-    single["b"] = run(model, tiny, batch)
-    with model.disable_adapter():
-        single[BASE_ROW] = run(model, tiny, batch)
-    for row, name in enumerate(rows):
-        torch.testing.assert_close(mixed[row], single[name][row], rtol=1e-5, atol=1e-6)
