@@ -42,7 +42,7 @@ class ParameterCount:
 def count_parameters(model: PeftModel) -> ParameterCount:
     added = added_parameter_ids(model.base_model)  # trained base biases stay part of the base model
     unique = {id(p): p for p in model.base_model.parameters()}  # tied weights counted once
-    base = sum(p.numel() for i, p in unique.items() if i not in added)
+    base = sum(logical_numel(p) for i, p in unique.items() if i not in added)
     trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
     tensors = model.adapter_state_dict(model.active_adapter) if model.active_adapter else {}
     return ParameterCount(
@@ -51,6 +51,13 @@ def count_parameters(model: PeftModel) -> ParameterCount:
         adapter=sum(t.numel() for t in tensors.values()),
         adapter_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
     )
+
+
+def logical_numel(parameter) -> int:
+    """Parameters a tensor stands for: a 4-bit weight is stored packed, two values a byte, and its
+    quantization state knows the real shape."""
+    state = getattr(parameter, "quant_state", None)
+    return state.shape.numel() if state is not None else parameter.numel()
 
 
 def format_bytes(size: int) -> str:

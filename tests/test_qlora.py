@@ -398,3 +398,13 @@ def test_paged_adamw_8bit_trains_the_adapters_on_cuda():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
+
+
+def test_accounting_counts_quantized_weights_by_their_real_shape():
+    from peftkit import LoraConfig, get_qlora_model
+    from tests.tiny_models import TINY_MODELS
+
+    tiny = TINY_MODELS["llama"]
+    full = sum(p.numel() for p in tiny.build().parameters())
+    model = get_qlora_model(tiny.build(), LoraConfig(r=4))
+    assert model.trainable_parameters().base == full

@@ -116,3 +116,14 @@ def test_yaml_settings_and_flags(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rte: 0.1\n")
     with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['learning_rte'\]"):
         TrainConfig.from_sources(tmp_path / "bad.yaml")
+
+
+def test_qlora_run_trains_a_plain_lora_adapter_on_a_4bit_base(root):
+    from peftkit.checkpoint import read_adapter
+
+    model = root / "llama" if (root / "llama").exists() else fx.tiny_llama(root / "llama")
+    _run(root, "qlora", model, fx.qa_jsonl(root / "qa.jsonl"), "causal-lm", method="qlora", max_steps=20)
+    losses = [e["loss"] for e in _log(root / "qlora") if e["kind"] == "train"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    config, tensors = read_adapter(root / "qlora" / "adapter")
+    assert config["peft_type"] == "LORA" and all(t.dtype == torch.float32 for t in tensors.values())

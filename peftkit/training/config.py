@@ -30,6 +30,7 @@ class TrainConfig:
     top_k: int = 2
     placement: str = "pfeiffer"
     bottleneck_size: int = 32
+    compute_dtype: str = "float32"  # qlora: the dtype 4-bit weights are de-quantized to, and the adapter's
     # optimisation
     epochs: float = 1.0
     max_steps: int | None = 150

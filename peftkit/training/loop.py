@@ -33,7 +33,7 @@ from peftkit.tasks import TASKS
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Distributed
-from peftkit.training.methods import adapter_config_for
+from peftkit.training.methods import adapter_config_for, prepare_base
 from peftkit.training.optim import build_optimizer, linear_schedule
 from peftkit.training.run_log import RunLog
 
@@ -127,6 +127,7 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     tokenizer = task.load_tokenizer(model_dir)
     with quiet_transformers():  # its load report lists the fresh task head, which the adapter trains in full
         base = task.load_model(model_dir, splits.label_names, tokenizer)
+    prepare_base(config, base)
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(base, adapter_config_for(config, task.head_modules(base)))
@@ -312,6 +313,7 @@ def load_run(run_dir: str | Path):
     tokenizer = task.load_tokenizer(model_dir)
     with quiet_transformers():
         base = task.load_model(model_dir, labels["label_names"], tokenizer)
+    prepare_base(config, base)  # a QLoRA adapter is evaluated on the 4-bit base it was trained on
     return (
         config,
         task,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+
 from peftkit.config import AdapterConfig, ConfigError
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.bottleneck import BottleneckConfig
@@ -29,7 +31,40 @@ METHOD_BUILDERS: dict[str, Callable[[TrainConfig, list[str]], AdapterConfig]] = 
         placement=c.placement, bottleneck_size=c.bottleneck_size, modules_to_save=heads or None
     ),
     "full": lambda c, heads: FullFineTuningConfig(),
+    # QLoRA: an ordinary LoRA adapter (its compute in `compute_dtype`) on a base quantized by prepare_base()
+    "qlora": lambda c, heads: LoraConfig(
+        r=c.r,
+        alpha=c.alpha,
+        dropout=c.dropout,
+        target_modules=c.target_modules,
+        modules_to_save=heads or None,
+        adapter_dtype=c.compute_dtype,
+    ),
 }
+
+
+def _quantize_base(config: TrainConfig, base: nn.Module) -> None:
+    """QLoRA (Dettmers et al. 2023): linear layers to 4-bit NF4 with double quantization (the output head and
+    embeddings stay in full precision), then norms in fp32 and input gradients on for checkpointing."""
+    from peftkit.quantization import (
+        QuantizationConfig,
+        is_quantized,
+        prepare_for_kbit_training,
+        quantize_model,
+    )
+
+    if not is_quantized(base):  # a model saved already quantized is used as it is
+        quantize_model(base, QuantizationConfig(compute_dtype=config.compute_dtype))
+    prepare_for_kbit_training(base, gradient_checkpointing=config.gradient_checkpointing)
+
+
+# name -> what the base model needs before the adapter is added
+BASE_PREPARATIONS: dict[str, Callable[[TrainConfig, nn.Module], None]] = {"qlora": _quantize_base}
+
+
+def prepare_base(config: TrainConfig, base: nn.Module) -> None:
+    if config.method in BASE_PREPARATIONS:
+        BASE_PREPARATIONS[config.method](config, base)
 
 
 def adapter_config_for(config: TrainConfig, heads: list[str]) -> AdapterConfig:

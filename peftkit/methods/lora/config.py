@@ -62,7 +62,7 @@ class LoraConfig(AdapterConfig):
         modules_to_save: modules trained in full and saved with the adapter (e.g. a fresh classifier head).
         init: ``default`` (A Kaiming-uniform, B zero), ``gaussian`` (A ~ N(0, 1/r), B zero) or ``random``
             (A and B both non-zero: the adapter changes the output from the start; for tests and analysis).
-        adapter_dtype: dtype of the A and B matrices of linear layers and of their compute: ``float32``,
+        adapter_dtype: dtype of the A and B matrices and of their compute: ``float32``,
             ``bfloat16`` or ``float16``; ``None`` follows the base layer (its weight's dtype, or for a 4-bit
             quantized layer its compute dtype). Not written to ``adapter_config.json`` (HF PEFT has no such
             field): a loaded adapter takes the default of the model it is loaded onto.

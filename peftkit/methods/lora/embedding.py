@@ -39,8 +39,9 @@ class LoraEmbedding(AdapterLayer):
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         weight = self.base_layer.weight
-        self.lora_embedding_A[name] = nn.Parameter(weight.new_empty(config.r, self.num_embeddings))
-        self.lora_embedding_B[name] = nn.Parameter(weight.new_empty(self.embedding_dim, config.r))
+        dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
+        self.lora_embedding_A[name] = nn.Parameter(weight.new_empty(config.r, self.num_embeddings, dtype=dtype))
+        self.lora_embedding_B[name] = nn.Parameter(weight.new_empty(self.embedding_dim, config.r, dtype=dtype))
         self.scaling[name] = config.scaling
         initialise(
             EMBEDDING_INITIALISERS,
