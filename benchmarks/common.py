@@ -46,10 +46,10 @@ class ModelSpec:
 @dataclass(frozen=True)
 class Size:
     vocab: int = 16000
-    hidden: int = 256
+    hidden: int = 384
     layers: int = 4
-    heads: int = 4
-    ffn: int = 1024
+    heads: int = 6
+    ffn: int = 1536
 
 
 SIZE = Size()

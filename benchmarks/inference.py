@@ -21,7 +21,7 @@ import torch
 
 from benchmarks import common
 
-ROUNDS, CALLS, WARMUP = 5, 4, 2
+ROUNDS, CALLS, WARMUP = 4, 3, 2
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import torch
 from benchmarks import common
 
 ADAPTERS = 16
-ROUNDS, CALLS, WARMUP = 4, 3, 2
+ROUNDS, CALLS, WARMUP = 3, 3, 1
 
 
 def main() -> None:

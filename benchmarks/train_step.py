@@ -24,7 +24,7 @@ import torch
 
 from benchmarks import common
 
-STEPS, WARMUP = 12, 3
+STEPS, WARMUP = 10, 2
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ class TrainConfig:
     task: str | None = None  # inferred for built-in datasets
     method: str = "lora"
     columns: dict[str, str] = field(default_factory=dict)  # e.g. {"text": "review", "label": "sentiment"}
-    limit: int | None = 4000  # records read before splitting (None: all)
+    limit: int | None = None  # records read before splitting (None: all)
     # method options (each method reads those it understands; see peftkit/training/methods.py)
     r: int = 8
     alpha: float = 16
@@ -33,7 +33,7 @@ class TrainConfig:
     compute_dtype: str = "float32"  # qlora: the dtype 4-bit weights are de-quantized to, and the adapter's
     # optimisation
     epochs: float = 1.0
-    max_steps: int | None = 150
+    max_steps: int | None = 400
     batch_size: int = 16
     gradient_accumulation: int = 1
     learning_rate: float = 2e-3
@@ -45,11 +45,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     # evaluation, checkpoints, output
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batch_size: int = 64
-    eval_limit: int | None = 300  # validation records per evaluation (None: all)
+    eval_limit: int | None = 500  # validation records per evaluation (None: all)
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
-    save_every: int = 50
+    save_every: int = 100
     output_dir: str = "runs/train"
     resume: bool = False
 
