@@ -40,8 +40,12 @@ class LoraEmbedding(AdapterLayer):
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         weight = self.base_layer.weight
         dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
-        self.lora_embedding_A[name] = nn.Parameter(weight.new_empty(config.r, self.num_embeddings, dtype=dtype))
-        self.lora_embedding_B[name] = nn.Parameter(weight.new_empty(self.embedding_dim, config.r, dtype=dtype))
+        self.lora_embedding_A[name] = nn.Parameter(
+            weight.new_empty(config.r, self.num_embeddings, dtype=dtype)
+        )
+        self.lora_embedding_B[name] = nn.Parameter(
+            weight.new_empty(self.embedding_dim, config.r, dtype=dtype)
+        )
         self.scaling[name] = config.scaling
         initialise(
             EMBEDDING_INITIALISERS,
@@ -118,7 +122,7 @@ class LoraEmbedding(AdapterLayer):
         if not present:
             return result
         routing.check_batch(tokens.shape[0], f"LoraEmbedding({self.num_embeddings}x{self.embedding_dim})")
-        stack_A, stack_B, scale = padded_stack(
+        stack_A, stack_B = padded_stack(
             routing.names,
             lambda n: (
                 (self.lora_embedding_A[n], self.lora_embedding_B[n], self.scaling[n])
@@ -128,9 +132,9 @@ class LoraEmbedding(AdapterLayer):
             a_shape=(self.num_embeddings,),
             b_shape=(self.embedding_dim,),
             like=self.lora_embedding_A[present[0]],
-        )  # (n, r_max, vocab), (n, dim, r_max), (n,)
+        )  # (n, r_max, vocab), (n, dim, r_max) with each B scaled by its s
         rows = routing.index
         flat = tokens.reshape(tokens.shape[0], -1)  # (batch, tokens)
         after_A = stack_A.transpose(1, 2)[rows[:, None], flat]  # (batch, tokens, r_max)
-        update = torch.bmm(after_A, stack_B[rows].transpose(1, 2)) * scale[rows].view(-1, 1, 1)
+        update = torch.bmm(after_A, stack_B[rows].transpose(1, 2))  # (batch, tokens, dim)
         return result + update.reshape(result.shape).to(result.dtype)

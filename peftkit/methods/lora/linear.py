@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -103,32 +104,70 @@ class LoraLinear(AdapterLayer):
         if self.routing is not None:
             return self._mixed_forward(x, result)
         name = self.active_adapter
-        if not self.runs(name):
+        if name is None or name not in self.lora_A or name in self.merged_adapters:  # the hot path: no list
             return result
-        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        x = x.to(lora_A.weight.dtype)
-        update = lora_B(lora_A(self.lora_dropout[name](x))) * self.scaling[name]
-        return result + update.to(result.dtype)
+        weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
+        if x.dtype != weight_A.dtype:
+            x = x.to(weight_A.dtype)
+        hidden = F.linear(self.lora_dropout[name](x), weight_A)  # (..., r)
+        return _add_scaled_product(result, hidden, weight_B.T, self.scaling[name])
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         routing = self.routing
-        present = [n for n in routing.names if self.runs(n)]
-        if not present:
+        stacks = self._stacks(routing.names)
+        if stacks is None:
             return result
+        stack_A, stack_B = stacks  # (n, r_max, in), (n, out, r_max) with each B already scaled by its s
         routing.check_batch(x.shape[0], f"LoraLinear({self.in_features}->{self.out_features})")
-        dtype = self.lora_A[present[0]].weight.dtype
-        stack_A, stack_B, scale = padded_stack(
-            routing.names,
+        rows = routing.index
+        xb = x.to(stack_A.dtype).reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
+        hidden = torch.bmm(xb, stack_A[rows].transpose(1, 2))  # (batch, tokens, r_max)
+        batched = result.reshape(x.shape[0], -1, self.out_features)  # (batch, tokens, out)
+        return _add_scaled_product(batched, hidden, stack_B[rows].transpose(1, 2), 1.0).reshape(result.shape)
+
+    def _stacks(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch's adapters stacked for gathering, rebuilt only when an adapter changed (parameters'
+        version counters move with every in-place update: optimizer steps, loads) or while they train."""
+        present = [n for n in names if self.runs(n)]
+        if not present:
+            return None
+        key = tuple(
+            (n, self.lora_A[n].weight._version, self.lora_B[n].weight._version, self.scaling[n])
+            if self.runs(n)
+            else n
+            for n in names
+        )
+        cached = self.__dict__.get("_stack_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        stack_A, stack_B = padded_stack(
+            names,
             lambda n: (
                 (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) if self.runs(n) else None
             ),
             a_shape=(self.in_features,),
             b_shape=(self.out_features,),
             like=self.lora_A[present[0]].weight,
-        )  # (n, r_max, in), (n, out, r_max), (n,)
-        rows = routing.index
-        xb = x.to(dtype).reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
-        hidden = torch.bmm(xb, stack_A[rows].transpose(1, 2))  # (batch, tokens, r_max)
-        update = torch.bmm(hidden, stack_B[rows].transpose(1, 2))  # (batch, tokens, out)
-        update = update * scale[rows].view(-1, 1, 1)
-        return result + update.reshape(result.shape).to(result.dtype)
+        )
+        if not (torch.is_grad_enabled() and stack_A.requires_grad):  # a graph must not outlive its step
+            self.__dict__["_stack_cache"] = (key, (stack_A, stack_B))
+        return stack_A, stack_B
+
+
+def _add_scaled_product(
+    result: torch.Tensor, hidden: torch.Tensor, right: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``result + scale · hidden @ right``, accumulated into ``result`` in one fused pass when it can be.
+
+    The base layer's output is fresh and its backward does not need it, so adding in place is safe for
+    autograd and saves a temporary and two passes over the (tokens x out) output: that is most of the cost
+    of an unmerged adapter beyond its two thin matmuls.
+    """
+    if result.dtype == hidden.dtype and result.is_contiguous():
+        if right.dim() == 2:  # (..., r) @ (r, out)
+            result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), right, alpha=scale)
+        else:  # batched: (batch, tokens, r) @ (batch, r, out)
+            result.baddbmm_(hidden, right, alpha=scale)
+        return result
+    product = hidden @ right if right.dim() == 3 else F.linear(hidden, right.T)
+    return result + (product * scale).to(result.dtype)
