@@ -38,7 +38,8 @@ class AdapterError(ValueError):
 
 
 class PeftModel(nn.Module):
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: AdapterConfig | None, adapter_name: str = "default") -> None:
+        """Wrap ``model`` (frozen) and, given a ``config``, add adapter ``adapter_name`` and make it active."""
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
@@ -50,8 +51,9 @@ class PeftModel(nn.Module):
         self._original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
         self.train(model.training)  # follow the base model's mode (eval() on a loaded model stays eval)
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
 
     # --- forward --------------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -215,11 +217,9 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
     ) -> PeftModel:
-        file_config, _ = checkpoint.read_adapter(directory)
-        config = method_for_file(file_config).from_file(file_config)
-        peft_model = cls(model, config, adapter_name)
-        # the adapter just built is replaced by the checked, loaded one (same name, same targets)
-        peft_model.delete_adapter(adapter_name)
+        """``model`` with the adapter saved in ``directory`` (peftkit or HF PEFT), active; frozen unless
+        ``is_trainable``."""
+        peft_model = cls(model, None)
         peft_model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
         peft_model.set_adapter(adapter_name)
         return peft_model
