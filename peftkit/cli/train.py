@@ -85,18 +85,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftkit.tasks import TASKS
     from peftkit.training.loop import train
 
-    config = config_from_args(args)
-    result = train(config)
-    if result.test_metrics:  # only the main process reports
-        task = TASKS[result_task(config, result)]
-        print("\n" + result.summary(task.primary.name))
+    result = train(config_from_args(args))
+    if result.test_metrics:  # only the main process evaluates and reports
+        print("\n" + result.summary())
     return 0
-
-
-def result_task(config: TrainConfig, result) -> str:
-    import json
-
-    return json.loads((result.output_dir / "labels.json").read_text())["task"]

@@ -50,9 +50,11 @@ class TrainResult:
     peak_memory_bytes: int
     steps: int
     output_dir: Path
+    primary_metric: str  # the task's headline metric (accuracy, f1, loss, rougeL)
     best_validation: dict[str, Any] = field(default_factory=dict)
 
-    def summary(self, primary: str) -> str:
+    def summary(self) -> str:
+        primary = self.primary_metric
         value = self.test_metrics.get(primary)
         rows = [
             (f"test {primary}", f"{value:.4f}" if isinstance(value, float) else str(value)),
@@ -266,6 +268,7 @@ def train(config: TrainConfig, log=print) -> TrainResult:
         peak_memory_bytes=peak_memory_bytes(),
         steps=progress.step,
         output_dir=run_dir,
+        primary_metric=task.primary.name,
         best_validation={"step": progress.best_step, task.primary.name: progress.best_metric},
     )
 
