@@ -47,6 +47,7 @@ class PeftModel(nn.Module):
         self._targets: dict[str, list[str]] = {}  # adapter -> wrapped module paths
         self._inference_only: set[str] = set()  # adapters loaded with is_trainable=False
         self._bank = ParameterBank()
+        self._adapters_enabled = True  # False inside disable_adapter()
         # unload() hands the model back with the trainable flags it came with
         self._original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -60,15 +61,23 @@ class PeftModel(nn.Module):
         """The base model's forward. With ``adapter_names`` (one per row; ``"__base__"`` for the base model
         alone) every row runs through its own adapter in a single pass."""
         if adapter_names is None:
-            return self.base_model(*args, **kwargs)
+            return self.base_model(*args, **self._prepared("prepare_inputs", kwargs))
         with self._mixed_batch(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
+            return self.base_model.generate(*args, **self._prepared("prepare_generation", kwargs))
         with self._mixed_batch(adapter_names):
             return self.base_model.generate(*args, **kwargs)
+
+    def _prepared(self, hook: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments as the active adapter's method wants them (most methods: unchanged)."""
+        name = self.active_adapter
+        if name is None or not self._adapters_enabled:
+            return kwargs
+        prepare = getattr(method_for_config(self.peft_config[name]), hook)
+        return kwargs if prepare is None else prepare(self.base_model, name, kwargs)
 
     @property
     def config(self) -> Any:
@@ -115,9 +124,11 @@ class PeftModel(nn.Module):
         """Inside the block the model is the base model exactly (adapters off, base values restored)."""
         self._check_not_merged("disable_adapter")
         self._apply_active(None)
+        self._adapters_enabled = False
         try:
             yield
         finally:
+            self._adapters_enabled = True
             self._apply_active(self.active_adapter)
 
     def delete_adapter(self, name: str) -> None:

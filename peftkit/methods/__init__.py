@@ -28,6 +28,11 @@ class Method:
     file_type: str
     to_file: Callable[[Any, list[str], nn.Module], dict[str, Any]]  # (config, wrapped paths, model)
     from_file: Callable[[dict[str, Any]], AdapterConfig]
+    # Methods that act on the model's inputs rather than its weights (prompt and prefix tuning) rewrite the
+    # forward / generate keyword arguments of the active adapter here: (base model, adapter name, kwargs)
+    # -> kwargs, e.g. extending the attention mask and labels over virtual tokens. None: inputs untouched.
+    prepare_inputs: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
+    prepare_generation: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
 
 
 METHODS: dict[str, Method] = {}
