@@ -11,6 +11,7 @@ from peftkit.methods.fusion import FusionConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.layer_tuning import LayerTuningConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.prompts import PromptTuningConfig
 from peftkit.model import AdapterError, PeftModel, get_peft_model
 from peftkit.qlora import get_qlora_model, paged_adamw_8bit
 from peftkit.quantization import (
@@ -38,6 +39,7 @@ __all__ = [
     "LoraConfig",
     "ParameterCount",
     "PeftModel",
+    "PromptTuningConfig",
     "QuantizationConfig",
     "dequantize_model",
     "get_peft_model",

@@ -89,4 +89,4 @@ def no_base_parameters(model: nn.Module, targets: list[str], config: Any) -> lis
 
 
 # Importing the method modules registers them.
-from peftkit.methods import bitfit, bottleneck, full, fusion, ia3, layer_tuning, lora  # noqa: E402, F401
+from peftkit.methods import bitfit, bottleneck, full, fusion, ia3, layer_tuning, lora, prompts  # noqa: E402, F401
