@@ -1,0 +1,98 @@
+"""``peftkit compare`` as a library call: plan the runs, run each in its own process, tabulate, chart."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit.config import ConfigError
+from peftkit.lab import machine
+from peftkit.lab.charts import write_charts
+from peftkit.lab.plan import RUNS_DIR, plan_runs
+from peftkit.lab.progress import ComparisonProgress
+from peftkit.lab.records import RunRecord, read_run
+from peftkit.lab.runner import launch
+from peftkit.lab.summary import MethodSummary, summarize
+from peftkit.lab.tables import JSON, write_tables
+from peftkit.training.config import TrainConfig
+
+
+@dataclass
+class Comparison:
+    rows: list[MethodSummary]  # one per method, in the order asked
+    runs: list[RunRecord]  # one per (method, seed)
+    files: list[Path]  # tables and charts written
+
+
+def run_comparison(
+    base: TrainConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    output_dir: str | Path,
+    method_settings: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    latency_batch: int = 16,
+    latency_repeats: int = 20,
+    timeout: float | None = None,
+    context: Mapping[str, Any] | None = None,
+) -> Comparison:
+    """Train every method with every seed on ``base``'s model, data and budget, each run in a process of its
+    own, and write ``results.{md,csv,json}`` and the charts into ``output_dir``.
+
+    A run that fails (bad settings, a method the model refuses, a crash) becomes a failed row with its error;
+    the comparison goes on. ``method_settings[method]`` overrides ``base`` for that method only (see
+    :func:`peftkit.lab.defaults.default_method_settings`)."""
+    if not methods or not seeds:
+        raise ConfigError("a comparison needs at least one method and one seed")
+    output_dir = Path(output_dir)
+    previous = [output_dir / JSON, output_dir / RUNS_DIR]
+    if any(p.exists() for p in previous):
+        if not overwrite:
+            raise ConfigError(
+                f"{output_dir} holds an earlier comparison: pass --overwrite, or another --output-dir"
+            )
+        shutil.rmtree(output_dir / RUNS_DIR, ignore_errors=True)
+    specs = plan_runs(base, methods, seeds, output_dir, method_settings)
+
+    progress = ComparisonProgress(specs, disable=not show_progress)
+    runs = []
+    try:
+        for index, spec in enumerate(specs):
+            progress.start(index, spec)
+            result = launch(
+                spec,
+                on_steps=lambda steps, i=index: progress.steps_done(i, steps),
+                latency_batch=latency_batch,
+                latency_repeats=latency_repeats,
+                timeout=timeout,
+            )
+            record = read_run(spec.method, spec.seed, spec.run_dir, result)
+            runs.append(record)
+            progress.finish(index, record.ok)
+    finally:
+        progress.close()
+
+    rows = summarize(runs)
+    length = f"{base.max_steps} steps" if base.max_steps else f"{base.epochs:g} epochs"
+    described = {
+        "model": base.model,
+        "dataset": base.dataset,
+        "task": base.task or "inferred from the dataset",
+        "methods": ", ".join(methods),
+        "seeds": ", ".join(str(s) for s in seeds),
+        "budget": f"{length} of batch {base.batch_size} x {base.gradient_accumulation} accumulation, "
+        f"max length {base.max_length}",
+        **(context or {}),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine.describe(),
+    }
+    title = f"{Path(base.model).name} on {Path(base.dataset).name}, {length}"  # a folder's name, not its path
+    files = write_tables(rows, runs, output_dir, described)
+    files += write_charts(rows, runs, output_dir, title)
+    return Comparison(rows, runs, files)

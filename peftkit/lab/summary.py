@@ -1,0 +1,80 @@
+"""One row per method: the runs of all seeds folded together."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from peftkit.lab.records import RunRecord
+
+
+@dataclass
+class MethodSummary:
+    method: str
+    status: str  # "ok", "failed", or "partial" (some seeds failed)
+    seeds: str  # e.g. "0,1,2"; the seeds whose runs succeeded
+    metric: str | None
+    metric_mean: float | None
+    metric_std: float | None  # sample standard deviation over seeds (None with one seed)
+    trainable: int | None
+    trainable_percent: float | None
+    adapter_params: int | None
+    adapter_bytes: int | None
+    peak_memory_bytes: int | None  # the largest over seeds
+    step_ms: float | None  # median over seeds of each run's median step
+    train_seconds: float | None  # mean over seeds; optimizer steps only
+    run_seconds: float | None  # mean over seeds; loading, training, evaluation and saving
+    latency_base_ms: float | None  # median over seeds
+    latency_unmerged_ms: float | None
+    latency_merged_ms: float | None  # None: the method cannot merge
+    learning_rate: float | None
+    error: str | None  # the first failed seed's error
+
+
+COLUMNS = list(MethodSummary.__dataclass_fields__)
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarize(records: list[RunRecord]) -> list[MethodSummary]:
+    """Rows in the order methods first appear in ``records``."""
+    methods = list(dict.fromkeys(r.method for r in records))
+    return [_summarize_method(m, [r for r in records if r.method == m]) for m in methods]
+
+
+def _summarize_method(method: str, runs: list[RunRecord]) -> MethodSummary:
+    good = [r for r in runs if r.ok]
+    failed = [r for r in runs if not r.ok]
+    status = "ok" if not failed else ("failed" if not good else "partial")
+    error = f"seed {failed[0].seed}: {failed[0].error}" if failed else None
+    values = [r.metric_value for r in good if r.metric_value is not None]
+    first = good[0] if good else None
+    return MethodSummary(
+        method=method,
+        status=status,
+        seeds=",".join(str(r.seed) for r in good),
+        metric=first.metric if first else None,
+        metric_mean=statistics.fmean(values) if values else None,
+        metric_std=statistics.stdev(values) if len(values) > 1 else None,
+        trainable=first.trainable if first else None,
+        trainable_percent=first.trainable_percent if first else None,
+        adapter_params=first.adapter_params if first else None,
+        adapter_bytes=first.adapter_bytes if first else None,
+        peak_memory_bytes=max((r.peak_memory_bytes for r in good if r.peak_memory_bytes), default=None),
+        step_ms=_median(r.step_ms for r in good),
+        train_seconds=_mean(r.train_seconds for r in good),
+        run_seconds=_mean(r.run_seconds for r in good),
+        latency_base_ms=_median(r.latency_base_ms for r in good),
+        latency_unmerged_ms=_median(r.latency_unmerged_ms for r in good),
+        latency_merged_ms=_median(r.latency_merged_ms for r in good),
+        learning_rate=first.learning_rate if first else None,
+        error=error,
+    )
