@@ -46,8 +46,10 @@ from peftkit.methods import Method, native_file_format, no_base_parameters, regi
 from peftkit.methods.prompts.virtual_tokens import (
     cached_length,
     extend_over_virtual_tokens,
+    generation_from_cache,
     input_embedding_path,
     is_encoder_decoder,
+    refuse_mixed_batch,
 )
 
 INIT_MODES = ("random", "vocab", "text")
@@ -168,12 +170,7 @@ class PromptEmbedding(AdapterLayer):
         return self.base_layer
 
     def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.routing is not None and set(self.routing.names) & set(self.prompt_embeddings):
-            raise ConfigError(
-                f"prompt-tuning adapters {sorted(set(self.routing.names) & set(self.prompt_embeddings))} "
-                "cannot join a mixed batch (adapter_names=...): their prompts enter through the inputs, "
-                "which a mixed batch leaves alone; run them with set_adapter()"
-            )
+        refuse_mixed_batch(self, self.prompt_embeddings, "prompt-tuning")
         return self.base_layer(input_ids, *args, **kwargs)
 
 
@@ -252,38 +249,10 @@ def prepare_generation(model: nn.Module, name: str, kwargs: dict[str, Any]) -> d
         kwargs = prepare_inputs(model, name, kwargs)
         layer.ensemble_pending = None
         return kwargs
-    if kwargs.get("use_cache") is False:
-        raise ConfigError(
-            "prompt tuning's generate() puts the prompt in the KV cache; `use_cache`=False is not supported"
-        )
-    kwargs = dict(kwargs)
     n = prompts.shape[1]
-    if cached_length(kwargs) > 0:  # continuing from a cache that already holds the prompt
-        return extend_over_virtual_tokens(model, kwargs, n, starts=False)
-    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-    if ids is None and embeds is None:
-        raise ConfigError(
-            "prompt tuning's generate() needs `input_ids=` (or `inputs_embeds=`) as a keyword argument"
-        )
-    real = embeds if embeds is not None else ids
-    batch, length = real.shape[:2]
-    if kwargs.get("attention_mask") is None:
-        kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=real.device)
-    kwargs = extend_over_virtual_tokens(model, kwargs, n, starts=True)
-    if embeds is not None:  # generate() skips the cached length of inputs_embeds: the prompt fills it
-        kwargs["inputs_embeds"] = torch.cat(
-            [prompts[0].expand(batch, -1, -1).to(embeds.dtype), embeds], dim=1
-        )
-    kwargs["past_key_values"] = _prompt_cache(model, prompts[0], batch * _rows_per_input(model, kwargs))
-    return kwargs
-
-
-def _rows_per_input(model: nn.Module, kwargs: dict[str, Any]) -> int:
-    """How many rows generate() makes of each input (beams, returned sequences): the cache must match."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
-    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
-    return max(beams, returned)
+    return generation_from_cache(
+        model, kwargs, n, prompts[0], lambda rows: _prompt_cache(model, prompts[0], rows)
+    )
 
 
 def _prompt_cache(model: nn.Module, prompt: torch.Tensor, rows: int):

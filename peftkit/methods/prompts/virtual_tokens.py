@@ -22,6 +22,7 @@ is repeated ``k`` times, prompt-major (rows ``i*B .. (i+1)*B - 1`` carry prompt 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -127,3 +128,54 @@ def extend_over_virtual_tokens(
             if isinstance(value, torch.Tensor) and value.dim() >= 1:
                 kwargs[key] = value.repeat(copies, *([1] * (value.dim() - 1)))
     return kwargs
+
+
+def refuse_mixed_batch(layer: Any, own: Any, method: str) -> None:
+    """Virtual tokens enter through the inputs, which a mixed batch (``adapter_names=``) leaves alone: a row
+    routed to such an adapter would silently run as the base model, so it is refused."""
+    names = sorted(set(layer.routing.names) & set(own)) if layer.routing is not None else []
+    if names:
+        raise ConfigError(
+            f"{method} adapters {names} cannot join a mixed batch (adapter_names=...): their virtual tokens "
+            "enter through the inputs, which a mixed batch leaves alone; run them with set_adapter()"
+        )
+
+
+def generation_from_cache(
+    model: nn.Module, kwargs: dict[str, Any], n: int, filler: torch.Tensor, make_cache: Callable[[int], Any]
+) -> dict[str, Any]:
+    """``generate()`` keyword arguments for a decoder whose ``n`` virtual tokens sit in the KV cache.
+
+    ``make_cache(rows)`` builds the cache holding them, one row per sequence generate() decodes. The
+    attention mask grows by ``n`` ones in front; generate() then derives every position from it. Given
+    ``inputs_embeds``, generate() skips as many leading embeddings as the cache holds, so ``filler`` (n, d)
+    is put in front of them (the prompt itself, or anything for prefixes)."""
+    if kwargs.get("use_cache") is False:
+        raise ConfigError(
+            "virtual tokens reach generate() through the KV cache; `use_cache`=False is not supported"
+        )
+    if cached_length(kwargs) > 0:  # continuing from a cache that already holds the virtual tokens
+        return extend_over_virtual_tokens(model, kwargs, n, starts=False)
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if ids is None and embeds is None:
+        raise ConfigError(
+            "generate() with virtual tokens needs `input_ids=` (or `inputs_embeds=`) as a keyword argument"
+        )
+    kwargs = dict(kwargs)
+    real = embeds if embeds is not None else ids
+    batch, length = real.shape[:2]
+    if kwargs.get("attention_mask") is None:
+        kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=real.device)
+    kwargs = extend_over_virtual_tokens(model, kwargs, n, starts=False)
+    if embeds is not None:
+        kwargs["inputs_embeds"] = torch.cat([filler.expand(batch, -1, -1).to(embeds.dtype), embeds], dim=1)
+    kwargs["past_key_values"] = make_cache(batch * rows_per_input(model, kwargs))
+    return kwargs
+
+
+def rows_per_input(model: nn.Module, kwargs: dict[str, Any]) -> int:
+    """How many rows generate() makes of each input (beams, returned sequences): the cache must match."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
+    return max(beams, returned)

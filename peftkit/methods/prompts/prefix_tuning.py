@@ -1,0 +1,302 @@
+"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190): learned keys and values in front of every layer's
+attention.
+
+For layer ``l`` with learned ``P_K^l, P_V^l`` (heads, n, head_dim) and the layer's own keys and values of
+the ``L`` real tokens, each head attends over ``n + L`` positions:
+
+    softmax(q [P_K^l ; K]^T / sqrt(d)) [P_V^l ; V]
+
+No weight changes and no input token is added: the prefixes reach the model as an already filled KV cache
+(``past_key_values``), the attention mask grows by ``n`` ones in front and the real tokens sit at positions
+``n .. n + L - 1`` (what the model derives from a cache of ``n``, and what generate() derives from the mask).
+Stored per adapter: ``prefix`` (layers, 2, kv_heads, n, head_dim) [keys, values]; an encoder-decoder also
+has ``cross_prefix`` for the decoder's cross-attention (over the ``n`` prefixes and the encoder output).
+
+Reparameterization (Li & Liang §4.3): training ``P`` directly is unstable, so with ``projection_size`` set
+the prefix is an MLP of a smaller matrix, ``P = W_2 tanh(W_1 P' + b_1) + b_2`` with ``P'`` (n, hidden).
+Only ``P`` is needed afterwards: the checkpoint holds the folded prefix, and a loaded adapter keeps the
+prefix tensors alone (training it further trains them directly).
+
+Where the prefix goes, by architecture:
+- decoders (GPT-2, LLaMA, ...): every self-attention layer;
+- BERT-style encoders: every self-attention layer (the encoder reads a passed cache);
+- T5: the decoder's self-attention and cross-attention. transformers' T5 encoder drops any cache it is
+  given ("do not pass cache object down the line for encoder stack"), so the encoder gets no prefix; the
+  encoder is run first, unchanged, and its output is what the cross-attention prefix extends.
+Gradient checkpointing in transformers drops ``past_key_values`` in training, which would silently drop the
+prefix: with checkpointing on, training is refused with an error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
+from peftkit.layer import AdapterLayer, find_or_wrap
+from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
+from peftkit.methods.prompts.virtual_tokens import (
+    cached_length,
+    extend_over_virtual_tokens,
+    generation_from_cache,
+    input_embedding_path,
+    is_encoder_decoder,
+    refuse_mixed_batch,
+    rows_per_input,
+)
+
+
+@register_config
+@dataclass(frozen=True)
+class PrefixTuningConfig(AdapterConfig):
+    """Fields:
+    num_virtual_tokens: prefix length ``n`` (per layer).
+    projection_size: hidden size of the reparameterization MLP (``None``: train the prefix directly).
+    modules_to_save: modules trained in full next to the prefix (a fresh classification head).
+    """
+
+    method: ClassVar[str] = "prefix_tuning"
+
+    num_virtual_tokens: int = 20
+    projection_size: int | None = None
+    modules_to_save: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        if self.projection_size is not None:
+            check_positive_int("projection_size", self.projection_size)
+        self._set(
+            "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
+        )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape of one layer's keys/values, and whether the model has cross-attention to prefix as well."""
+
+    layers: int
+    heads: int  # key/value heads
+    head_dim: int
+    cross: bool
+
+    def shape(self, n: int) -> tuple[int, ...]:
+        return (self.layers, 2, self.heads, n, self.head_dim)
+
+
+def geometry(model: nn.Module) -> Geometry:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError(f"{type(model).__name__} has no transformers config; prefix tuning needs one")
+    if is_encoder_decoder(model):
+        layers = getattr(config, "num_decoder_layers", None) or config.num_layers
+        heads = config.num_heads
+        head_dim = getattr(config, "d_kv", None) or config.d_model // heads
+        return Geometry(layers, heads, head_dim, cross=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Geometry(config.num_hidden_layers, kv_heads, head_dim, cross=False)
+
+
+class PrefixEncoder(nn.Module):
+    """One adapter's prefixes: trained directly, or through the reparameterization MLP until folded."""
+
+    def __init__(self, config: PrefixTuningConfig, shapes: dict[str, tuple[int, ...]], like: torch.Tensor):
+        super().__init__()
+        self.shapes = shapes
+        n = config.num_virtual_tokens
+        factory = {"dtype": like.dtype, "device": like.device}
+        if config.projection_size is None:
+            self.prefixes = nn.ParameterDict(
+                {key: nn.Parameter(torch.randn(shape, **factory)) for key, shape in shapes.items()}
+            )
+            self.mlp = None
+        else:
+            out = sum(math.prod(shape) for shape in shapes.values()) // n
+            hidden = like.shape[1]
+            self.prefixes = nn.ParameterDict()
+            self.prompt = nn.Parameter(torch.randn(n, hidden, **factory))  # P' (n, hidden)
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden, config.projection_size), nn.Tanh(), nn.Linear(config.projection_size, out)
+            ).to(**factory)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        if self.mlp is None:
+            return dict(self.prefixes)
+        flat = self.mlp(self.prompt)  # (n, sum of layers·2·heads·head_dim)
+        result, start = {}, 0
+        for key, shape in self.shapes.items():
+            layers, two, heads, n, head_dim = shape
+            width = layers * two * heads * head_dim
+            part = flat[:, start : start + width].reshape(n, layers, two, heads, head_dim)
+            result[key] = part.permute(1, 2, 3, 0, 4)  # (layers, 2, heads, n, head_dim)
+            start += width
+        return result
+
+    def fold(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep only the final prefixes (given), dropping the MLP and ``P'``."""
+        self.prefixes = nn.ParameterDict({k: nn.Parameter(t.detach().clone()) for k, t in tensors.items()})
+        self.mlp = None
+        self.prompt = None
+
+
+class PrefixStore(AdapterLayer):
+    """Wraps the model's input embedding (its output unchanged) and holds each adapter's prefixes; they enter
+    through :func:`prepare_inputs` as a filled cache."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.encoders = nn.ModuleDict()
+
+    def base(self) -> nn.Module:
+        return self.base_layer
+
+    def adapter_names(self) -> list[str]:
+        return list(self.encoders.keys())
+
+    def add_adapter(self, name: str, config: PrefixTuningConfig, shape: Geometry) -> None:
+        shapes = {"prefix": shape.shape(config.num_virtual_tokens)}
+        if shape.cross:
+            shapes["cross_prefix"] = shape.shape(config.num_virtual_tokens)
+        self.encoders[name] = PrefixEncoder(config, shapes, self.base_layer.weight)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.encoders[name]
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        yield from self.encoders[name].parameters()
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The final prefixes (through the MLP when reparameterized): what inference needs, nothing more."""
+        return {key: value for key, value in self.encoders[name].values().items()}
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.encoders[name].fold({key: tensors[key] for key in self.encoders[name].shapes})
+
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        refuse_mixed_batch(self, self.encoders, "prefix-tuning")
+        return self.base_layer(input_ids, *args, **kwargs)
+
+
+def _store(model: nn.Module) -> PrefixStore:
+    module = model.get_input_embeddings()
+    while not isinstance(module, PrefixStore):
+        if not isinstance(module, AdapterLayer):
+            raise ConfigError(f"{type(model).__name__}'s input embedding carries no prefix-tuning adapter")
+        module = module.base()
+    return module
+
+
+def _inject(model: nn.Module, name: str, config: PrefixTuningConfig) -> list[str]:
+    shape = geometry(model)
+    path = input_embedding_path(model)
+    layer = find_or_wrap(model, path, PrefixStore, PrefixStore)
+    layer.add_adapter(name, config, shape)
+    return [path]
+
+
+def _fill(cache: Any, prefix: torch.Tensor, rows: int) -> None:
+    """Append ``prefix`` (layers, 2, heads, n, head_dim) to ``cache``, the same for each of ``rows``."""
+    for index in range(prefix.shape[0]):
+        keys, values = prefix[index]  # (heads, n, head_dim) each
+        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+
+
+def _cache(model: nn.Module, prefixes: dict[str, torch.Tensor], rows: int, into: Any = None) -> Any:
+    if is_encoder_decoder(model):
+        cache = into or EncoderDecoderCache(
+            DynamicCache(config=model.config), DynamicCache(config=model.config)
+        )
+        _fill(cache.self_attention_cache, prefixes["prefix"], rows)
+        _fill(cache.cross_attention_cache, prefixes["cross_prefix"], rows)
+        return cache
+    cache = into or DynamicCache(config=model.config)
+    _fill(cache, prefixes["prefix"], rows)
+    return cache
+
+
+def prepare_inputs(model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Forward keyword arguments with the prefixes in a cache and the mask / positions extended over them."""
+    if model.training and getattr(model, "is_activation_checkpointing", False):
+        raise ConfigError(
+            "prefix tuning cannot train with gradient checkpointing: transformers drops `past_key_values` in "
+            "checkpointed layers, which would drop the prefixes; call gradient_checkpointing_disable()"
+        )
+    encoder = _store(model).encoders[name]
+    n = next(iter(encoder.shapes.values()))[3]
+    kwargs = dict(kwargs)
+    if cached_length(kwargs) > 0:  # decoding with a cache that already holds the prefixes
+        return extend_over_virtual_tokens(model, kwargs, n, starts=False)
+    if is_encoder_decoder(model) and kwargs.get("encoder_outputs") is None:
+        # the encoder gets no prefix (see the module doc): run it now, with the user's own mask
+        inputs = {k: kwargs.pop(k) for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None}
+        kwargs["encoder_outputs"] = model.get_encoder()(**inputs, attention_mask=kwargs.get("attention_mask"))
+    rows = _rows(kwargs)
+    kwargs = extend_over_virtual_tokens(model, kwargs, n, starts=False)
+    if is_encoder_decoder(model) and kwargs.get("attention_mask") is None:
+        encoded = kwargs["encoder_outputs"][0]
+        kwargs["attention_mask"] = torch.ones(
+            rows, n + encoded.shape[1], dtype=torch.long, device=encoded.device
+        )
+    kwargs["past_key_values"] = _cache(model, encoder.values(), rows, into=kwargs.get("past_key_values"))
+    return kwargs
+
+
+def _rows(kwargs: dict[str, Any]) -> int:
+    for key in (
+        "input_ids",
+        "inputs_embeds",
+        "decoder_input_ids",
+        "decoder_inputs_embeds",
+        "encoder_outputs",
+    ):
+        value = kwargs.get(key)
+        if value is not None:
+            return (value[0] if key == "encoder_outputs" else value).shape[0]
+    raise ConfigError("prefix tuning needs `input_ids` or `inputs_embeds` as keyword arguments")
+
+
+def prepare_generation(model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate()`` keyword arguments: the prefixes in the cache it starts from."""
+    encoder = _store(model).encoders[name]
+    prefixes = encoder.values()
+    n = prefixes["prefix"].shape[3]
+    if not is_encoder_decoder(model):
+        filler = prefixes["prefix"].new_zeros(n, model.get_input_embeddings().weight.shape[1])
+        return generation_from_cache(model, kwargs, n, filler, lambda rows: _cache(model, prefixes, rows))
+    kwargs = dict(kwargs)
+    if kwargs.get("encoder_outputs") is None:
+        inputs = {k: kwargs.pop(k) for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None}
+        if not inputs:
+            raise ConfigError(
+                "prefix tuning's generate() needs `input_ids=` (or `inputs_embeds=`) as a keyword argument"
+            )
+        kwargs["encoder_outputs"] = model.get_encoder()(**inputs, attention_mask=kwargs.get("attention_mask"))
+    encoded = kwargs["encoder_outputs"][0]  # (B, L, d)
+    batch, length = encoded.shape[:2]
+    if kwargs.get("attention_mask") is None:
+        kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=encoded.device)
+    kwargs = extend_over_virtual_tokens(model, kwargs, n, starts=False)
+    rows = batch * rows_per_input(model, kwargs)
+    kwargs["past_key_values"] = _cache(model, prefixes, rows)
+    return kwargs
+
+
+register_method(
+    Method(
+        name="prefix_tuning",
+        config_class=PrefixTuningConfig,
+        inject=_inject,
+        trained_base_parameters=no_base_parameters,
+        prepare_inputs=prepare_inputs,
+        prepare_generation=prepare_generation,
+        **native_file_format("PEFTKIT_PREFIX_TUNING", PrefixTuningConfig),
+    )
+)
