@@ -67,6 +67,10 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
+            if (
+                args and "input_ids" not in kwargs
+            ):  # generate(ids): methods that extend the input need it named
+                kwargs, args = {"input_ids": args[0], **kwargs}, args[1:]
             return self.base_model.generate(*args, **self._prepared("prepare_generation", kwargs))
         with self._mixed_batch(adapter_names):
             return self.base_model.generate(*args, **kwargs)

@@ -127,3 +127,24 @@ def test_qlora_run_trains_a_plain_lora_adapter_on_a_4bit_base(root):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     config, tensors = read_adapter(root / "qlora" / "adapter")
     assert config["peft_type"] == "LORA" and all(t.dtype == torch.float32 for t in tensors.values())
+
+
+@pytest.mark.parametrize(
+    ("method", "task"),
+    [
+        ("prompt_tuning", "token-classification"),
+        ("prefix_tuning", "causal-lm"),
+        ("prompt_tuning", "causal-lm"),
+    ],
+)
+def test_prompt_methods_train_through_the_pipeline(root, method, task):
+    if task == "token-classification":
+        model, data = fx.tiny_bert(root / f"bert-{method}"), fx.ner_jsonl(root / "ner.jsonl")
+    else:
+        model = root / "llama" if (root / "llama").exists() else fx.tiny_llama(root / "llama")
+        data = fx.qa_jsonl(root / "qa.jsonl")
+    name = f"{method}-{task}"
+    result = _run(root, name, model, data, task, method=method, num_virtual_tokens=4, max_steps=15)
+    losses = [e["loss"] for e in _log(root / name) if e["kind"] == "train"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert result.test_metrics  # evaluation lines up the virtual tokens (token tags, generations)

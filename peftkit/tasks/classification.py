@@ -28,6 +28,11 @@ def _label_maps(label_names: Sequence[str]) -> dict:
     }
 
 
+def real_positions(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token logits of the input's own tokens: a prompt method puts its virtual tokens first."""
+    return logits[:, logits.shape[1] - input_ids.shape[1] :]
+
+
 def macro_f1(predictions: list[int], labels: list[int], num_labels: int) -> float:
     """Mean over classes of F1 = 2PR / (P + R); a class never predicted nor present counts as 0."""
     scores = []
@@ -128,7 +133,7 @@ class TokenClassification(Task):
             batch = to_device(self.collate(chunk, tokenizer, max_length), model_device(model))
             output = model(**batch)
             loss_sum += output.loss.item() * len(chunk)
-            guesses = output.logits.argmax(-1)
+            guesses = real_positions(output.logits, batch["input_ids"]).argmax(-1)
             for row in range(len(chunk)):
                 keep = batch["labels"][row] != IGNORE  # one position per (kept) word
                 gold.append([label_names[i] for i in batch["labels"][row][keep].tolist()])
@@ -153,7 +158,8 @@ class TokenClassification(Task):
             padding=True,
             return_tensors="pt",
         )
-        guesses = model(**to_device(dict(batch), model_device(model))).logits.argmax(-1)
+        logits = model(**to_device(dict(batch), model_device(model))).logits
+        guesses = real_positions(logits, batch["input_ids"]).argmax(-1)
         results = []
         for row, sentence in enumerate(words):
             tags, previous = {}, None

@@ -13,6 +13,7 @@ from peftkit.methods.full import FullFineTuningConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.layer_tuning import LayerTuningConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.prompts import PrefixTuningConfig, PromptTuningConfig
 from peftkit.training.config import TrainConfig
 
 # name -> (training config, modules a task head adds) -> adapter config
@@ -31,6 +32,12 @@ METHOD_BUILDERS: dict[str, Callable[[TrainConfig, list[str]], AdapterConfig]] = 
         placement=c.placement, bottleneck_size=c.bottleneck_size, modules_to_save=heads or None
     ),
     "full": lambda c, heads: FullFineTuningConfig(),
+    "prompt_tuning": lambda c, heads: PromptTuningConfig(
+        num_virtual_tokens=c.num_virtual_tokens, init="vocab", modules_to_save=heads or None
+    ),
+    "prefix_tuning": lambda c, heads: PrefixTuningConfig(
+        num_virtual_tokens=c.num_virtual_tokens, modules_to_save=heads or None
+    ),
     # QLoRA: an ordinary LoRA adapter (its compute in `compute_dtype`) on a base quantized by prepare_base()
     "qlora": lambda c, heads: LoraConfig(
         r=c.r,
