@@ -135,16 +135,23 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
+def wrapper_in_chain(module: nn.Module, wrapper: type[AdapterLayer]) -> AdapterLayer | None:
+    """The ``wrapper`` among ``module`` and the adapter layers it wraps, if there is one."""
+    while isinstance(module, AdapterLayer):
+        if isinstance(module, wrapper):
+            return module
+        module = module.base()
+    return None
+
+
 def find_or_wrap(model: nn.Module, path: str, wrapper: type[AdapterLayer], make) -> AdapterLayer:
     """The ``wrapper`` already somewhere in the chain of wrappers at ``path``, or a new one (``make(module)``)
     put around the outermost, so that every method keeps one wrapper per layer however many adapters it adds."""
 
     outer = model.get_submodule(path)
-    module = outer
-    while isinstance(module, AdapterLayer):
-        if isinstance(module, wrapper):
-            return module
-        module = module.base()
+    found = wrapper_in_chain(outer, wrapper)
+    if found is not None:
+        return found
     new = make(outer)
     replace_module(model, path, new)
     return new

@@ -18,30 +18,13 @@ from peftkit import (
     get_peft_model,
 )
 from peftkit.checkpoint import WEIGHTS_NAME
-from tests.tiny_models import TINY_MODELS, run
+from tests.tiny_models import TINY_MODELS, left_padded, run, train_steps
 
 N = 3
 
 
 def _store(model):
     return model.base_model.get_input_embeddings()
-
-
-def _train(model, tiny, steps=3):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-1)
-    model.train()
-    for step in range(steps):
-        optimizer.zero_grad()
-        model(**tiny.batch(seed=10 + step)).logits.pow(2).mean().backward()
-        optimizer.step()
-    model.eval()
-
-
-def _left_padded(tiny):
-    batch = tiny.batch()
-    mask = torch.ones_like(batch["input_ids"])
-    mask[0, :2] = 0
-    return {"input_ids": batch["input_ids"], "attention_mask": mask}
 
 
 @pytest.mark.parametrize("projection", [None, 8])
@@ -54,7 +37,7 @@ def test_contract(name, projection, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".encoders.default." in n for n in trainable), trainable
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _train(model, tiny)
+    train_steps(model, tiny)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable
 
@@ -101,7 +84,7 @@ def _by_hand_cache(prefix, rows):
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_forward_equals_the_base_model_reading_the_prefix_from_a_cache(name):
     tiny = TINY_MODELS[name]
-    batch = _left_padded(tiny)
+    batch = left_padded(tiny)
     model = get_peft_model(tiny.build(), PrefixTuningConfig(num_virtual_tokens=N))
     prefix = _store(model).encoders["default"].prefixes["prefix"].detach()
     mask = torch.cat([torch.ones(3, N, dtype=torch.long), batch["attention_mask"]], dim=1)
@@ -142,7 +125,7 @@ def _manual_greedy(model, input_ids, attention_mask, steps):
 @pytest.mark.parametrize(("name", "projection"), [("gpt2", None), ("llama", None), ("llama", 8)])
 def test_decoder_generate_equals_manual_greedy_decoding(name, projection):
     tiny = TINY_MODELS[name]
-    batch = _left_padded(tiny)
+    batch = left_padded(tiny)
     model = get_peft_model(tiny.build(), PrefixTuningConfig(num_virtual_tokens=N, projection_size=projection))
     generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(generated, _manual_greedy(model, **batch, steps=6))

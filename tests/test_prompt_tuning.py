@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForTokenClassification
 
 from peftkit import AdapterError, ConfigError, PeftModel, PromptTuningConfig, get_peft_model
 from peftkit.checkpoint import WEIGHTS_NAME
-from tests.tiny_models import TINY_MODELS, run
+from tests.tiny_models import TINY_MODELS, left_padded, run, train_steps
 
 N = 3
 TRANSFORMERS = ["bert", "gpt2", "llama", "t5"]
@@ -18,23 +18,6 @@ TRANSFORMERS = ["bert", "gpt2", "llama", "t5"]
 
 def _config(**fields):
     return PromptTuningConfig(num_virtual_tokens=N, init="vocab", **fields)
-
-
-def _train(model, tiny, steps=3):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-1)
-    model.train()
-    for step in range(steps):
-        optimizer.zero_grad()
-        model(**tiny.batch(seed=10 + step)).logits.pow(2).mean().backward()
-        optimizer.step()
-    model.eval()
-
-
-def _left_padded(tiny):
-    batch = tiny.batch()
-    mask = torch.ones_like(batch["input_ids"])
-    mask[0, :2] = 0  # row 0 left-padded
-    return {"input_ids": batch["input_ids"], "attention_mask": mask}
 
 
 def _by_hand(base, prompt, input_ids, attention_mask, **kwargs):
@@ -55,7 +38,7 @@ def test_contract(name, tmp_path):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith("prompt_embeddings.default") for n in trainable), trainable
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _train(model, tiny)
+    train_steps(model, tiny)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(trainable)
 
@@ -81,7 +64,7 @@ def test_contract(name, tmp_path):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_decoder_forward_equals_inputs_embeds_by_hand_with_left_padding_and_labels(name):
     tiny = TINY_MODELS[name]
-    batch = _left_padded(tiny)
+    batch = left_padded(tiny)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     model = get_peft_model(tiny.build(), _config())
     prompt = model.base_model.get_input_embeddings().prompt_embeddings["default"][0].detach()
@@ -100,7 +83,7 @@ def test_decoder_forward_equals_inputs_embeds_by_hand_with_left_padding_and_labe
 
 def test_position_ids_shift_past_the_virtual_tokens():
     tiny = TINY_MODELS["llama"]
-    batch = _left_padded(tiny)
+    batch = left_padded(tiny)
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     model = get_peft_model(tiny.build(), _config())
     prompt = model.base_model.get_input_embeddings().prompt_embeddings["default"][0].detach()
@@ -143,7 +126,7 @@ def _manual_greedy(model, input_ids, attention_mask, steps):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_decoder_generate_equals_manual_greedy_decoding(name):
     tiny = TINY_MODELS[name]
-    batch = _left_padded(tiny)
+    batch = left_padded(tiny)
     model = get_peft_model(
         tiny.build(), PromptTuningConfig(num_virtual_tokens=N)
     )  # random init: strong effect
@@ -157,7 +140,7 @@ def test_decoder_generate_equals_manual_greedy_decoding(name):
 
 def test_decoder_manual_decoding_with_a_cache_matches_generate():
     tiny = TINY_MODELS["llama"]
-    batch = _left_padded(tiny)
+    batch = left_padded(tiny)
     model = get_peft_model(tiny.build(), PromptTuningConfig(num_virtual_tokens=N))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
@@ -183,7 +166,7 @@ def test_decoder_manual_decoding_with_a_cache_matches_generate():
 
 def test_sampling_with_the_cache_and_several_sequences_per_input():
     tiny = TINY_MODELS["gpt2"]
-    batch = _left_padded(tiny)
+    batch = left_padded(tiny)
     model = get_peft_model(tiny.build(), PromptTuningConfig(num_virtual_tokens=N))
     settings = {"max_new_tokens": 5, "do_sample": True, "top_k": 0, "top_p": 1.0, "pad_token_id": 0}
     torch.manual_seed(3)

@@ -145,3 +145,22 @@ def run(model: nn.Module, tiny: TinyModel, batch: dict[str, torch.Tensor], **kwa
     if tiny.name == "mlp":
         return tiny.output(model(batch["input"], **kwargs))
     return tiny.output(model(**batch, **kwargs))
+
+
+def train_steps(model, tiny, steps: int = 3, lr: float = 1e-1) -> None:
+    """A few AdamW steps on a squared-logits loss (enough to move every trainable tensor), then eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        optimizer.zero_grad()
+        model(**tiny.batch(seed=10 + step)).logits.pow(2).mean().backward()
+        optimizer.step()
+    model.eval()
+
+
+def left_padded(tiny) -> dict[str, torch.Tensor]:
+    """The tiny model's batch with row 0 left-padded by two positions (as decoder batches are for generate)."""
+    batch = tiny.batch()
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, :2] = 0
+    return {"input_ids": batch["input_ids"], "attention_mask": mask}

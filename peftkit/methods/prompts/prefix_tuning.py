@@ -39,7 +39,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
-from peftkit.layer import AdapterLayer, find_or_wrap
+from peftkit.layer import AdapterLayer, find_or_wrap, wrapper_in_chain
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.methods.prompts.virtual_tokens import (
     cached_length,
@@ -186,12 +186,10 @@ class PrefixStore(AdapterLayer):
 
 
 def _store(model: nn.Module) -> PrefixStore:
-    module = model.get_input_embeddings()
-    while not isinstance(module, PrefixStore):
-        if not isinstance(module, AdapterLayer):
-            raise ConfigError(f"{type(model).__name__}'s input embedding carries no prefix-tuning adapter")
-        module = module.base()
-    return module
+    found = wrapper_in_chain(model.get_input_embeddings(), PrefixStore)
+    if found is None:
+        raise ConfigError(f"{type(model).__name__}'s input embedding carries no prefix-tuning adapter")
+    return found
 
 
 def _inject(model: nn.Module, name: str, config: PrefixTuningConfig) -> list[str]:

@@ -41,7 +41,7 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
-from peftkit.layer import AdapterLayer, find_or_wrap
+from peftkit.layer import AdapterLayer, find_or_wrap, wrapper_in_chain
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.methods.prompts.virtual_tokens import (
     cached_length,
@@ -187,12 +187,10 @@ def _average_ensemble(layer: PromptEmbedding | None, model: nn.Module, output: A
 
 
 def _layer(model: nn.Module) -> PromptEmbedding:
-    module = model.get_input_embeddings()
-    while not isinstance(module, PromptEmbedding):
-        if not isinstance(module, AdapterLayer):
-            raise ConfigError(f"{type(model).__name__}'s input embedding carries no prompt-tuning adapter")
-        module = module.base()
-    return module
+    found = wrapper_in_chain(model.get_input_embeddings(), PromptEmbedding)
+    if found is None:
+        raise ConfigError(f"{type(model).__name__}'s input embedding carries no prompt-tuning adapter")
+    return found
 
 
 def _inject(model: nn.Module, name: str, config: PromptTuningConfig) -> list[str]:
