@@ -11,7 +11,7 @@ from peftkit.methods.fusion import FusionConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.layer_tuning import LayerTuningConfig
 from peftkit.methods.lora import LoraConfig
-from peftkit.methods.prompts import PrefixTuningConfig, PromptTuningConfig
+from peftkit.methods.prompts import PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config
 from peftkit.model import AdapterError, PeftModel, get_peft_model
 from peftkit.qlora import get_qlora_model, paged_adamw_8bit
 from peftkit.quantization import (
@@ -37,6 +37,8 @@ __all__ = [
     "IA3Config",
     "LayerTuningConfig",
     "LoraConfig",
+    "PTuningConfig",
+    "PTuningV2Config",
     "ParameterCount",
     "PeftModel",
     "PrefixTuningConfig",

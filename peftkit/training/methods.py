@@ -13,7 +13,7 @@ from peftkit.methods.full import FullFineTuningConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.layer_tuning import LayerTuningConfig
 from peftkit.methods.lora import LoraConfig
-from peftkit.methods.prompts import PrefixTuningConfig, PromptTuningConfig
+from peftkit.methods.prompts import PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config
 from peftkit.training.config import TrainConfig
 
 # name -> (training config, modules a task head adds) -> adapter config
@@ -36,6 +36,13 @@ METHOD_BUILDERS: dict[str, Callable[[TrainConfig, list[str]], AdapterConfig]] = 
         num_virtual_tokens=c.num_virtual_tokens, init="vocab", modules_to_save=heads or None
     ),
     "prefix_tuning": lambda c, heads: PrefixTuningConfig(
+        num_virtual_tokens=c.num_virtual_tokens, modules_to_save=heads or None
+    ),
+    # P-tuning without a template: the encoder's tokens go in front of the input, as prompt tuning's
+    "p_tuning": lambda c, heads: PTuningConfig(
+        num_virtual_tokens=c.num_virtual_tokens, modules_to_save=heads or None
+    ),
+    "p_tuning_v2": lambda c, heads: PTuningV2Config(
         num_virtual_tokens=c.num_virtual_tokens, modules_to_save=heads or None
     ),
     # QLoRA: an ordinary LoRA adapter (its compute in `compute_dtype`) on a base quantized by prepare_base()

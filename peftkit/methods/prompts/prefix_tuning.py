@@ -192,7 +192,7 @@ def _store(model: nn.Module) -> PrefixStore:
     return found
 
 
-def _inject(model: nn.Module, name: str, config: PrefixTuningConfig) -> list[str]:
+def inject(model: nn.Module, name: str, config: PrefixTuningConfig) -> list[str]:
     shape = geometry(model)
     path = input_embedding_path(model)
     layer = find_or_wrap(model, path, PrefixStore, PrefixStore)
@@ -291,7 +291,7 @@ register_method(
     Method(
         name="prefix_tuning",
         config_class=PrefixTuningConfig,
-        inject=_inject,
+        inject=inject,
         trained_base_parameters=no_base_parameters,
         prepare_inputs=prepare_inputs,
         prepare_generation=prepare_generation,

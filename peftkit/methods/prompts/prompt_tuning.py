@@ -208,48 +208,55 @@ def prepare_inputs(model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[
     """Forward keyword arguments with the prompts in front of the embedded input (see the module doc)."""
     layer = _layer(model)
     prompts = layer.prompt_embeddings[name]  # (k, n, d)
+    kwargs = prepend_prompts(model, prompts, kwargs)
+    layer.ensemble_pending = prompts.shape[0] if prompts.shape[0] > 1 else None
+    return kwargs
+
+
+def prepend_prompts(model: nn.Module, prompts: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``prompts`` (k, n, d) in front of the embedded input, each example repeated once per
+    prompt (prompt-major), and masks / positions / labels extended over the ``n`` virtual tokens."""
     k, n, d = prompts.shape
     starts = cached_length(kwargs) == 0 and kwargs.get("encoder_outputs") is None
     kwargs = dict(kwargs)
-    if starts:
-        ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
-        if embeds is None:
-            if ids is None:
-                raise ConfigError("prompt tuning needs `input_ids` or `inputs_embeds` as keyword arguments")
-            embeds = model.get_input_embeddings()(ids)  # (B, L, d)
-        batch, length = embeds.shape[:2]
-        kwargs = extend_over_virtual_tokens(model, kwargs, n, starts=True, copies=k, length=length)
-        full = torch.cat(
-            [
-                prompts[:, None].expand(k, batch, n, d).to(embeds.dtype),
-                embeds[None].expand(k, batch, length, d),
-            ],
-            dim=2,
-        )  # (k, B, n + L, d)
-        kwargs["inputs_embeds"] = full.reshape(k * batch, n + length, d)
-    else:
-        kwargs = extend_over_virtual_tokens(model, kwargs, n, starts=False, copies=k)
-    layer.ensemble_pending = k if k > 1 else None
+    if not starts:
+        return extend_over_virtual_tokens(model, kwargs, n, starts=False, copies=k)
+    ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
+    if embeds is None:
+        if ids is None:
+            raise ConfigError("prompt methods need `input_ids` or `inputs_embeds` as keyword arguments")
+        embeds = model.get_input_embeddings()(ids)  # (B, L, d)
+    batch, length = embeds.shape[:2]
+    kwargs = extend_over_virtual_tokens(model, kwargs, n, starts=True, copies=k, length=length)
+    full = torch.cat(
+        [
+            prompts[:, None].expand(k, batch, n, d).to(embeds.dtype),
+            embeds[None].expand(k, batch, length, d),
+        ],
+        dim=2,
+    )  # (k, B, n + L, d)
+    kwargs["inputs_embeds"] = full.reshape(k * batch, n + length, d)
     return kwargs
 
 
 def prepare_generation(model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``generate()`` keyword arguments: an encoder-decoder gets the prompts in its encoder input; a decoder
-    gets them as a KV cache computed once, with the attention mask extended over them."""
-    layer = _layer(model)
-    prompts = layer.prompt_embeddings[name]  # (k, n, d)
+    """``generate()`` keyword arguments (see :func:`prompt_generation`); an ensemble is refused."""
+    prompts = _layer(model).prompt_embeddings[name]  # (k, n, d)
     if prompts.shape[0] > 1:
         raise ConfigError(
             f"adapter {name!r} is an ensemble of {prompts.shape[0]} prompts; its average is defined for "
             "forward() (scoring, classification), not for generate(); generate with a single-prompt adapter"
         )
+    return prompt_generation(model, prompts[0], kwargs)
+
+
+def prompt_generation(model: nn.Module, prompt: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate()`` keyword arguments for ``prompt`` (n, d) in front of the input: an encoder-decoder gets
+    it in its encoder input; a decoder gets it as a KV cache computed once, with the mask extended over it."""
     if is_encoder_decoder(model):
-        kwargs = prepare_inputs(model, name, kwargs)
-        layer.ensemble_pending = None
-        return kwargs
-    n = prompts.shape[1]
+        return prepend_prompts(model, prompt[None], kwargs)
     return generation_from_cache(
-        model, kwargs, n, prompts[0], lambda rows: _prompt_cache(model, prompts[0], rows)
+        model, kwargs, prompt.shape[0], prompt, lambda rows: _prompt_cache(model, prompt, rows)
     )
 
 
