@@ -270,3 +270,18 @@ def test_placeholder_outside_the_vocabulary_is_refused():
             TINY_MODELS["gpt2"].build(),
             _template().__class__(num_virtual_tokens=N, template=TEMPLATE, placeholder_token_id=64),
         )
+
+
+def test_gradient_checkpointing_gives_the_same_encoder_gradient():
+    tiny = TINY_MODELS["llama"]
+    batch = _template().encode(WordTokenizer(), SENTENCES)
+    grads = []
+    for checkpointing in (False, True):
+        model = get_peft_model(tiny.build(), _template())
+        if checkpointing:
+            model.base_model.gradient_checkpointing_enable()
+        model.train()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        grads.append(_encoder(model).embeddings.grad)
+    assert grads[1] is not None and grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
