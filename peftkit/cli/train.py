@@ -17,7 +17,8 @@ HELP = {
     "dataset": "a built-in dataset (rotten_tomatoes, wnut16, chatterbot, news_headlines) or a CSV / JSONL file "
     "or a Hugging Face datasets folder",
     "task": "sequence-classification, token-classification, causal-lm or seq2seq (inferred for built-ins)",
-    "method": "lora, qlora, ia3, bitfit, layer_tuning, bottleneck, prompt_tuning, prefix_tuning or full",
+    "method": "lora, qlora, ia3, bitfit, layer_tuning, bottleneck, prompt_tuning, prefix_tuning, p_tuning, "
+    "p_tuning_v2 or full",
     "limit": "records read before splitting ('none': all)",
     "max_steps": "optimizer steps ('none': run `epochs` epochs)",
     "resume": "continue the run in --output-dir from its last checkpoint",

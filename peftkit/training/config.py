@@ -30,7 +30,7 @@ class TrainConfig:
     top_k: int = 2
     placement: str = "pfeiffer"
     bottleneck_size: int = 32
-    num_virtual_tokens: int = 20  # prompt_tuning, prefix_tuning
+    num_virtual_tokens: int = 20  # prompt_tuning, prefix_tuning, p_tuning, p_tuning_v2
     compute_dtype: str = "float32"  # qlora: the dtype 4-bit weights are de-quantized to, and the adapter's
     # optimisation
     epochs: float = 1.0
