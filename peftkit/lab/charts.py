@@ -98,13 +98,14 @@ def _latency(rows: list[MethodSummary], path: Path, title: str) -> Path:
         axes.bar_label(bars, labels=["n/a" if v is None else f"{v:.1f}" for v in values], fontsize=7)
     axes.set_xticks(x, [r.method for r in rows])
     axes.set(xlabel="method", ylabel="forward pass, one batch (ms, median)")
-    axes.legend(fontsize=8)
-    axes.margins(y=0.15)
+    top = max((getattr(r, f) or 0 for r in rows for _, f, _ in variants), default=1)
+    axes.set_ylim(0, 1.3 * top)  # room for the legend above the bars
+    axes.legend(fontsize=8, loc="upper center", ncol=3)
     return _finish(figure, axes, path, "Inference latency: base, unmerged, merged (n/a: cannot merge)", title)
 
 
 def _smooth(values: np.ndarray) -> np.ndarray:
-    window = max(1, len(values) // 25)
+    window = max(1, len(values) // 10)
     if window == 1:
         return values
     kernel = np.ones(window) / window

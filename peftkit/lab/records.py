@@ -34,6 +34,7 @@ class RunRecord:
     latency_unmerged_ms: float | None = None
     latency_merged_ms: float | None = None  # None: cannot merge
     merge_note: str | None = None
+    load_average: float | None = None  # mean 1-minute load average of the machine during the run
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -82,5 +83,6 @@ def read_run(method: str, seed: int, run_dir: Path, result: dict[str, Any]) -> R
         latency_unmerged_ms=latency["unmerged_ms"],
         latency_merged_ms=latency["merged_ms"],
         merge_note=latency["merge_note"],
+        load_average=result.get("load_average"),
         loss_curve=[(e["step"], e["loss"]) for e in entries if e.get("kind") == "train"],
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +46,7 @@ def launch(
         str(latency_repeats),
     ]
     started = time.monotonic()
+    loads = []  # the machine's 1-minute load average while the run lasts: was the CPU shared?
     with (spec.run_dir / LOG_FILE).open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -53,6 +56,7 @@ def launch(
                     process.wait()
                     return {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
                 on_steps(_logged_steps(spec.run_dir))
+                loads.append(os.getloadavg()[0])
                 time.sleep(POLL_SECONDS)
         except BaseException:  # Ctrl-C: no orphaned worker keeps training
             process.kill()
@@ -61,7 +65,9 @@ def launch(
     on_steps(_logged_steps(spec.run_dir))
     result_path = spec.run_dir / RESULT_FILE
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        result["load_average"] = statistics.fmean(loads) if loads else None
+        return result
     return {
         "status": "failed",
         "error": f"the worker exited with status {process.returncode} without a result; "

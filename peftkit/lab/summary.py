@@ -28,6 +28,7 @@ class MethodSummary:
     latency_unmerged_ms: float | None
     latency_merged_ms: float | None  # None: the method cannot merge
     learning_rate: float | None
+    load_average: float | None  # the largest over seeds of the machine's mean load during a run
     error: str | None  # the first failed seed's error
 
 
@@ -76,5 +77,6 @@ def _summarize_method(method: str, runs: list[RunRecord]) -> MethodSummary:
         latency_unmerged_ms=_median(r.latency_unmerged_ms for r in good),
         latency_merged_ms=_median(r.latency_merged_ms for r in good),
         learning_rate=first.learning_rate if first else None,
+        load_average=max((r.load_average for r in good if r.load_average is not None), default=None),
         error=error,
     )

@@ -54,6 +54,7 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
         "unmerged (ms)",
         "merged (ms)",
         "learning rate",
+        "load",
         "status",
     ]
     model, dataset = (Path(str(context.get(k))).name for k in ("model", "dataset"))
@@ -75,6 +76,7 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
             _number(r.latency_unmerged_ms, "{:.2f}"),
             _number(r.latency_merged_ms, "{:.2f}") if r.latency_merged_ms is not None else _no_merge(r),
             _number(r.learning_rate, "{:g}"),
+            _number(r.load_average, "{:.1f}"),
             r.status if r.error is None else f"{r.status}: {_cell(r.error)}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -84,7 +86,9 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
         "whole process (loading, training, evaluations, saving). Peak memory: the peak resident set size of "
         "the run's own process. Latency: median no-grad forward pass of one fixed batch, the base model, "
         "the adapter unmerged and merged into the weights (n/a: the method cannot merge). With several seeds "
-        "the metric is mean ± sample standard deviation.",
+        "the metric is mean ± sample standard deviation. Load: the machine's mean 1-minute load average "
+        "during the run; the run itself accounts for about its torch threads (by default one per core); more "
+        "means other processes shared the CPU and its times are inflated.",
     ]
     return "\n".join(lines) + "\n"
 
