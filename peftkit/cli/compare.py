@@ -1,7 +1,7 @@
 """`peftkit compare`: train several methods on the same model, data, budget and seeds, each run in its own
 process, and write one table (results.md / .csv / .json) and charts (PNG) into --output-dir. With no
-arguments: MiniLM on Rotten Tomatoes with full fine-tuning, LoRA, IA3, BitFit, bottleneck adapters and layer
-tuning. The training flags below apply to every method; each method starts from its own learning rate
+arguments: MiniLM on Rotten Tomatoes with full fine-tuning, LoRA, IA3, BitFit, bottleneck adapters, layer
+tuning, prompt tuning, P-tuning, prefix tuning and P-tuning v2. The training flags below apply to every method; each method starts from its own learning rate
 (peftkit/lab/defaults.py) unless --learning-rate or --method-setting says otherwise."""
 
 from __future__ import annotations

@@ -20,10 +20,26 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "ia3": {"learning_rate": 5e-3},
     "bitfit": {"learning_rate": 2e-3},
     "bottleneck": {"learning_rate": 1e-3},
+    # virtual tokens start far from a useful prompt and move slowly at adapter learning rates
+    "prompt_tuning": {"learning_rate": 3e-2},
+    "p_tuning": {"learning_rate": 1e-2},
+    "prefix_tuning": {"learning_rate": 1e-2},
+    "p_tuning_v2": {"learning_rate": 1e-2},
 }
 
 # what `peftkit compare` runs when no --methods are given
-DEFAULT_METHODS = ("full", "lora", "ia3", "bitfit", "bottleneck", "layer_tuning")
+DEFAULT_METHODS = (
+    "full",
+    "lora",
+    "ia3",
+    "bitfit",
+    "bottleneck",
+    "layer_tuning",
+    "prompt_tuning",
+    "p_tuning",
+    "prefix_tuning",
+    "p_tuning_v2",
+)
 
 
 def default_method_settings(
