@@ -113,6 +113,11 @@ def test_yaml_settings_and_flags(tmp_path):
     (tmp_path / "run.yaml").write_text("method: ia3\nmax_steps: 7\nlearning_rate: 0.002\n")
     config = TrainConfig.from_sources(tmp_path / "run.yaml", {"max_steps": 9, "seed": None})
     assert (config.method, config.max_steps, config.learning_rate, config.seed) == ("ia3", 9, 0.002, 0)
+    (tmp_path / "exponent.yaml").write_text("learning_rate: 3e-5\n")  # YAML 1.1 reads this as a string
+    assert TrainConfig.from_sources(tmp_path / "exponent.yaml").learning_rate == 3e-5
+    (tmp_path / "word.yaml").write_text("max_steps: many\n")
+    with pytest.raises(ValueError, match="`max_steps` must be an integer, got 'many'"):
+        TrainConfig.from_sources(tmp_path / "word.yaml")
     (tmp_path / "bad.yaml").write_text("learning_rte: 0.1\n")
     with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['learning_rte'\]"):
         TrainConfig.from_sources(tmp_path / "bad.yaml")

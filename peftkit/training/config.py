@@ -73,7 +73,7 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        config = cls(**values)
+        config = cls(**{name: _coerce(name, value) for name, value in values.items()})
         config.validate()
         return config
 
@@ -99,3 +99,24 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """YAML 1.1 reads ``3e-5`` (no dot) as a string; numbers for numeric settings are parsed here, with an
+    error naming the setting when that fails."""
+    kind = _NUMERIC.get(name)
+    if kind is None or value is None or isinstance(value, bool) or not isinstance(value, str):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"`{name}` must be {_ARTICLE[kind]}, got {value!r}") from None
+
+
+_ARTICLE = {float: "a number", int: "an integer"}
+_NUMERIC = {
+    field.name: kind
+    for field in dataclasses.fields(TrainConfig)
+    for kind in (float, int)
+    if kind.__name__ in str(field.type).split(" | ")
+}
