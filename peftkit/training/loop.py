@@ -99,7 +99,7 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def train(config: TrainConfig, log=print) -> TrainResult:
+def train(config: TrainConfig, log=tqdm.write) -> TrainResult:  # tqdm.write keeps the bar whole
     from peftkit.assets import resolve_model  # the asset and data modules are only needed for a run
     from peftkit.data import Columns, load_splits
 
