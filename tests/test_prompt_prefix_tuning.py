@@ -58,7 +58,9 @@ def test_contract(name, projection, tmp_path):
     )
     expected = (2, 2, heads, N, 8)  # (layers, keys/values, kv heads, n, head_dim): the folded prefix only
     assert {k.rsplit(".", 1)[-1]: tuple(t.shape) for k, t in stored.items()} == (
-        {"prefix": expected, "cross_prefix": expected} if name == "t5" else {"prefix": expected}
+        {"prefix": expected, "cross_prefix": expected, "encoder_prefix": expected}
+        if name == "t5"
+        else {"prefix": expected}
     )
     count = model.trainable_parameters()
     assert count.adapter == sum(t.numel() for t in stored.values())
@@ -167,6 +169,33 @@ def test_t5_cross_attention_prefix_takes_part():
     with torch.no_grad():
         _store(model).encoders["default"].prefixes["cross_prefix"][1] += 1.0
     assert not torch.equal(run(model, tiny, batch), base)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_t5_encoder_self_attention_prefix_takes_part_in_every_layer(layer):
+    tiny = TINY_MODELS["t5"]
+    model = get_peft_model(tiny.build(), PrefixTuningConfig(num_virtual_tokens=N))
+    base = run(model, tiny, tiny.batch())
+    with torch.no_grad():
+        _store(model).encoders["default"].prefixes["encoder_prefix"][layer, 1] += 1.0  # that layer's values
+    assert not torch.equal(run(model, tiny, tiny.batch()), base)
+
+
+def test_t5_encoder_prefix_respects_the_padding_mask():
+    """A right-padded row gives the same logits as the same row alone: the mask extended over the encoder
+    prefix still hides the padding, and the prefix is attended."""
+    tiny = TINY_MODELS["t5"]
+    model = get_peft_model(tiny.build(), PrefixTuningConfig(num_virtual_tokens=N))
+    batch = tiny.batch()
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, -2:] = 0
+    padded = run(model, tiny, {**batch, "attention_mask": mask})
+    alone = run(
+        model,
+        tiny,
+        {"input_ids": batch["input_ids"][:1, :-2], "decoder_input_ids": batch["decoder_input_ids"][:1]},
+    )
+    torch.testing.assert_close(padded[:1], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_checkpointing_is_refused_clearly():

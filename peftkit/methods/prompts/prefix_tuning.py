@@ -10,7 +10,8 @@ No weight changes and no input token is added: the prefixes reach the model as a
 (``past_key_values``), the attention mask grows by ``n`` ones in front and the real tokens sit at positions
 ``n .. n + L - 1`` (what the model derives from a cache of ``n``, and what generate() derives from the mask).
 Stored per adapter: ``prefix`` (layers, 2, kv_heads, n, head_dim) [keys, values]; an encoder-decoder also
-has ``cross_prefix`` for the decoder's cross-attention (over the ``n`` prefixes and the encoder output).
+has ``cross_prefix`` for the decoder's cross-attention (over the ``n`` prefixes and the encoder output) and
+``encoder_prefix`` for the encoder's self-attention.
 
 Reparameterization (Li & Liang §4.3): training ``P`` directly is unstable, so with ``projection_size`` set
 the prefix is an MLP of a smaller matrix, ``P = W_2 tanh(W_1 P' + b_1) + b_2`` with ``P'`` (n, hidden).
@@ -20,9 +21,10 @@ prefix tensors alone (training it further trains them directly).
 Where the prefix goes, by architecture:
 - decoders (GPT-2, LLaMA, ...): every self-attention layer;
 - BERT-style encoders: every self-attention layer (the encoder reads a passed cache);
-- T5: the decoder's self-attention and cross-attention. transformers' T5 encoder drops any cache it is
-  given ("do not pass cache object down the line for encoder stack"), so the encoder gets no prefix; the
-  encoder is run first, unchanged, and its output is what the cross-attention prefix extends.
+- T5: the encoder's self-attention, the decoder's self-attention and the cross-attention. transformers'
+  T5 encoder drops any cache it is given ("do not pass cache object down the line for encoder stack"), so
+  the encoder is run first with its prefixes handed to each self-attention module by a pre-hook
+  (:func:`_run_encoder`), and its output is what the cross-attention prefix extends.
 Gradient checkpointing in transformers drops ``past_key_values`` in training, which would silently drop the
 prefix: with checkpointing on, training is refused with an error.
 """
@@ -84,9 +86,10 @@ class Geometry:
     heads: int  # key/value heads
     head_dim: int
     cross: bool
+    encoder_layers: int = 0  # an encoder-decoder's encoder self-attention layers
 
-    def shape(self, n: int) -> tuple[int, ...]:
-        return (self.layers, 2, self.heads, n, self.head_dim)
+    def shape(self, n: int, layers: int | None = None) -> tuple[int, ...]:
+        return (layers or self.layers, 2, self.heads, n, self.head_dim)
 
 
 def geometry(model: nn.Module) -> Geometry:
@@ -97,7 +100,7 @@ def geometry(model: nn.Module) -> Geometry:
         layers = getattr(config, "num_decoder_layers", None) or config.num_layers
         heads = config.num_heads
         head_dim = getattr(config, "d_kv", None) or config.d_model // heads
-        return Geometry(layers, heads, head_dim, cross=True)
+        return Geometry(layers, heads, head_dim, cross=True, encoder_layers=config.num_layers)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -165,6 +168,7 @@ class PrefixStore(AdapterLayer):
         shapes = {"prefix": shape.shape(config.num_virtual_tokens)}
         if shape.cross:
             shapes["cross_prefix"] = shape.shape(config.num_virtual_tokens)
+            shapes["encoder_prefix"] = shape.shape(config.num_virtual_tokens, layers=shape.encoder_layers)
         self.encoders[name] = PrefixEncoder(config, shapes, self.base_layer.weight)
 
     def delete_adapter(self, name: str) -> None:
@@ -220,6 +224,42 @@ def _cache(model: nn.Module, prefixes: dict[str, torch.Tensor], rows: int, into:
     return cache
 
 
+def _run_encoder(model: nn.Module, prefixes: dict[str, torch.Tensor], inputs: dict, attention_mask) -> Any:
+    """An encoder-decoder's encoder with the prefix in every self-attention layer.
+
+    transformers' T5 encoder stack drops any cache it is given, so each encoder self-attention module gets
+    a cache holding its layer's prefix through a forward pre-hook, for this call only, and the mask it is
+    handed is extended over the prefix (attended by every token). The relative position bias then places
+    the real tokens after the ``n`` prefix positions, as it does in the decoder.
+    """
+    encoder = model.get_encoder()
+    prefix = prefixes["encoder_prefix"]  # (layers, 2, heads, n, head_dim)
+    rows = next(iter(inputs.values())).shape[0]
+    cache = DynamicCache(config=model.config)
+    _fill(cache, prefix, rows)
+    n = prefix.shape[3]
+
+    def with_prefix(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs["past_key_values"] = cache
+        mask = kwargs.get("mask")
+        if mask is not None:  # (batch, 1, queries, keys): bool "may attend" or additive float
+            attend = torch.ones if mask.dtype == torch.bool else torch.zeros
+            kwargs["mask"] = torch.cat(
+                [attend(*mask.shape[:-1], n, dtype=mask.dtype, device=mask.device), mask], -1
+            )
+        return args, kwargs
+
+    attentions = [
+        m for m in encoder.modules() if getattr(m, "is_decoder", True) is False and hasattr(m, "layer_idx")
+    ]
+    handles = [m.register_forward_pre_hook(with_prefix, with_kwargs=True) for m in attentions]
+    try:
+        return encoder(**inputs, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def prepare_inputs(model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Forward keyword arguments with the prefixes in a cache and the mask / positions extended over them."""
     if model.training and getattr(model, "is_activation_checkpointing", False):
@@ -232,10 +272,11 @@ def prepare_inputs(model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[
     kwargs = dict(kwargs)
     if cached_length(kwargs) > 0:  # decoding with a cache that already holds the prefixes
         return extend_over_virtual_tokens(model, kwargs, n, starts=False)
+    prefixes = encoder.values()
     if is_encoder_decoder(model) and kwargs.get("encoder_outputs") is None:
-        # the encoder gets no prefix (see the module doc): run it now, with the user's own mask
+        # the encoder runs first, with its own prefixes and the user's mask (see the module doc)
         inputs = {k: kwargs.pop(k) for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None}
-        kwargs["encoder_outputs"] = model.get_encoder()(**inputs, attention_mask=kwargs.get("attention_mask"))
+        kwargs["encoder_outputs"] = _run_encoder(model, prefixes, inputs, kwargs.get("attention_mask"))
     rows = _rows(kwargs)
     kwargs = extend_over_virtual_tokens(model, kwargs, n, starts=False)
     if is_encoder_decoder(model) and kwargs.get("attention_mask") is None:
@@ -243,7 +284,7 @@ def prepare_inputs(model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[
         kwargs["attention_mask"] = torch.ones(
             rows, n + encoded.shape[1], dtype=torch.long, device=encoded.device
         )
-    kwargs["past_key_values"] = _cache(model, encoder.values(), rows, into=kwargs.get("past_key_values"))
+    kwargs["past_key_values"] = _cache(model, prefixes, rows, into=kwargs.get("past_key_values"))
     return kwargs
 
 
@@ -276,7 +317,7 @@ def prepare_generation(model: nn.Module, name: str, kwargs: dict[str, Any]) -> d
             raise ConfigError(
                 "prefix tuning's generate() needs `input_ids=` (or `inputs_embeds=`) as a keyword argument"
             )
-        kwargs["encoder_outputs"] = model.get_encoder()(**inputs, attention_mask=kwargs.get("attention_mask"))
+        kwargs["encoder_outputs"] = _run_encoder(model, prefixes, inputs, kwargs.get("attention_mask"))
     encoded = kwargs["encoder_outputs"][0]  # (B, L, d)
     batch, length = encoded.shape[:2]
     if kwargs.get("attention_mask") is None:
