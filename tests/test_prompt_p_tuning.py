@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from peftkit import ConfigError, PeftModel, PTuningConfig, get_peft_model
 from peftkit.checkpoint import WEIGHTS_NAME
-from tests.tiny_models import TINY_MODELS, run, train_steps
+from tests.tiny_models import TINY_MODELS, manual_greedy, run, train_steps
 
 N = 3
 SLOTS = 63  # the placeholder id of the tiny models' templates
@@ -174,17 +174,6 @@ def test_template_adapter_round_trips_exactly_with_a_head(tmp_path):
     assert torch.equal(run(loaded, tiny, batch), adapted)
 
 
-def _manual_greedy(model, input_ids, attention_mask, steps):
-    ids, mask = input_ids, attention_mask
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_decoder_generate_with_slots_equals_manual_greedy_decoding(name):
     tiny = TINY_MODELS[name]
@@ -194,7 +183,7 @@ def test_decoder_generate_with_slots_equals_manual_greedy_decoding(name):
     generated = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(generated[:, : batch["input_ids"].shape[1]], batch["input_ids"])
     assert not (generated[:, batch["input_ids"].shape[1] :] == SLOTS).any()
-    assert torch.equal(generated, _manual_greedy(model, **batch, steps=5))
+    assert torch.equal(generated, manual_greedy(model, **batch, steps=5))
     with torch.no_grad():
         adapted = model(**batch).logits
         with model.disable_adapter():
@@ -207,7 +196,7 @@ def test_decoder_generate_without_template_equals_manual_greedy_decoding():
     batch = _template().encode(batch, SENTENCES)  # any left-padded batch; no slots are read here
     model = get_peft_model(tiny.build(), PTuningConfig(num_virtual_tokens=N, encoder="mlp"))
     generated = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, _manual_greedy(model, **batch, steps=5))
+    assert torch.equal(generated, manual_greedy(model, **batch, steps=5))
 
 
 def test_t5_slots_in_the_encoder_input_and_generate_equals_manual_greedy():

@@ -18,7 +18,7 @@ from peftkit import (
     get_peft_model,
 )
 from peftkit.checkpoint import WEIGHTS_NAME
-from tests.tiny_models import TINY_MODELS, left_padded, run, train_steps
+from tests.tiny_models import TINY_MODELS, left_padded, manual_greedy, run, train_steps
 
 N = 3
 
@@ -113,24 +113,13 @@ def test_every_layers_prefix_takes_part():
                 prefix[layer, kv] -= 1.0
 
 
-def _manual_greedy(model, input_ids, attention_mask, steps):
-    ids, mask = input_ids, attention_mask
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize(("name", "projection"), [("gpt2", None), ("llama", None), ("llama", 8)])
 def test_decoder_generate_equals_manual_greedy_decoding(name, projection):
     tiny = TINY_MODELS[name]
     batch = left_padded(tiny)
     model = get_peft_model(tiny.build(), PrefixTuningConfig(num_virtual_tokens=N, projection_size=projection))
     generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, _manual_greedy(model, **batch, steps=6))
+    assert torch.equal(generated, manual_greedy(model, **batch, steps=6))
     with model.disable_adapter():
         assert not torch.equal(
             model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0), generated

@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForTokenClassification
 
 from peftkit import AdapterError, ConfigError, PeftModel, PromptTuningConfig, get_peft_model
 from peftkit.checkpoint import WEIGHTS_NAME
-from tests.tiny_models import TINY_MODELS, left_padded, run, train_steps
+from tests.tiny_models import TINY_MODELS, left_padded, manual_greedy, run, train_steps
 
 N = 3
 TRANSFORMERS = ["bert", "gpt2", "llama", "t5"]
@@ -111,18 +111,6 @@ def test_token_classification_labels_skip_the_virtual_tokens():
     )
 
 
-def _manual_greedy(model, input_ids, attention_mask, steps):
-    """Greedy decoding by full forward passes, no cache; positions from the mask, as generate() makes them."""
-    ids, mask = input_ids, attention_mask
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_decoder_generate_equals_manual_greedy_decoding(name):
     tiny = TINY_MODELS[name]
@@ -131,7 +119,7 @@ def test_decoder_generate_equals_manual_greedy_decoding(name):
         tiny.build(), PromptTuningConfig(num_virtual_tokens=N)
     )  # random init: strong effect
     generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, _manual_greedy(model, **batch, steps=6))
+    assert torch.equal(generated, manual_greedy(model, **batch, steps=6))
     with model.disable_adapter():
         assert not torch.equal(
             model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0), generated

@@ -164,3 +164,16 @@ def left_padded(tiny) -> dict[str, torch.Tensor]:
     mask = torch.ones_like(batch["input_ids"])
     mask[0, :2] = 0
     return {"input_ids": batch["input_ids"], "attention_mask": mask}
+
+
+def manual_greedy(model, input_ids, attention_mask, steps: int) -> torch.Tensor:
+    """Greedy decoding by full forward passes, no cache; positions from the mask, as generate() makes them:
+    the independent reference that generate() results are compared with."""
+    ids, mask = input_ids, attention_mask
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
