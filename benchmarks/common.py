@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,8 @@ SEED = 0
 INPUT_SEED = 1234
 BATCH, TOKENS = 8, 128
 RANK, ALPHA = 8, 16
+VIRTUAL_TOKENS = 20  # prompt and prefix tuning: n virtual tokens, prefix without projection
+METHODS = ("lora", "prompt_tuning", "prefix_tuning")
 LIBRARIES = ("peftkit", "hf")
 RESULT_PREFIX = "RESULT "  # the worker's one result line on stdout starts with this
 
@@ -50,6 +52,7 @@ class Size:
     layers: int = 4
     heads: int = 6
     ffn: int = 1536
+    positions: int = TOKENS  # position embeddings (prompt methods need TOKENS + VIRTUAL_TOKENS)
 
 
 SIZE = Size()
@@ -65,7 +68,7 @@ def _bert(size: Size) -> nn.Module:
         num_hidden_layers=size.layers,
         num_attention_heads=size.heads,
         intermediate_size=size.ffn,
-        max_position_embeddings=TOKENS,
+        max_position_embeddings=size.positions,
         num_labels=2,
     )
     return BertForSequenceClassification(config)
@@ -80,7 +83,7 @@ def _gpt2(size: Size) -> nn.Module:
         n_layer=size.layers,
         n_head=size.heads,
         n_inner=size.ffn,
-        n_positions=TOKENS,
+        n_positions=size.positions,
         bos_token_id=0,
         eos_token_id=0,
     )
@@ -97,7 +100,7 @@ def _llama(size: Size) -> nn.Module:
         num_attention_heads=size.heads,
         num_key_value_heads=size.heads,
         intermediate_size=size.ffn * 688 // 1024,  # SwiGLU: about 8/3 x hidden, as LLaMA
-        max_position_embeddings=TOKENS,
+        max_position_embeddings=size.positions,
     )
     return LlamaForCausalLM(config)
 
@@ -174,6 +177,32 @@ def wrap_lora(library: str, model: nn.Module, model_name: str, adapter: str = "d
     raise ValueError(f"unknown library {library!r}; expected one of {LIBRARIES}")
 
 
+def wrap(library: str, model: nn.Module, model_name: str, method: str = "lora") -> nn.Module:
+    """``method``: LoRA as in :func:`wrap_lora`, or prompt / prefix tuning of a causal LM with
+    ``VIRTUAL_TOKENS`` virtual tokens, random init, the prefix trained directly (no projection) in both."""
+    if method == "lora":
+        return wrap_lora(library, model, model_name)
+    torch.manual_seed(SEED)
+    n = VIRTUAL_TOKENS
+    if library == "peftkit":
+        import peftkit
+
+        config = {"prompt_tuning": peftkit.PromptTuningConfig, "prefix_tuning": peftkit.PrefixTuningConfig}
+        return peftkit.get_peft_model(model, config[method](num_virtual_tokens=n))
+    import peft
+
+    if method == "prompt_tuning":
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+    else:
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=False)
+    return peft.get_peft_model(model, config)
+
+
+def model_size(method: str) -> Size:
+    """Prompt methods put ``VIRTUAL_TOKENS`` positions in front of the ``TOKENS`` real ones."""
+    return SIZE if method == "lora" else replace(SIZE, positions=TOKENS + VIRTUAL_TOKENS)
+
+
 def add_lora(library: str, model: nn.Module, model_name: str, adapter: str) -> None:
     """A further adapter with the same config as :func:`wrap_lora`'s."""
     head = list(MODELS[model_name].head) or None
@@ -213,16 +242,17 @@ def wrapped_layer_paths(library: str, model: nn.Module) -> list[str]:
     )
 
 
-def preload(model_name: str, library: str) -> None:
+def preload(model_name: str, library: str, method: str = "lora") -> None:
     """Run a tiny model of the same class through one training step and one inference pass, untimed.
 
     transformers imports model code lazily and HF PEFT imports much of it eagerly: without this, the process
     that imports peftkit would count ~100 MB of transformers modules as "training memory" that the HF PEFT
     process had already paid for at import. Afterwards both start their memory baseline alike."""
-    model = build_model(model_name, TINY)
+    tiny = replace(TINY, positions=model_size(method).positions)
+    model = build_model(model_name, tiny)
     if library in LIBRARIES:
-        model = wrap_lora(library, model, model_name)
-    batch = make_batch(model_name, rows=2, size=TINY)
+        model = wrap(library, model, model_name, method)
+    batch = make_batch(model_name, rows=2, size=tiny)
     model.train()
     model(**batch).loss.backward()
     model.eval()
@@ -303,11 +333,13 @@ def allocator() -> str:
 
 
 # --- worker plumbing -----------------------------------------------------------------------------------
-def worker_args(description: str, libraries: tuple[str, ...]) -> argparse.Namespace:
+def worker_args(description: str, libraries: tuple[str, ...], methods: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--library", choices=libraries, required=True)
     parser.add_argument("--model", choices=sorted(MODELS), required=True)
     parser.add_argument("--quick", action="store_true", help="fewer calls: checks the script runs")
+    if methods:
+        parser.add_argument("--method", choices=METHODS, default="lora", help="what the peers train")
     return parser.parse_args()
 
 

@@ -4,7 +4,8 @@
                                     [--output benchmarks/results/lora_vs_hf.md]
 
 Runs the workers ``train_step`` (peftkit, hf, full fine-tuning), ``inference`` (peftkit, hf) and
-``mixed_batch`` (peftkit, hf) on the BERT, GPT-2 and LLaMA-style models. Each repeat runs every configuration
+``mixed_batch`` (peftkit, hf) on the BERT, GPT-2 and LLaMA-style models; ``--measurements prompt`` runs
+``train_step --method prompt_tuning`` and ``--method prefix_tuning`` (peftkit, hf) on the causal LMs. Each repeat runs every configuration
 once, the peers of one comparison back to back in an order that rotates from repeat to repeat (peftkit, hf,
 then hf, peftkit, ...), so slow phases of the shared machine do not favour one library. Before each process
 the driver waits (up to ``--quiet-wait`` seconds) for other processes to leave the machine nearly idle, then
@@ -34,8 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")
 NO_DECAY = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 CONTENDED = 0.10  # a worker during which other processes used more than this of the machine is run again
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")  # what ``--measurements prompt`` stands for
 WORKERS = {"train": "train_step", "inference": "inference", "mixed": "mixed_batch"}
+WORKERS |= dict.fromkeys(PROMPT_METHODS, "train_step")
 PEERS = {"train": ("peftkit", "hf", "full"), "inference": common.LIBRARIES, "mixed": common.LIBRARIES}
+PEERS |= dict.fromkeys(PROMPT_METHODS, common.LIBRARIES)
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,9 +51,12 @@ def parse_args() -> argparse.Namespace:
         default="auto",
         help="jemalloc (LD_PRELOAD, no decay) for every worker; auto: jemalloc when installed, else glibc",
     )
-    parser.add_argument("--measurements", default="train,inference,mixed", help="comma-separated subset")
+    parser.add_argument(
+        "--measurements", default="train,inference,mixed", help="comma-separated subset of these and prompt"
+    )
     parser.add_argument("--models", default="bert,gpt2,llama", help="models for train and inference")
     parser.add_argument("--mixed-models", default="llama,bert", help="models for the mixed batch")
+    parser.add_argument("--prompt-models", default="llama,gpt2", help="models for prompt and prefix tuning")
     parser.add_argument("--quick", action="store_true", help="one repeat, few calls: checks everything runs")
     parser.add_argument("--quiet-wait", type=float, default=30.0, help="max seconds to wait for a quiet CPU")
     parser.add_argument("--retries", type=int, default=2, help="reruns of a worker disturbed by other load")
@@ -71,11 +78,14 @@ def allocator_env(choice: str) -> tuple[str, dict[str, str]]:
 def plan(args: argparse.Namespace) -> list[tuple[int, str, str, str]]:
     """(repeat, measurement, model, library) in run order: peers adjacent, their order rotating per repeat."""
     repeats = 1 if args.quick else args.repeats
-    measurements = args.measurements.split(",")
+    measurements = []
+    for measurement in args.measurements.split(","):
+        measurements += PROMPT_METHODS if measurement == "prompt" else (measurement,)
+    models_of = {"mixed": args.mixed_models} | dict.fromkeys(PROMPT_METHODS, args.prompt_models)
     jobs = []
     for repeat in range(repeats):
         for measurement in measurements:
-            models = (args.mixed_models if measurement == "mixed" else args.models).split(",")
+            models = models_of.get(measurement, args.models).split(",")
             for model in models:
                 peers = PEERS[measurement]
                 shift = repeat % len(peers)
@@ -87,6 +97,7 @@ def run_worker(job: tuple[int, str, str, str], env: dict[str, str], quick: bool)
     repeat, measurement, model, library = job
     command = [sys.executable, "-m", f"benchmarks.{WORKERS[measurement]}", "--library", library]
     command += ["--model", model] + (["--quick"] if quick else [])
+    command += ["--method", measurement] if measurement in PROMPT_METHODS else []
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith(common.RESULT_PREFIX)]
     if done.returncode != 0 or not lines:

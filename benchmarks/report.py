@@ -21,12 +21,13 @@ from typing import Any
 from benchmarks import common, inference, mixed_batch, train_step
 
 Result = dict[str, Any]
+PROMPT_METHODS = {"prompt_tuning": "prompt tuning", "prefix_tuning": "prefix tuning"}
 Metric = Callable[[Result], float]
 
 
 def one_line(result: Result) -> str:
     what = f"{result['measurement']:<9} {result['model']:<5} {result['library']:<7}"
-    if result["measurement"] == "train":
+    if result["measurement"] in ("train", *PROMPT_METHODS):
         return f"{what} {ms(result['step']['median_s'])}/step, peak +{result['peak_train_mib']:.0f} MiB"
     if result["measurement"] == "inference":
         return f"{what} base {ms(result['base']['median_s'])}, unmerged {ms(result['unmerged']['median_s'])}, merged {ms(result['merged']['median_s'])}"
@@ -48,6 +49,16 @@ def check_same_layers(results: list[Result]) -> None:
         if len(layers) == 2 and layers["peftkit"] != layers["hf"]:
             differ = sorted(set(layers["peftkit"]) ^ set(layers["hf"]))
             raise SystemExit(f"{model}: peftkit and HF PEFT wrap different layers: {differ}")
+    for method in PROMPT_METHODS:  # prompt methods: the same number of trained parameters
+        counts = defaultdict(set)
+        for r in results:
+            if r["measurement"] == method:
+                counts[r["model"]].add(r["trainable_params"])
+        for model, found in counts.items():
+            if len(found) > 1:
+                raise SystemExit(
+                    f"{model} {method}: the libraries train different numbers of parameters: {found}"
+                )
 
 
 # --- reduction -----------------------------------------------------------------------------------------
@@ -270,6 +281,42 @@ def mixed_section(results: list[Result], targets: list[list[str]]) -> list[str]:
     return lines
 
 
+def prompt_section(results: list[Result], targets: list[list[str]]) -> list[str]:
+    lines = [
+        f"## Prompt tuning and prefix tuning: training step ({common.VIRTUAL_TOKENS} virtual tokens)",
+        "",
+        "| method | model | trained params | step peftkit | step HF | **peftkit/HF** time "
+        "| peak peftkit | peak HF | **peftkit/HF** memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, label in PROMPT_METHODS.items():
+        table = Table(results, method)
+        for model in table.models:
+            if not (table.has(model, "peftkit") and table.has(model, "hf")):
+                continue
+            time_ratio = table.ratio(model, "peftkit", "hf", step_time)
+            params = table.runs[model, "peftkit"][0]["trainable_params"]
+            cells = [label, model, f"{params:,}"]
+            cells += [ms(table.median(model, lib, step_time)) for lib in common.LIBRARIES]
+            cells.append(fmt_ratio(time_ratio))
+            cells += [f"{table.median(model, lib, peak_memory):.0f} MiB" for lib in common.LIBRARIES]
+            cells.append(fmt_ratio(table.ratio(model, "peftkit", "hf", peak_memory)))
+            lines.append("| " + " | ".join(cells) + " |")
+            name = f"{model}: {label} step time peftkit/HF"
+            targets.append(target(name, time_ratio[0], "<= 1.00", 1.0, load=table.other_load(model)))
+    lines += [
+        "",
+        f"Step times are medians of {train_step.STEPS} steps after {train_step.WARMUP} warm-up steps "
+        "(forward + backward + AdamW on the trained parameters); peak memory as in the LoRA benchmark "
+        f"(VmHWM growth from just before the model is built). Both libraries: random init, {common.VIRTUAL_TOKENS} "
+        "virtual tokens, the prefix trained directly (HF `prefix_projection=False`), `task_type=CAUSAL_LM`; "
+        f"the models have {common.VIRTUAL_TOKENS} more position embeddings than in the LoRA benchmark. "
+        "In parentheses: the smallest and largest ratio of the two peers run back to back in one repeat.",
+        "",
+    ]
+    return lines
+
+
 DISTURBED = 0.10  # other load above which a target is called inconclusive rather than met or missed
 
 
@@ -335,11 +382,14 @@ def _git_commit() -> str:
 
 def markdown(results: list[Result], ctx: dict[str, Any]) -> str:
     targets: list[list[str]] = []
-    body = (
-        training_section(results, targets)
-        + inference_section(results, targets)
-        + mixed_section(results, targets)
-    )
+    measured = {r["measurement"] for r in results}
+    sections = {"train": training_section, "inference": inference_section, "mixed": mixed_section}
+    body = [
+        line for key, section in sections.items() if key in measured for line in section(results, targets)
+    ]
+    lora = bool(measured & set(sections))
+    if measured & set(PROMPT_METHODS):
+        body += prompt_section(results, targets)
     versions = ", ".join(f"{k} {v}" for k, v in ctx["versions"].items())
     others = sorted(r["other_load"] for r in results)
     retried = sum(r["attempts"] > 1 for r in results)
@@ -349,7 +399,7 @@ def markdown(results: list[Result], ctx: dict[str, Any]) -> str:
         else "glibc malloc (the default), for every worker"
     )
     head = [
-        "# LoRA: peftkit vs Hugging Face PEFT",
+        f"# {'LoRA' if lora else 'Prompt tuning and prefix tuning'}: peftkit vs Hugging Face PEFT",
         "",
         f"- command: `{ctx['command']}` (from the repository root, with `.venv/bin/python`)",
         f"- date: {ctx['date']}; total run {ctx['elapsed_s'] / 60:.1f} min, {ctx['repeats']} processes per configuration",
@@ -359,8 +409,14 @@ def markdown(results: list[Result], ctx: dict[str, Any]) -> str:
         f"- allocator: {allocator}",
         f"- software: Python {ctx['python']}, {versions}; peftkit at commit {ctx['commit']}",
         f"- settings: {common.THREADS} threads, batch {common.BATCH} x {common.TOKENS} tokens (mixed batch: 16 x "
-        f"{common.TOKENS}), LoRA r={common.RANK} alpha={common.ALPHA} dropout 0 on `all-linear` in both libraries "
-        "(the same layers, checked); random weights, same seeds, same inputs",
+        f"{common.TOKENS}), "
+        + (
+            f"LoRA r={common.RANK} alpha={common.ALPHA} dropout 0 on `all-linear` in both libraries "
+            "(the same layers, checked)"
+            if lora
+            else f"{common.VIRTUAL_TOKENS} virtual tokens in both libraries (the same trained parameter count, checked)"
+        )
+        + "; random weights, same seeds, same inputs",
         "- models (random weights, built from transformers config classes):",
         *[f"  - {name}: {desc}" for name, desc in ctx["models"].items()],
         "",

@@ -1,8 +1,11 @@
 """Worker: one training step (forward + backward + AdamW step) and the peak memory of training.
 
     python -m benchmarks.train_step --library {peftkit,hf,full} --model {bert,gpt2,llama}
+                                    [--method {lora,prompt_tuning,prefix_tuning}]
 
-``peftkit`` / ``hf``: LoRA r=8 alpha=16 on all linear layers, AdamW over the trainable parameters only.
+``peftkit`` / ``hf``: LoRA r=8 alpha=16 on all linear layers (``--method lora``, the default), or prompt /
+prefix tuning with 20 virtual tokens (causal LMs; the model then has 20 more position embeddings), AdamW
+over the trainable parameters only.
 ``full``: the plain model, every parameter trained (the reference LoRA is meant to beat on memory).
 
 Time: after ``warmup`` untimed steps (which also create AdamW's state), the median wall time of ``steps``
@@ -28,18 +31,21 @@ STEPS, WARMUP = 10, 2
 
 
 def main() -> None:
-    args = common.worker_args(__doc__.splitlines()[0], (*common.LIBRARIES, "full"))
+    args = common.worker_args(__doc__.splitlines()[0], (*common.LIBRARIES, "full"), methods=True)
     common.setup()
-    common.preload(args.model, args.library)  # imports and one-time set-up stay out of the baseline
+    common.preload(
+        args.model, args.library, args.method
+    )  # imports and one-time set-up stay out of the baseline
     batch = common.make_batch(args.model)
 
     baseline = common.rss_mib()
     common.reset_peak_rss()
-    model = common.build_model(args.model)
+    model = common.build_model(args.model, common.model_size(args.method))
     layers: list[str] = []
     if args.library != "full":
-        model = common.wrap_lora(args.library, model, args.model)
-        layers = common.wrapped_layer_paths(args.library, model)
+        model = common.wrap(args.library, model, args.model, args.method)
+        if args.method == "lora":
+            layers = common.wrapped_layer_paths(args.library, model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -58,7 +64,7 @@ def main() -> None:
 
     common.emit(
         {
-            "measurement": "train",
+            "measurement": "train" if args.method == "lora" else args.method,
             "library": args.library,
             "model": args.model,
             "step": common.summarise(times),
