@@ -79,9 +79,28 @@ def native_file_format(file_type: str, config_class: type[AdapterConfig]) -> dic
     return {"file_type": file_type, "to_file": to_file, "from_file": from_file}
 
 
-def no_targets(model: nn.Module, name: str, config: Any) -> list[str]:
-    """``inject`` for methods that wrap no module: they only train base parameters in place."""
-    return []
+def in_place_method(
+    name: str,
+    config_class: type[AdapterConfig],
+    trained: Callable[[nn.Module, Any], list[str]],
+    file_type: str,
+) -> Method:
+    """Register a method that wraps no module and only trains base parameters in place (BitFit, layer tuning,
+    full fine-tuning): ``trained(model, config)`` names them, and also validates the config on inject."""
+
+    def check(model: nn.Module, adapter: str, config: Any) -> list[str]:
+        trained(model, config)  # raises for a config the model cannot take, before anything changes
+        return []
+
+    return register_method(
+        Method(
+            name=name,
+            config_class=config_class,
+            inject=check,
+            trained_base_parameters=lambda model, targets, config: trained(model, config),
+            **native_file_format(file_type, config_class),
+        )
+    )
 
 
 def no_base_parameters(model: nn.Module, targets: list[str], config: Any) -> list[str]:

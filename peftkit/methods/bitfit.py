@@ -19,7 +19,7 @@ from torch import nn
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, register_config
 from peftkit.layer import base_parameter_names
-from peftkit.methods import Method, native_file_format, no_targets, register_method
+from peftkit.methods import in_place_method
 
 # Role -> patterns of bias parameter names across BERT-style, GPT-2, LLaMA-style, T5 and DistilBERT models.
 ROLE_PATTERNS: dict[str, str] = {
@@ -77,17 +77,4 @@ def bias_names(model: nn.Module, config: BitFitConfig) -> list[str]:
     return chosen
 
 
-def _check(model: nn.Module, name: str, config: BitFitConfig) -> list[str]:
-    bias_names(model, config)
-    return no_targets(model, name, config)
-
-
-register_method(
-    Method(
-        name="bitfit",
-        config_class=BitFitConfig,
-        inject=_check,
-        trained_base_parameters=lambda model, targets, config: bias_names(model, config),
-        **native_file_format("PEFTKIT_BITFIT", BitFitConfig),
-    )
-)
+in_place_method("bitfit", BitFitConfig, bias_names, "PEFTKIT_BITFIT")

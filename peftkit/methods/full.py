@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from peftkit.config import AdapterConfig, register_config
 from peftkit.layer import base_parameter_names
-from peftkit.methods import Method, native_file_format, no_targets, register_method
+from peftkit.methods import in_place_method
 
 
 @register_config
@@ -24,12 +24,6 @@ class FullFineTuningConfig(AdapterConfig):
     method: ClassVar[str] = "full"
 
 
-register_method(
-    Method(
-        name="full",
-        config_class=FullFineTuningConfig,
-        inject=no_targets,
-        trained_base_parameters=lambda model, targets, config: base_parameter_names(model),
-        **native_file_format("PEFTKIT_FULL", FullFineTuningConfig),
-    )
+in_place_method(
+    "full", FullFineTuningConfig, lambda model, config: base_parameter_names(model), "PEFTKIT_FULL"
 )

@@ -16,7 +16,7 @@ from torch import nn
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
 from peftkit.layer import AdapterLayer, base_parameter_names
-from peftkit.methods import Method, native_file_format, no_targets, register_method
+from peftkit.methods import in_place_method
 
 
 @register_config
@@ -115,17 +115,4 @@ def _final_norm_paths(model: nn.Module, lists: list[str]) -> list[str]:
     return paths
 
 
-def _check(model: nn.Module, name: str, config: LayerTuningConfig) -> list[str]:
-    trained_parameter_names(model, config)
-    return no_targets(model, name, config)
-
-
-register_method(
-    Method(
-        name="layer_tuning",
-        config_class=LayerTuningConfig,
-        inject=_check,
-        trained_base_parameters=lambda model, targets, config: trained_parameter_names(model, config),
-        **native_file_format("PEFTKIT_LAYER_TUNING", LayerTuningConfig),
-    )
-)
+in_place_method("layer_tuning", LayerTuningConfig, trained_parameter_names, "PEFTKIT_LAYER_TUNING")

@@ -42,12 +42,13 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
-from peftkit.layer import AdapterLayer, find_or_wrap, wrapper_in_chain
+from peftkit.layer import AdapterLayer, find_or_wrap
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.methods.prompts.prompt_tuning import prepend_prompts, prompt_generation
 from peftkit.methods.prompts.virtual_tokens import (
     IGNORE_INDEX,
     cached_length,
+    input_embedding_adapter,
     input_embedding_path,
     is_encoder_decoder,
     refuse_mixed_batch,
@@ -252,10 +253,7 @@ class PTuningEmbedding(AdapterLayer):
 
 
 def _encoder(model: nn.Module, name: str) -> PromptEncoder:
-    found = wrapper_in_chain(model.get_input_embeddings(), PTuningEmbedding)
-    if found is None:
-        raise ConfigError(f"{type(model).__name__}'s input embedding carries no p-tuning adapter")
-    return found.encoders[name]
+    return input_embedding_adapter(model, PTuningEmbedding, "p-tuning").encoders[name]
 
 
 def _inject(model: nn.Module, name: str, config: PTuningConfig) -> list[str]:

@@ -41,12 +41,13 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
-from peftkit.layer import AdapterLayer, find_or_wrap, wrapper_in_chain
+from peftkit.layer import AdapterLayer, find_or_wrap
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.methods.prompts.virtual_tokens import (
     cached_length,
     extend_over_virtual_tokens,
     generation_from_cache,
+    input_embedding_adapter,
     input_embedding_path,
     is_encoder_decoder,
     refuse_mixed_batch,
@@ -190,10 +191,7 @@ class PrefixStore(AdapterLayer):
 
 
 def _store(model: nn.Module) -> PrefixStore:
-    found = wrapper_in_chain(model.get_input_embeddings(), PrefixStore)
-    if found is None:
-        raise ConfigError(f"{type(model).__name__}'s input embedding carries no prefix-tuning adapter")
-    return found
+    return input_embedding_adapter(model, PrefixStore, "prefix-tuning")
 
 
 def inject(model: nn.Module, name: str, config: PrefixTuningConfig) -> list[str]:

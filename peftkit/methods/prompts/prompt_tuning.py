@@ -41,12 +41,13 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
-from peftkit.layer import AdapterLayer, find_or_wrap, wrapper_in_chain
+from peftkit.layer import AdapterLayer, find_or_wrap
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.methods.prompts.virtual_tokens import (
     cached_length,
     extend_over_virtual_tokens,
     generation_from_cache,
+    input_embedding_adapter,
     input_embedding_path,
     is_encoder_decoder,
     refuse_mixed_batch,
@@ -187,10 +188,7 @@ def _average_ensemble(layer: PromptEmbedding | None, model: nn.Module, output: A
 
 
 def _layer(model: nn.Module) -> PromptEmbedding:
-    found = wrapper_in_chain(model.get_input_embeddings(), PromptEmbedding)
-    if found is None:
-        raise ConfigError(f"{type(model).__name__}'s input embedding carries no prompt-tuning adapter")
-    return found
+    return input_embedding_adapter(model, PromptEmbedding, "prompt-tuning")
 
 
 def _inject(model: nn.Module, name: str, config: PromptTuningConfig) -> list[str]:

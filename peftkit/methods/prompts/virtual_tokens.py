@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from peftkit.config import ConfigError
+from peftkit.layer import AdapterLayer, wrapper_in_chain
 
 IGNORE_INDEX = -100  # the label value transformers' losses skip
 # Keyword arguments with one row per example, repeated for each member of a prompt ensemble.
@@ -58,6 +59,14 @@ def input_embedding_path(model: nn.Module) -> str:
         if module is embedding:
             return path
     raise ConfigError(f"the input embedding of {type(model).__name__} is not one of its submodules")
+
+
+def input_embedding_adapter(model: nn.Module, wrapper: type[AdapterLayer], method: str) -> AdapterLayer:
+    """The ``wrapper`` holding a prompt method's adapters around the model's input embedding."""
+    found = wrapper_in_chain(model.get_input_embeddings(), wrapper)
+    if found is None:
+        raise ConfigError(f"{type(model).__name__}'s input embedding carries no {method} adapter")
+    return found
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
