@@ -187,6 +187,26 @@ def test_qlora_layer_output_is_dequantized_W_x_plus_scaled_BAx(adapter_dtype):
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_qlora_layer_gradients_are_those_of_the_dequantized_computation(bias):
+    # a biased 4-bit layer on a (batch, tokens, in) input: bitsandbytes returns a view there, into which the
+    # adapter's update must not be added in place (autograd refuses it; BERT-style models hit this)
+    _, base = _quantized_layer(out_features=48, in_features=64, bias=bias)
+    model = get_qlora_model(
+        nn.Sequential(base), LoraConfig(r=3, alpha=6, init="random", target_modules=["0"])
+    )
+    layer = model.base_model[0]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    grad = torch.randn(2, 5, 48)
+    got = torch.autograd.grad(model(x), (x, A, B), grad)
+    W = dequantize_weight(base)
+    expected = x @ W.T + (base.bias if bias else 0) + 2.0 * (x @ A.T @ B.T)
+    want = torch.autograd.grad(expected, (x, A, B), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_only_lora_parameters_change_and_the_loss_goes_down():
     model = _qlora(init="default")
     model.train()

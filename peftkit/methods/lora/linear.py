@@ -11,8 +11,16 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.layer import AdapterLayer, innermost
 from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.fused import fused_lora_linear
 from peftkit.methods.lora.init import LINEAR_INITIALISERS, initialise
 from peftkit.methods.lora.stacking import padded_stack
+
+_FUSABLE_BASES = (nn.Linear, Conv1D)  # exactly these types: a subclass (a quantized layer) computes otherwise
+
+
+def _global_forward_hooks() -> bool:
+    module = torch.nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 class LoraLinear(AdapterLayer):
@@ -100,10 +108,21 @@ class LoraLinear(AdapterLayer):
                 weight -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self.active_adapter
+        if self.routing is None and not args and not kwargs and self._fusable(name, x):
+            base = self.base_layer
+            return fused_lora_linear(
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.scaling[name],
+                self.transposed,
+            )
         result = self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
             return self._mixed_forward(x, result)
-        name = self.active_adapter
         if name is None or name not in self.lora_A or name in self.merged_adapters:  # the hot path: no list
             return result
         weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -111,6 +130,22 @@ class LoraLinear(AdapterLayer):
             x = x.to(weight_A.dtype)
         hidden = F.linear(self.lora_dropout[name](x), weight_A)  # (..., r)
         return _add_scaled_product(result, hidden, weight_B.T, self.scaling[name])
+
+    def _fusable(self, name: str | None, x: torch.Tensor) -> bool:
+        """Whether one adapter runs on a frozen plain base in a way :func:`fused_lora_linear` computes exactly:
+        no dropout on the adapter's input, one dtype, no autocast, nothing hooked to the base layer (a hook
+        there, such as a parallel bottleneck adapter reading its input, must still see the call)."""
+        if name is None or name not in self.lora_A or name in self.merged_adapters:
+            return False
+        base = self.base_layer
+        return (
+            type(base) in _FUSABLE_BASES
+            and not base.weight.requires_grad
+            and type(self.lora_dropout[name]) is nn.Identity
+            and x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and not (base._forward_hooks or base._forward_pre_hooks or _global_forward_hooks())
+        )
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         routing = self.routing
@@ -161,9 +196,10 @@ def _add_scaled_product(
 
     The base layer's output is fresh and its backward does not need it, so adding in place is safe for
     autograd and saves a temporary and two passes over the (tokens x out) output: that is most of the cost
-    of an unmerged adapter beyond its two thin matmuls.
+    of an unmerged adapter beyond its two thin matmuls. Not into a view: autograd forbids modifying in place
+    a view that a custom autograd node returned (bitsandbytes' 4-bit matmul returns one).
     """
-    if result.dtype == hidden.dtype and result.is_contiguous():
+    if result.dtype == hidden.dtype and result.is_contiguous() and result._base is None:
         if right.dim() == 2:  # (..., r) @ (r, out)
             result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), right, alpha=scale)
         else:  # batched: (batch, tokens, r) @ (batch, r, out)

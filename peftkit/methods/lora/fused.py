@@ -1,0 +1,77 @@
+"""A LoRA linear layer's forward and backward as one autograd node, for the common case: a frozen plain base.
+
+``y = x W^T + b + s · (x A^T) B^T`` with ``W`` frozen. Left to autograd (four nodes: the base linear, ``A``,
+``B``, the add), the backward pays for two things it does not need:
+
+- the gradient reaching ``x`` from the base path (``g W``) and from the adapter path (``(s g B) A``) are two
+  (tokens x in) tensors that autograd then adds: one more temporary and one more pass over it;
+- the scale ``s`` is applied where autograd put it, not where it is cheapest.
+
+Here, with ``h = x A^T`` (tokens x r) kept from the forward and ``g`` the output's gradient:
+
+- ``g_h = s · g B``            (tokens x r: scaled where it is thin)
+- ``∂x = g W + g_h A``        (the second product accumulated into the first in place: one addmm_)
+- ``∂A = g_h^T x``,  ``∂B = g^T (s · h)``,  ``∂b = Σ_tokens g`` (only when the bias trains)
+
+The forward runs exactly the ops of the unfused path, so outputs are bitwise the same; gradients agree up to
+float rounding (tested against autograd in float64). What is saved for the backward is what autograd saves:
+``x`` and the thin ``h``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    scale: float,
+    transposed: bool,
+) -> torch.Tensor:
+    """``y = base(x) + s · (x A^T) B^T`` for a frozen base weight, any number of leading dimensions.
+    ``transposed``: the weight is (in, out), as transformers' ``Conv1D`` stores it (GPT-2); otherwise (out,
+    in) as ``nn.Linear``. The node works on (tokens, features) matrices, so its output is not a view and
+    later in-place ops on it stay legal."""
+    out_features = weight.shape[1] if transposed else weight.shape[0]
+    flat = FusedLoraLinear.apply(
+        x.reshape(-1, x.shape[-1]), weight, bias, weight_A, weight_B, scale, transposed
+    )
+    return flat.view(x.shape[:-1] + (out_features,))
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """The node behind :func:`fused_lora_linear`, on (tokens, in) inputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_A, weight_B, scale: float, transposed: bool):
+        if transposed:  # Conv1D.forward, op for op
+            result = torch.addmm(bias, x, weight) if bias is not None else x @ weight
+        else:
+            result = F.linear(x, weight, bias)
+        hidden = F.linear(x, weight_A)  # (tokens, r)
+        result.addmm_(hidden, weight_B.T, alpha=scale)
+        ctx.save_for_backward(x, weight, weight_A, weight_B, hidden)
+        ctx.scale, ctx.transposed, ctx.has_bias = scale, transposed, bias is not None
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (tokens, out)
+        x, weight, weight_A, weight_B, hidden = ctx.saved_tensors
+        scale = ctx.scale
+        grad_hidden = (grad @ weight_B).mul_(scale)  # (tokens, r)
+        grad_x = grad_bias = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ (weight.T if ctx.transposed else weight)  # (tokens, in)
+            grad_x.addmm_(grad_hidden, weight_A)
+        if ctx.needs_input_grad[2] and ctx.has_bias:
+            grad_bias = grad.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_A = grad_hidden.T @ x  # (r, in)
+        if ctx.needs_input_grad[4]:
+            grad_B = grad.T @ (hidden * scale)  # (out, r)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None
