@@ -41,7 +41,7 @@ def fused_lora_linear(
     flat = FusedLoraLinear.apply(
         x.reshape(-1, x.shape[-1]), weight, bias, weight_A, weight_B, scale, transposed
     )
-    return flat.view(x.shape[:-1] + (out_features,))
+    return flat.view((*x.shape[:-1], out_features))
 
 
 class FusedLoraLinear(torch.autograd.Function):
