@@ -112,12 +112,38 @@ def test_numbers_are_consistent_with_the_runs(comparison):
             assert run.steps == STEPS and [s for s, _ in run.loss_curve] == list(range(1, STEPS + 1))
             assert run.step_ms > 0 and run.train_seconds < run.run_seconds
             assert run.peak_memory_bytes > 0
-        for key in ("peak_memory_bytes", "step_ms", "latency_base_ms", "latency_unmerged_ms"):
+        for key in (
+            "peak_memory_bytes",
+            "base_weight_bytes",
+            "step_ms",
+            "latency_base_ms",
+            "latency_unmerged_ms",
+        ):
             assert row[key] > 0, key
         assert row["latency_merged_ms"] is not None  # both merge (full: the values live in the weights)
     assert lora["trainable"] < full["trainable"]
+    assert lora["base_weight_bytes"] == full["base_weight_bytes"]  # the same fp32 base, adapters left out
     assert full["trainable_percent"] == pytest.approx(100.0)
     assert lora["learning_rate"] == full["learning_rate"] == 1e-2  # the base config's, no defaults here
+
+
+def test_base_weight_bytes_leave_the_adapters_out_and_count_4bit_storage():
+    from peftkit import get_qlora_model, quantize_model
+    from peftkit.lab.worker import base_weight_bytes
+    from peftkit.quantization import storage_report
+    from tests.tiny_models import TINY_MODELS
+
+    tiny = TINY_MODELS["llama"]
+    plain = tiny.build()
+    expected = storage_report(plain).total_bytes  # every tensor of the plain model, tied ones once
+    lora = get_peft_model(tiny.build(), LoraConfig(r=4, target_modules="all-linear"))
+    assert base_weight_bytes(lora) == expected
+    quantized = tiny.build()
+    quantize_model(quantized)
+    qlora = get_qlora_model(tiny.build(), LoraConfig(r=4, target_modules="all-linear"))
+    # the same 4-bit base up to bitsandbytes' constant code books, which one path shares between layers
+    assert base_weight_bytes(qlora) == pytest.approx(storage_report(quantized).total_bytes, rel=0.1)
+    assert base_weight_bytes(qlora) < 0.8 * expected
 
 
 def test_failed_methods_are_reported_not_raised(comparison):

@@ -25,6 +25,9 @@ class RunRecord:
     adapter_params: int | None = None  # values in the saved adapter file
     adapter_bytes: int | None = None
     peak_memory_bytes: int | None = None
+    base_weight_bytes: int | None = (
+        None  # the frozen base's weights as held in memory (4-bit where quantized)
+    )
     step_ms: float | None = None  # median optimizer step after warm-up
     train_seconds: float | None = None  # sum of all optimizer steps
     run_seconds: float | None = None  # the whole run: loading, training, evaluation, saving
@@ -74,6 +77,7 @@ def read_run(method: str, seed: int, run_dir: Path, result: dict[str, Any]) -> R
         adapter_params=result["adapter_params"],
         adapter_bytes=result["adapter_bytes"],
         peak_memory_bytes=result["peak_memory_bytes"],
+        base_weight_bytes=result.get("base_weight_bytes"),
         step_ms=1000 * median if median is not None else None,
         train_seconds=sum(seconds),
         run_seconds=result["run_seconds"],

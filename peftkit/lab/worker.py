@@ -34,6 +34,17 @@ def adapter_file_parameters(path: Path) -> int:
     return total
 
 
+def base_weight_bytes(model) -> int:
+    """Bytes the base model's own weights hold in memory, from its actual tensors (packed 4-bit codes and
+    their scales for a quantized layer), without the adapters' tensors and trained module copies."""
+    from peftkit.layer import added_parameter_ids
+    from peftkit.quantization import storage_report
+
+    added = added_parameter_ids(model)
+    added_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) in added)
+    return storage_report(model).total_bytes - added_bytes
+
+
 def run(run_dir: Path, latency_batch: int, latency_repeats: int) -> dict[str, Any]:
     import torch
 
@@ -67,6 +78,7 @@ def run(run_dir: Path, latency_batch: int, latency_repeats: int) -> dict[str, An
         "adapter_params": adapter_file_parameters(run_dir / "adapter" / WEIGHTS_NAME),
         "adapter_bytes": result.adapter_file_bytes,
         "peak_memory_bytes": result.peak_memory_bytes,
+        "base_weight_bytes": base_weight_bytes(model),
         "steps": result.steps,
         "run_seconds": result.seconds,
         "global_batch": config.batch_size * config.gradient_accumulation,
