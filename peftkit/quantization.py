@@ -232,13 +232,18 @@ class StorageReport:
 def storage_report(model: nn.Module) -> StorageReport:
     quantized_parameters = quantized_bytes = 0
     counted: set[tuple[int, int]] = set()
+    # state_dict() builds some tensors on the fly (bitsandbytes' packed quantization state); they are kept
+    # alive until the count is done, or a freed one's address could be reused and taken for a duplicate
+    alive: list[dict[str, torch.Tensor]] = []
     for module in model.modules():
         if is_quantized_linear(module):
             quantized_parameters += module.in_features * module.out_features
-            for key, tensor in module.state_dict().items():
+            alive.append(module.state_dict())
+            for key, tensor in alive[-1].items():
                 if key == "weight" or key.startswith("weight."):
                     quantized_bytes += _count_once(tensor, counted)
-    other_bytes = sum(_count_once(t, counted) for t in model.state_dict().values())
+    alive.append(model.state_dict())
+    other_bytes = sum(_count_once(t, counted) for t in alive[-1].values())
     return StorageReport(quantized_parameters, quantized_bytes, other_bytes)
 
 
