@@ -11,31 +11,40 @@ from peftkit.methods.lora.fused import FusedLoraLinear, fused_lora_linear
 from tests.tiny_models import TINY_MODELS
 
 
-def _reference(x, weight, bias, A, B, scale, transposed):
+def _reference(x, x_adapter, weight, bias, A, B, scale, transposed):
     """Plain autograd ops: the computation the node must differentiate."""
     base = x @ weight if transposed else x @ weight.T
     if bias is not None:
         base = base + bias
-    return base + scale * (x @ A.T) @ B.T
+    return base + scale * (x_adapter @ A.T) @ B.T
 
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gradients_match_autograd_in_float64(transposed, with_bias):
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gradients_match_autograd_in_float64(transposed, with_bias, dropout):
     torch.manual_seed(0)
     tokens, d_in, d_out, r = 6, 5, 4, 3
     x = torch.randn(2, tokens // 2, d_in, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(x.shape) > 0.3).double() / 0.7  # a fixed dropout mask on the adapter's input
     weight = torch.randn((d_in, d_out) if transposed else (d_out, d_in), dtype=torch.float64)
     bias = torch.randn(d_out, dtype=torch.float64, requires_grad=True) if with_bias else None
     A = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
     B = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
+
+    def fused(x, *rest):
+        return fused_lora_linear(x, x * mask if dropout else x, *rest)
+
+    def reference(x, *rest):
+        return _reference(x, x * mask if dropout else x, *rest)
+
     inputs = (x, weight, bias, A, B, 0.7, transposed)
-    assert torch.autograd.gradcheck(lambda *t: fused_lora_linear(*t), inputs)
+    assert torch.autograd.gradcheck(fused, inputs)
     grad = torch.randn(2, tokens // 2, d_out, dtype=torch.float64)
     leaves = [t for t in (x, bias, A, B) if t is not None]
-    fused = torch.autograd.grad(fused_lora_linear(*inputs), leaves, grad)
-    reference = torch.autograd.grad(_reference(*inputs), leaves, grad)
-    for got, want in zip(fused, reference, strict=True):
+    got_grads = torch.autograd.grad(fused(*inputs), leaves, grad)
+    want_grads = torch.autograd.grad(reference(*inputs), leaves, grad)
+    for got, want in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -52,18 +61,18 @@ def _uses_fused_node(output: torch.Tensor) -> bool:
     return False
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-def test_a_model_trains_the_same_fused_and_unfused(arch, monkeypatch):
+@pytest.mark.parametrize(("arch", "dropout"), [("bert", 0.0), ("gpt2", 0.0), ("llama", 0.0), ("bert", 0.2)])
+def test_a_model_trains_the_same_fused_and_unfused(arch, dropout, monkeypatch):
     tiny = TINY_MODELS[arch]
     batch = tiny.batch()
 
     def loss_and_grads(fused: bool):
         if not fused:
             monkeypatch.setattr(LoraLinear, "_fusable", lambda self, name, x: False)
-        model = get_peft_model(
-            tiny.build(), LoraConfig(r=4, alpha=8, init="random", target_modules="all-linear")
-        )
+        config = LoraConfig(r=4, alpha=8, init="random", target_modules="all-linear", dropout=dropout)
+        model = get_peft_model(tiny.build(), config)
         model.train()
+        torch.manual_seed(7)  # the same dropout masks: both paths draw them in the same order
         output = tiny.output(model(**batch))  # with autograd, unlike tests.tiny_models.run
         assert _uses_fused_node(output) is fused
         output.float().pow(2).mean().backward()
@@ -91,8 +100,7 @@ def test_the_fast_path_is_taken_only_where_it_is_exact():
     x = torch.randn(2, 3, 8)
     assert _uses_fused_node(_frozen_layer(nn.Linear(8, 5))(x))
     assert _uses_fused_node(_frozen_layer(Conv1D(5, 8))(x))
-    # dropout on the adapter's input: the unfused path, which applies it
-    assert not _uses_fused_node(_frozen_layer(nn.Linear(8, 5), dropout=0.1)(x))
+    assert _uses_fused_node(_frozen_layer(nn.Linear(8, 5), dropout=0.1)(x))  # dropout applied before the node
     # a hook on the base layer must still see the call
     hooked = _frozen_layer(nn.Linear(8, 5))
     calls = []

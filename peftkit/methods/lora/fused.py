@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 def fused_lora_linear(
     x: torch.Tensor,
+    x_adapter: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     weight_A: torch.Tensor,
@@ -33,45 +34,53 @@ def fused_lora_linear(
     scale: float,
     transposed: bool,
 ) -> torch.Tensor:
-    """``y = base(x) + s · (x A^T) B^T`` for a frozen base weight, any number of leading dimensions.
-    ``transposed``: the weight is (in, out), as transformers' ``Conv1D`` stores it (GPT-2); otherwise (out,
-    in) as ``nn.Linear``. The node works on (tokens, features) matrices, so its output is not a view and
-    later in-place ops on it stay legal."""
+    """``y = base(x) + s · (x' A^T) B^T`` for a frozen base weight, any number of leading dimensions.
+
+    ``x_adapter`` (``x'``) is the adapter's input: ``x`` itself, or ``dropout(x)``, whose own backward autograd
+    then applies (only when it *is* ``x`` are the two input gradients accumulated in one pass).
+    ``transposed``: the weight is (in, out), as transformers' ``Conv1D`` stores it (GPT-2); otherwise (out, in)
+    as ``nn.Linear``. The node works on (tokens, features) matrices, so its output is not a view and later
+    in-place ops on it stay legal."""
     out_features = weight.shape[1] if transposed else weight.shape[0]
-    flat = FusedLoraLinear.apply(
-        x.reshape(-1, x.shape[-1]), weight, bias, weight_A, weight_B, scale, transposed
-    )
-    return flat.view((*x.shape[:-1], out_features))
+    flat = x.reshape(-1, x.shape[-1])
+    flat_adapter = flat if x_adapter is x else x_adapter.reshape(-1, x_adapter.shape[-1])
+    result = FusedLoraLinear.apply(flat, flat_adapter, weight, bias, weight_A, weight_B, scale, transposed)
+    return result.view((*x.shape[:-1], out_features))
 
 
 class FusedLoraLinear(torch.autograd.Function):
     """The node behind :func:`fused_lora_linear`, on (tokens, in) inputs."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_A, weight_B, scale: float, transposed: bool):
+    def forward(ctx, x, x_adapter, weight, bias, weight_A, weight_B, scale: float, transposed: bool):
         if transposed:  # Conv1D.forward, op for op
             result = torch.addmm(bias, x, weight) if bias is not None else x @ weight
         else:
             result = F.linear(x, weight, bias)
-        hidden = F.linear(x, weight_A)  # (tokens, r)
+        hidden = F.linear(x_adapter, weight_A)  # (tokens, r)
         result.addmm_(hidden, weight_B.T, alpha=scale)
-        ctx.save_for_backward(x, weight, weight_A, weight_B, hidden)
+        ctx.save_for_backward(x_adapter, weight, weight_A, weight_B, hidden)
         ctx.scale, ctx.transposed, ctx.has_bias = scale, transposed, bias is not None
+        ctx.shared_input = x_adapter is x
         return result
 
     @staticmethod
     def backward(ctx, grad):  # grad: (tokens, out)
-        x, weight, weight_A, weight_B, hidden = ctx.saved_tensors
+        x_adapter, weight, weight_A, weight_B, hidden = ctx.saved_tensors
         scale = ctx.scale
+        needs = ctx.needs_input_grad
         grad_hidden = (grad @ weight_B).mul_(scale)  # (tokens, r)
-        grad_x = grad_bias = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
+        grad_x = grad_x_adapter = grad_bias = grad_A = grad_B = None
+        if needs[0]:
             grad_x = grad @ (weight.T if ctx.transposed else weight)  # (tokens, in)
-            grad_x.addmm_(grad_hidden, weight_A)
-        if ctx.needs_input_grad[2] and ctx.has_bias:
+            if ctx.shared_input:
+                grad_x.addmm_(grad_hidden, weight_A)
+        if needs[1] and not ctx.shared_input:
+            grad_x_adapter = grad_hidden @ weight_A
+        if needs[3] and ctx.has_bias:
             grad_bias = grad.sum(0)
-        if ctx.needs_input_grad[3]:
-            grad_A = grad_hidden.T @ x  # (r, in)
-        if ctx.needs_input_grad[4]:
+        if needs[4]:
+            grad_A = grad_hidden.T @ x_adapter  # (r, in)
+        if needs[5]:
             grad_B = grad.T @ (hidden * scale)  # (out, r)
-        return grad_x, None, grad_bias, grad_A, grad_B, None, None
+        return grad_x, grad_x_adapter, None, grad_bias, grad_A, grad_B, None, None

@@ -113,6 +113,7 @@ class LoraLinear(AdapterLayer):
             base = self.base_layer
             return fused_lora_linear(
                 x,
+                self.lora_dropout[name](x),
                 base.weight,
                 base.bias,
                 self.lora_A[name].weight,
@@ -133,15 +134,14 @@ class LoraLinear(AdapterLayer):
 
     def _fusable(self, name: str | None, x: torch.Tensor) -> bool:
         """Whether one adapter runs on a frozen plain base in a way :func:`fused_lora_linear` computes exactly:
-        no dropout on the adapter's input, one dtype, no autocast, nothing hooked to the base layer (a hook
-        there, such as a parallel bottleneck adapter reading its input, must still see the call)."""
+        one dtype, no autocast, nothing hooked to the base layer (a hook there, such as a parallel bottleneck
+        adapter reading its input, must still see the call)."""
         if name is None or name not in self.lora_A or name in self.merged_adapters:
             return False
         base = self.base_layer
         return (
             type(base) in _FUSABLE_BASES
             and not base.weight.requires_grad
-            and type(self.lora_dropout[name]) is nn.Identity
             and x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
             and not (base._forward_hooks or base._forward_pre_hooks or _global_forward_hooks())
