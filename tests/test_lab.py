@@ -221,3 +221,22 @@ def test_method_settings_and_per_run_flags_on_the_command_line(capsys):
     }
     assert main(["compare", "--seed", "1"]) == 2
     assert "use --seeds" in capsys.readouterr().err
+
+
+def test_resume_reuses_finished_runs_and_reruns_changed_ones(assets, tmp_path):
+    out, base = tmp_path / "compare", _base(assets)
+    options = {"show_progress": False, "latency_repeats": 1}
+    first = run_comparison(base, ["lora", "bitfit"], [0], out, **options)
+    for method in ("lora", "bitfit"):
+        (out / "runs" / f"{method}-seed0" / "kept").write_text("")
+    with pytest.raises(ConfigError, match="--resume to reuse"):
+        run_comparison(base, ["lora"], [0], out, **options)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        run_comparison(base, ["lora"], [0], out, overwrite=True, resume=True, **options)
+    changed = {"bitfit": {"learning_rate": 5e-3}}
+    second = run_comparison(base, ["lora", "bitfit"], [0], out, changed, resume=True, **options)
+    assert (out / "runs" / "lora-seed0" / "kept").exists()  # same settings: reused
+    assert not (out / "runs" / "bitfit-seed0" / "kept").exists()  # other settings: run again
+    before, after = ({r.method: r for r in c.runs} for c in (first, second))
+    assert after["lora"] == before["lora"]  # the whole record, load average and loss curve included
+    assert after["bitfit"].learning_rate == 5e-3 != before["bitfit"].learning_rate

@@ -19,7 +19,7 @@ from peftkit.config import ConfigError
 from peftkit.training.config import TrainConfig
 
 DEFAULT_OUTPUT = "runs/compare"
-PER_RUN = {"method": "--methods", "seed": "--seeds", "resume": "a fresh --output-dir"}  # set by the lab
+PER_RUN = {"method": "--methods", "seed": "--seeds"}  # set by the lab for each run
 
 
 def add_parser(subparsers) -> None:
@@ -45,13 +45,20 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier comparison in --output-dir"
     )
+    parser.add_argument(
+        "--resume",
+        dest="resume_comparison",
+        action="store_true",
+        help="reuse the runs of an earlier comparison in --output-dir that finished with the same settings; "
+        "run the others (new, changed, failed or interrupted)",
+    )
     parser.add_argument("--latency-batch", type=int, default=16, help="rows of the timed inference batch")
     parser.add_argument("--latency-repeats", type=int, default=20, help="timed forward passes per variant")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before one run is stopped")
     parser.add_argument(
         "--config", help="a YAML file of training settings for every method (flags override it)"
     )
-    add_config_flags(parser)
+    add_config_flags(parser, exclude=frozenset({"resume"}))  # the lab's --resume reuses finished runs
     for action in parser._actions:  # per-run settings: the lab sets them
         if action.dest in PER_RUN:
             action.help = argparse.SUPPRESS
@@ -114,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         output_dir,
         settings,
         overwrite=args.overwrite,
+        resume=args.resume_comparison,
         latency_batch=args.latency_batch,
         latency_repeats=args.latency_repeats,
         timeout=args.timeout,

@@ -32,12 +32,12 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--max-steps`` for ``max_steps``); defaults stay None so that only
-    the flags a user gives override the YAML file."""
+def add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
+    """One flag per TrainConfig field (``--max-steps`` for ``max_steps``) but those in ``exclude``; defaults
+    stay None so that only the flags a user gives override the YAML file."""
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "columns":
+        if field.name == "columns" or field.name in exclude:
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
@@ -75,7 +75,7 @@ def _parser_for(kind):
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "columns"
+        f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig) if f.name != "columns"
     }
     columns = {c: getattr(args, f"{c}_column") for c in COLUMN_FLAGS if getattr(args, f"{c}_column")}
     if columns:

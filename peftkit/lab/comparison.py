@@ -15,7 +15,7 @@ from peftkit.lab.charts import write_charts
 from peftkit.lab.plan import RUNS_DIR, plan_runs
 from peftkit.lab.progress import ComparisonProgress
 from peftkit.lab.records import RunRecord, read_run
-from peftkit.lab.runner import launch
+from peftkit.lab.runner import finished_result, launch
 from peftkit.lab.summary import MethodSummary, summarize
 from peftkit.lab.tables import JSON, write_tables
 from peftkit.training.config import TrainConfig
@@ -36,6 +36,7 @@ def run_comparison(
     method_settings: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     show_progress: bool = True,
     latency_batch: int = 16,
     latency_repeats: int = 20,
@@ -51,11 +52,16 @@ def run_comparison(
     if not methods or not seeds:
         raise ConfigError("a comparison needs at least one method and one seed")
     output_dir = Path(output_dir)
+    if overwrite and resume:
+        raise ConfigError(
+            "--overwrite and --resume exclude each other: replace the earlier runs, or reuse them"
+        )
     previous = [output_dir / JSON, output_dir / RUNS_DIR]
-    if any(p.exists() for p in previous):
+    if any(p.exists() for p in previous) and not resume:
         if not overwrite:
             raise ConfigError(
-                f"{output_dir} holds an earlier comparison: pass --overwrite, or another --output-dir"
+                f"{output_dir} holds an earlier comparison: pass --resume to reuse its finished runs, "
+                "--overwrite to replace it, or another --output-dir"
             )
         shutil.rmtree(output_dir / RUNS_DIR, ignore_errors=True)
     specs = plan_runs(base, methods, seeds, output_dir, method_settings)
@@ -65,13 +71,15 @@ def run_comparison(
     try:
         for index, spec in enumerate(specs):
             progress.start(index, spec)
-            result = launch(
-                spec,
-                on_steps=lambda steps, i=index: progress.steps_done(i, steps),
-                latency_batch=latency_batch,
-                latency_repeats=latency_repeats,
-                timeout=timeout,
-            )
+            result = finished_result(spec) if resume else None
+            if result is None:
+                result = launch(
+                    spec,
+                    on_steps=lambda steps, i=index: progress.steps_done(i, steps),
+                    latency_batch=latency_batch,
+                    latency_repeats=latency_repeats,
+                    timeout=timeout,
+                )
             record = read_run(spec.method, spec.seed, spec.run_dir, result)
             runs.append(record)
             progress.finish(index, record.ok)

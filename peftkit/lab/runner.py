@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.lab.plan import RunSpec
-from peftkit.lab.worker import RESULT_FILE
+from peftkit.lab.worker import RESULT_FILE, write_result
+from peftkit.training.config import TrainConfig
 
 LOG_FILE = "worker.log"
 POLL_SECONDS = 0.5
@@ -67,12 +68,30 @@ def launch(
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         result["load_average"] = statistics.fmean(loads) if loads else None
+        write_result(spec.run_dir, result)  # complete, so that --resume can reuse it as is
         return result
     return {
         "status": "failed",
         "error": f"the worker exited with status {process.returncode} without a result; "
         f"log ends: {_tail(spec.run_dir / LOG_FILE)}",
     }
+
+
+def finished_result(spec: RunSpec) -> dict[str, Any] | None:
+    """The result of an earlier run of exactly this spec (``--resume``): its worker succeeded and the settings
+    it saved are the planned ones, its folder aside. Anything else (failed, interrupted, other settings) is
+    run again."""
+    result_path, config_path = spec.run_dir / RESULT_FILE, spec.run_dir / "config.yaml"
+    if spec.config is None or not (result_path.is_file() and config_path.is_file()):
+        return None
+    result = json.loads(result_path.read_text())
+    if result.get("status") != "ok":
+        return None
+    saved = TrainConfig.from_sources(config_path).to_dict()
+    planned = spec.config.to_dict()
+    for location in ("output_dir", "resume"):
+        saved.pop(location, None), planned.pop(location, None)
+    return result if saved == planned else None
 
 
 def _logged_steps(run_dir: Path) -> int:
