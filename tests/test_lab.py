@@ -240,3 +240,15 @@ def test_resume_reuses_finished_runs_and_reruns_changed_ones(assets, tmp_path):
     before, after = ({r.method: r for r in c.runs} for c in (first, second))
     assert after["lora"] == before["lora"]  # the whole record, load average and loss curve included
     assert after["bitfit"].learning_rate == 5e-3 != before["bitfit"].learning_rate
+
+
+def test_method_defaults_follow_a_built_in_dataset_and_yield_to_the_user():
+    from peftkit.lab import default_method_settings
+    from peftkit.lab.defaults import DATASET_METHOD_DEFAULTS, METHOD_DEFAULTS
+
+    plain = default_method_settings(["full", "ia3"])
+    assert plain == {"full": METHOD_DEFAULTS["full"], "ia3": METHOD_DEFAULTS["ia3"]}
+    ner = default_method_settings(["full", "ia3"], dataset="wnut16")
+    assert ner["full"] == DATASET_METHOD_DEFAULTS["wnut16"]["full"] != plain["full"]
+    assert ner["ia3"] == plain["ia3"]  # no value for this dataset: the method's own
+    assert default_method_settings(["full"], keep={"learning_rate"}, dataset="wnut16") == {"full": {}}

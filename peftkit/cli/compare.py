@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = {k for k, v in vars(args).items() if v is not None}  # flags given for every method
     if args.config:
         chosen |= set(yaml.safe_load(Path(args.config).read_text()) or {})
-    settings = default_method_settings(methods, keep=chosen)
+    settings = default_method_settings(methods, keep=chosen, dataset=base.dataset)
     for method, values in parse_method_settings(args.method_setting, methods).items():
         settings[method].update(values)
     output_dir = args.output_dir or DEFAULT_OUTPUT
