@@ -252,3 +252,21 @@ def test_method_defaults_follow_a_built_in_dataset_and_yield_to_the_user():
     assert ner["full"] == DATASET_METHOD_DEFAULTS["wnut16"]["full"] != plain["full"]
     assert ner["ia3"] == plain["ia3"]  # no value for this dataset: the method's own
     assert default_method_settings(["full"], keep={"learning_rate"}, dataset="wnut16") == {"full": {}}
+
+
+def test_progress_counts_steps_of_every_run_and_leaves_reused_runs_out(assets, tmp_path):
+    from peftkit.lab.plan import plan_runs
+    from peftkit.lab.progress import ComparisonProgress
+
+    specs = plan_runs(_base(assets), ["lora", "full"], [0, 1], tmp_path)
+    progress = ComparisonProgress(specs)  # shown (on the captured stderr): a disabled bar counts nothing
+    assert progress.bar.total == 4 * STEPS
+    progress.start(0, specs[0])
+    progress.reused(0)  # kept from an earlier comparison: not part of what is left to do
+    progress.finish(0, ok=True)
+    assert (progress.bar.n, progress.bar.total) == (0, 3 * STEPS)
+    progress.start(1, specs[1])
+    progress.steps_done(1, 2)
+    assert progress.bar.n == 2
+    progress.finish(1, ok=False)
+    assert (progress.bar.n, progress.failed) == (STEPS, 1)

@@ -72,7 +72,9 @@ def run_comparison(
         for index, spec in enumerate(specs):
             progress.start(index, spec)
             result = finished_result(spec) if resume else None
-            if result is None:
+            if result is not None:
+                progress.reused(index)
+            else:
                 result = launch(
                     spec,
                     on_steps=lambda steps, i=index: progress.steps_done(i, steps),

@@ -41,6 +41,13 @@ class ComparisonProgress:
         if self.by_steps:
             self._move_to(self.done_before + min(steps, self.sizes[index]))
 
+    def reused(self, index: int) -> None:
+        """A run kept from an earlier comparison (``--resume``) leaves the total: the rate, and so the ETA,
+        counts only the steps trained now."""
+        self.bar.total -= self.sizes[index]
+        self.sizes[index] = 0
+        self.bar.refresh()
+
     def finish(self, index: int, ok: bool) -> None:
         self.done_before += self.sizes[index]
         self._move_to(self.done_before)
