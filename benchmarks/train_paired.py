@@ -144,11 +144,13 @@ def main() -> int:
     parser.add_argument(
         "--models", nargs="+", default=["bert", "gpt2", "llama"], choices=sorted(common.MODELS)
     )
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps per variant (at least 2)")
     parser.add_argument("--method", choices=common.METHODS, default="lora")
     parser.add_argument("--output", type=Path, help="write the Markdown table here")
     parser.add_argument("--one", choices=sorted(common.MODELS), help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds must be at least 2 (quartiles of the per-round ratios), got {args.rounds}")
     if args.one:
         common.emit(measure(args.one, args.rounds, args.method))
         return 0
