@@ -113,3 +113,16 @@ def test_the_fast_path_is_taken_only_where_it_is_exact():
     # under autocast the base layer's autocast rules apply
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _uses_fused_node(_frozen_layer(nn.Linear(8, 5))(x))
+
+
+def test_the_unfused_path_under_autocast_on_a_2d_input():
+    # the base output of a 2-D input is not a view, so the in-place add was tried with a bf16 output and an
+    # fp32 B: the update must follow autocast's dtype instead
+    layer = _frozen_layer(nn.Linear(8, 5))
+    x = torch.randn(4, 8)
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    expected = layer.base_layer(x) + 2.0 * (x @ A.T @ B.T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)

@@ -49,6 +49,9 @@ class LoraLinear(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.adds_in_place = (
+            True  # the update goes into the base output's own memory (see _add_scaled_product)
+        )
 
     def base(self) -> nn.Module:
         return self.base_layer
@@ -130,7 +133,7 @@ class LoraLinear(AdapterLayer):
         if x.dtype != weight_A.dtype:
             x = x.to(weight_A.dtype)
         hidden = F.linear(self.lora_dropout[name](x), weight_A)  # (..., r)
-        return _add_scaled_product(result, hidden, weight_B.T, self.scaling[name])
+        return _add_scaled_product(result, hidden, weight_B.T, self.scaling[name], self.adds_in_place)
 
     def _fusable(self, name: str | None, x: torch.Tensor) -> bool:
         """Whether one adapter runs on a frozen plain base in a way :func:`fused_lora_linear` computes exactly:
@@ -158,7 +161,8 @@ class LoraLinear(AdapterLayer):
         xb = x.to(stack_A.dtype).reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
         hidden = torch.bmm(xb, stack_A[rows].transpose(1, 2))  # (batch, tokens, r_max)
         batched = result.reshape(x.shape[0], -1, self.out_features)  # (batch, tokens, out)
-        return _add_scaled_product(batched, hidden, stack_B[rows].transpose(1, 2), 1.0).reshape(result.shape)
+        update = _add_scaled_product(batched, hidden, stack_B[rows].transpose(1, 2), 1.0, self.adds_in_place)
+        return update.reshape(result.shape)
 
     def _stacks(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The batch's adapters stacked for gathering, rebuilt only when an adapter changed (parameters'
@@ -190,16 +194,16 @@ class LoraLinear(AdapterLayer):
 
 
 def _add_scaled_product(
-    result: torch.Tensor, hidden: torch.Tensor, right: torch.Tensor, scale: float
+    result: torch.Tensor, hidden: torch.Tensor, right: torch.Tensor, scale: float, in_place: bool = True
 ) -> torch.Tensor:
     """``result + scale · hidden @ right``, accumulated into ``result`` in one fused pass when it can be.
 
     The base layer's output is fresh and its backward does not need it, so adding in place is safe for
     autograd and saves a temporary and two passes over the (tokens x out) output: that is most of the cost
-    of an unmerged adapter beyond its two thin matmuls. Not into a view: autograd forbids modifying in place
-    a view that a custom autograd node returned (bitsandbytes' 4-bit matmul returns one).
+    of an unmerged adapter beyond its two thin matmuls. ``in_place=False`` where the base output may be a view
+    that a custom autograd node returned, which autograd forbids modifying in place.
     """
-    if result.dtype == hidden.dtype and result.is_contiguous() and result._base is None:
+    if in_place and result.dtype == hidden.dtype == right.dtype and result.is_contiguous():
         if right.dim() == 2:  # (..., r) @ (r, out)
             result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), right, alpha=scale)
         else:  # batched: (batch, tokens, r) @ (batch, r, out)

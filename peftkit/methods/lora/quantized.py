@@ -36,6 +36,9 @@ class LoraLinear4bit(LoraLinear):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self._unmerged_weight: nn.Parameter | None = None  # the 4-bit weight as it was before merging
+        # bitsandbytes' 4-bit matmul returns a view made inside its autograd node (3-D inputs with a bias),
+        # which autograd refuses to see modified in place
+        self.adds_in_place = False
 
     def default_adapter_dtype(self) -> torch.dtype:
         layer = innermost(self.base_layer)
