@@ -9,6 +9,7 @@ Failed methods are left out of the charts (the table says why).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,14 +55,22 @@ def _finish(figure, axes, path: Path, heading: str, title: str) -> Path:
 def _metric_vs_params(rows: list[MethodSummary], path: Path, title: str) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        if row.trainable is None or row.metric_mean is None:
-            continue
+    shown = [r for r in rows if r.trainable is not None and r.metric_mean is not None]
+    values = [r.metric_mean for r in shown]
+    y_span = (max(values) - min(values)) if values else 0.0
+    labelled: list[tuple[float, float]] = []  # (log10 parameters, metric) of the labels already placed
+    for row in shown:
         axes.errorbar(
             row.trainable, row.metric_mean, yerr=row.metric_std or 0, fmt="o", capsize=4, markersize=7
         )
         label = f"{row.method} ({row.trainable_percent:.2f}%)"
-        axes.annotate(label, (row.trainable, row.metric_mean), textcoords="offset points", xytext=(6, 6))
+        here = (math.log10(row.trainable), row.metric_mean)
+        # methods at (nearly) the same point would print their labels over each other: stack them
+        crowd = sum(abs(x - here[0]) < 0.4 and abs(y - here[1]) <= 0.05 * y_span for x, y in labelled)
+        labelled.append(here)
+        axes.annotate(
+            label, (row.trainable, row.metric_mean), textcoords="offset points", xytext=(6, 6 - 12 * crowd)
+        )
     axes.set_xscale("log")
     metric = rows[0].metric or "metric"
     axes.set(xlabel="trainable parameters (log scale; % of the base in brackets)", ylabel=f"test {metric}")
