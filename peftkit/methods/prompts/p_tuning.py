@@ -27,7 +27,7 @@ embeddings as its encoder input. Without a template, as prompt tuning (the promp
 from __future__ import annotations
 
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,16 +42,16 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
-from peftkit.layer import AdapterLayer, find_or_wrap
+from peftkit.layer import find_or_wrap
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.methods.prompts.prompt_tuning import prepend_prompts, prompt_generation
 from peftkit.methods.prompts.virtual_tokens import (
     IGNORE_INDEX,
+    EncodersAtInputEmbedding,
     cached_length,
     input_embedding_adapter,
     input_embedding_path,
     is_encoder_decoder,
-    refuse_mixed_batch,
 )
 
 SLOT = "[P]"
@@ -215,29 +215,14 @@ class PromptEncoder(nn.Module):
         self.embeddings = None
 
 
-class PTuningEmbedding(AdapterLayer):
-    """Wraps the model's input embedding (its output unchanged) and holds each adapter's prompt encoder; the
-    virtual tokens enter through :func:`prepare_inputs`."""
+class PTuningEmbedding(EncodersAtInputEmbedding):
+    """Each adapter's prompt encoder, at the model's input embedding; the virtual tokens enter through
+    :func:`prepare_inputs`."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.encoders = nn.ModuleDict()
-
-    def base(self) -> nn.Module:
-        return self.base_layer
-
-    def adapter_names(self) -> list[str]:
-        return list(self.encoders.keys())
+    method = "p-tuning"
 
     def add_adapter(self, name: str, config: PTuningConfig) -> None:
         self.encoders[name] = PromptEncoder(config, self.base_layer.weight)
-
-    def delete_adapter(self, name: str) -> None:
-        del self.encoders[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.encoders[name].parameters()
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The encoder's output, what inference needs, nothing more."""
@@ -246,10 +231,6 @@ class PTuningEmbedding(AdapterLayer):
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self.encoders[name].fold(tensors["prompt_embeddings"])
-
-    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        refuse_mixed_batch(self, self.encoders, "p-tuning")
-        return self.base_layer(input_ids, *args, **kwargs)
 
 
 def _encoder(model: nn.Module, name: str) -> PromptEncoder:

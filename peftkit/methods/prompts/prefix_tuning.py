@@ -32,7 +32,6 @@ prefix: with checkpointing on, training is refused with an error.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,16 +40,16 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
-from peftkit.layer import AdapterLayer, find_or_wrap
+from peftkit.layer import find_or_wrap
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.methods.prompts.virtual_tokens import (
+    EncodersAtInputEmbedding,
     cached_length,
     extend_over_virtual_tokens,
     generation_from_cache,
     input_embedding_adapter,
     input_embedding_path,
     is_encoder_decoder,
-    refuse_mixed_batch,
     rows_per_input,
 )
 
@@ -150,20 +149,11 @@ class PrefixEncoder(nn.Module):
         self.prompt = None
 
 
-class PrefixStore(AdapterLayer):
-    """Wraps the model's input embedding (its output unchanged) and holds each adapter's prefixes; they enter
-    through :func:`prepare_inputs` as a filled cache."""
+class PrefixStore(EncodersAtInputEmbedding):
+    """Each adapter's prefixes, held at the model's input embedding; they enter through :func:`prepare_inputs`
+    as a filled cache."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.encoders = nn.ModuleDict()
-
-    def base(self) -> nn.Module:
-        return self.base_layer
-
-    def adapter_names(self) -> list[str]:
-        return list(self.encoders.keys())
+    method = "prefix-tuning"
 
     def add_adapter(self, name: str, config: PrefixTuningConfig, shape: Geometry) -> None:
         shapes = {"prefix": shape.shape(config.num_virtual_tokens)}
@@ -172,22 +162,12 @@ class PrefixStore(AdapterLayer):
             shapes["encoder_prefix"] = shape.shape(config.num_virtual_tokens, layers=shape.encoder_layers)
         self.encoders[name] = PrefixEncoder(config, shapes, self.base_layer.weight)
 
-    def delete_adapter(self, name: str) -> None:
-        del self.encoders[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.encoders[name].parameters()
-
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The final prefixes (through the MLP when reparameterized): what inference needs, nothing more."""
         return {key: value for key, value in self.encoders[name].values().items()}
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self.encoders[name].fold({key: tensors[key] for key in self.encoders[name].shapes})
-
-    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        refuse_mixed_batch(self, self.encoders, "prefix-tuning")
-        return self.base_layer(input_ids, *args, **kwargs)
 
 
 def _store(model: nn.Module) -> PrefixStore:

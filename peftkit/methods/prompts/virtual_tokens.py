@@ -22,7 +22,7 @@ is repeated ``k`` times, prompt-major (rows ``i*B .. (i+1)*B - 1`` carry prompt 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -137,6 +137,35 @@ def extend_over_virtual_tokens(
             if isinstance(value, torch.Tensor) and value.dim() >= 1:
                 kwargs[key] = value.repeat(copies, *([1] * (value.dim() - 1)))
     return kwargs
+
+
+class EncodersAtInputEmbedding(AdapterLayer):
+    """Wraps the model's input embedding, leaving its output unchanged, and holds one encoder module per adapter
+    (``encoders[name]``). The virtual tokens enter through the method's ``prepare_inputs``, not through this
+    forward. Subclasses name their ``method`` (for messages) and build, save and load their encoders."""
+
+    method: str
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.encoders = nn.ModuleDict()
+
+    def base(self) -> nn.Module:
+        return self.base_layer
+
+    def adapter_names(self) -> list[str]:
+        return list(self.encoders.keys())
+
+    def delete_adapter(self, name: str) -> None:
+        del self.encoders[name]
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        yield from self.encoders[name].parameters()
+
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        refuse_mixed_batch(self, self.encoders, self.method)
+        return self.base_layer(input_ids, *args, **kwargs)
 
 
 def refuse_mixed_batch(layer: Any, own: Any, method: str) -> None:
