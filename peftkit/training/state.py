@@ -65,7 +65,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: Progre
         }
         torch.save(state, building / STATE_FILE)
         previous = run_dir / f"{CHECKPOINT}.previous"
-        if target.exists():
+        if target.exists():  # whole (only ever made by a rename): an older .previous left by a kill is stale
+            shutil.rmtree(previous, ignore_errors=True)
             target.rename(previous)
         building.rename(target)
         shutil.rmtree(previous, ignore_errors=True)
