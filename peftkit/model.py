@@ -43,7 +43,7 @@ class PeftModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
-        self.active_adapter: str | None = None
+        self._active: tuple[str, ...] = ()  # the active adapters (several: their effects combine)
         self._targets: dict[str, list[str]] = {}  # adapter -> wrapped module paths
         self._inference_only: set[str] = set()  # adapters loaded with is_trainable=False
         self._bank = ParameterBank()
@@ -77,11 +77,24 @@ class PeftModel(nn.Module):
 
     def _prepared(self, hook: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments as the active adapter's method wants them (most methods: unchanged)."""
-        name = self.active_adapter
-        if name is None or not self._adapters_enabled:
+        if len(self._active) != 1 or not self._adapters_enabled:  # several: only methods without hooks
             return kwargs
+        name = self._active[0]
         prepare = getattr(method_for_config(self.peft_config[name]), hook)
         return kwargs if prepare is None else prepare(self.base_model, name, kwargs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the active adapters (HF PEFT's spelling; several after ``set_adapter([...])``)."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str] | None:
+        """The active adapter's name; the list of names when several are active (as in HF PEFT); ``None``
+        when there is none."""
+        if len(self._active) > 1:
+            return list(self._active)
+        return self._active[0] if self._active else None
 
     @property
     def config(self) -> Any:
@@ -115,25 +128,37 @@ class PeftModel(nn.Module):
         ]
         self._bank.add(self.base_model, name, in_place)
         self.train(self.training)  # new adapter modules (dropout) take the model's current mode
-        self._apply_active(self.active_adapter)
+        self._apply_active(self._active)
 
-    def set_adapter(self, name: str) -> None:
-        self._check_exists(name)
+    def set_adapter(self, name: str | Sequence[str]) -> None:
+        """Make adapter ``name`` active, or several at once (a list): their effects then combine, as in HF
+        PEFT (LoRA: the updates add up), and all of them train.
+
+        Several adapters are refused with :class:`AdapterError` where they cannot combine: two of them on one
+        layer whose method does not combine (only LoRA does; a ``modules_to_save`` copy is one module),
+        adapters that train base parameters in place or rewrite the model's inputs (prompt methods)."""
+        names = (name,) if isinstance(name, str) else tuple(name)
+        if not names or len(set(names)) != len(names):
+            raise AdapterError(f"set_adapter needs an adapter name or a list of distinct names, got {name!r}")
+        for each in names:
+            self._check_exists(each)
         self._check_not_merged("set_adapter")
-        self.active_adapter = name
-        self._apply_active(name)
+        if len(names) > 1:
+            self._check_combinable(names)
+        self._active = names
+        self._apply_active(names)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside the block the model is the base model exactly (adapters off, base values restored)."""
         self._check_not_merged("disable_adapter")
-        self._apply_active(None)
+        self._apply_active(())
         self._adapters_enabled = False
         try:
             yield
         finally:
             self._adapters_enabled = True
-            self._apply_active(self.active_adapter)
+            self._apply_active(self._active)
 
     def delete_adapter(self, name: str) -> None:
         self._check_exists(name)
@@ -150,24 +175,33 @@ class PeftModel(nn.Module):
         self._bank.delete(name)
         del self.peft_config[name], self._targets[name]
         self._inference_only.discard(name)
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.peft_config), None)
-        self._apply_active(self.active_adapter)
+        if name in self._active:
+            rest = tuple(n for n in self._active if n != name)
+            self._active = rest or tuple(list(self.peft_config)[:1])
+        self._apply_active(self._active)
 
     def merge_adapter(self) -> None:
-        """Fold the active adapter into the base weights: inference then costs what the base model costs."""
-        name = self._require_active()
-        layers = [layer for _, layer in self.adapter_layers() if name in layer.adapter_names()]
-        unmergeable = {type(layer).__name__ for layer in layers if type(layer).merge is AdapterLayer.merge}
-        if unmergeable - {"ModulesToSave"}:
-            raise AdapterError(
-                f"adapter {name!r} ({self.peft_config[name].method}) cannot be merged: its layers "
-                f"{sorted(unmergeable - {'ModulesToSave'})} add a non-linear function of their input, which no "
-                "change of the base weights reproduces; run it unmerged"
-            )
-        for layer in layers:
-            if not isinstance(layer, ModulesToSave):
-                layer.merge(name)
+        """Fold the active adapters into the base weights: inference then costs what the base model costs.
+
+        Every merged tensor is a new one (the original is never written into, so a weight tied to another
+        module, like GPT-2's output head and input embedding, keeps its value there) and the original is kept:
+        :meth:`unmerge_adapter` restores it bit for bit, in any dtype. Memory: one copy of each merged
+        weight while merged."""
+        for name in self._require_active():
+            layers = [layer for _, layer in self.adapter_layers() if name in layer.adapter_names()]
+            unmergeable = {
+                type(layer).__name__ for layer in layers if type(layer).merge is AdapterLayer.merge
+            }
+            if unmergeable - {"ModulesToSave"}:
+                raise AdapterError(
+                    f"adapter {name!r} ({self.peft_config[name].method}) cannot be merged: its layers "
+                    f"{sorted(unmergeable - {'ModulesToSave'})} add a non-linear function of their input, which "
+                    "no change of the base weights reproduces; run it unmerged"
+                )
+        for name in self._active:
+            for _, layer in self.adapter_layers():
+                if name in layer.adapter_names() and not isinstance(layer, ModulesToSave):
+                    layer.merge(name)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
@@ -175,10 +209,19 @@ class PeftModel(nn.Module):
                 layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """The plain base model with the active adapter folded into its weights (and its trained heads)."""
+        """The plain base model with the active adapters folded into its weights (and its trained heads).
+
+        A weight the adapter changes that was tied to another one (an output head sharing the input
+        embedding) is untied, so the model computes what the adapted one did, and the transformers config
+        says so (``tie_word_embeddings=False``), so that saving and loading the merged model keeps it untied."""
         self._require_active()
+        tied = _tied_parameter_groups(self.base_model)
+        for _, layer in self.adapter_layers():
+            layer.keeps_unmerged = False  # nothing is unmerged afterwards: keep no copies
         self.merge_adapter()
-        return self._unload(merge=True)
+        model = self._unload(merge=True)
+        _record_untied(model, tied)
+        return model
 
     def unload(self) -> nn.Module:
         """The plain base model without any adapter, as it was before ``get_peft_model``."""
@@ -222,7 +265,7 @@ class PeftModel(nn.Module):
             raise
         if not is_trainable:
             self._inference_only.add(adapter_name)
-        self._apply_active(self.active_adapter)
+        self._apply_active(self._active)
 
     @classmethod
     def from_pretrained(
@@ -281,18 +324,44 @@ class PeftModel(nn.Module):
                 copies.append(path)
         return found
 
-    def _apply_active(self, name: str | None) -> None:
-        """Route every layer to adapter ``name`` (None: base model) and make exactly its parameters train."""
+    def _apply_active(self, names: tuple[str, ...]) -> None:
+        """Route every layer to the adapters ``names`` (none: the base model) and make exactly the parameters
+        of the active adapters train (those loaded for inference stay frozen)."""
         for _, layer in self.adapter_layers():
-            layer.active_adapter = name
-        self._bank.activate(name)
-        active = self.active_adapter
-        training = set()
-        if active is not None and active not in self._inference_only:
-            training = {id(p) for p in self.adapter_parameters(active)}
+            layer.active_adapters = names
+        self._bank.activate(names[0] if names else None)  # several active ones have no bank values
+        training = {
+            id(p)
+            for name in self._active
+            if name not in self._inference_only
+            for p in self.adapter_parameters(name)
+        }
         for adapter in self.peft_config:  # a parameter two adapters share trains when either is active
             for parameter in self.adapter_parameters(adapter):
                 parameter.requires_grad_(id(parameter) in training)
+
+    def _check_combinable(self, names: tuple[str, ...]) -> None:
+        """Refuse, naming the reason, a set of adapters that cannot be active together."""
+        for name in names:
+            method = method_for_config(self.peft_config[name])
+            if method.prepare_inputs is not None or method.prepare_generation is not None:
+                raise AdapterError(
+                    f"adapter {name!r} ({method.name}) changes the model's inputs and cannot be active together "
+                    f"with other adapters; activate it alone. Several adapters combine for LoRA."
+                )
+            if self._bank.parameters_of(name):
+                raise AdapterError(
+                    f"adapter {name!r} trains base-model parameters in place (e.g. biases), which several active "
+                    "adapters cannot share; activate it alone"
+                )
+        for path, layer in self.adapter_layers():
+            present = [n for n in names if n in layer.adapter_names()]
+            if len(present) > 1 and not layer.combines_adapters:
+                raise AdapterError(
+                    f"adapters {present} both act on {path} ({type(layer).__name__}), which cannot combine two "
+                    "adapters (only LoRA layers add their updates; a modules_to_save copy is one module); "
+                    "activate them one at a time"
+                )
 
     def _load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         for path, layer in self.adapter_layers():
@@ -331,7 +400,7 @@ class PeftModel(nn.Module):
         for parameter_name, parameter in self.base_model.named_parameters():
             parameter.requires_grad_(self._original_requires_grad.get(parameter_name, True))
         self.peft_config.clear()
-        self.active_adapter = None
+        self._active = ()
         return self.base_model
 
     def _resolve_modules_to_save(self, config: AdapterConfig) -> list[str]:
@@ -390,10 +459,10 @@ class PeftModel(nn.Module):
                 f"no adapter named {name!r}; adapters on this model: {sorted(self.peft_config)}"
             )
 
-    def _require_active(self) -> str:
-        if self.active_adapter is None:
+    def _require_active(self) -> tuple[str, ...]:
+        if not self._active:
             raise AdapterError("no active adapter; add one and call set_adapter(name)")
-        return self.active_adapter
+        return self._active
 
     def _check_not_merged(self, action: str) -> None:
         merged = sorted({n for _, layer in self.adapter_layers() for n in layer.merged_adapters})
@@ -401,6 +470,30 @@ class PeftModel(nn.Module):
             raise AdapterError(
                 f"{action} needs unmerged adapters, but {merged} is merged; call unmerge_adapter() first"
             )
+
+
+def _tied_parameter_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the parameters that share one tensor, one list per shared tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _record_untied(model: nn.Module, tied: list[list[str]]) -> None:
+    """After merging, a weight tied before may hold its own merged tensor: say so in every transformers config
+    of the model, or transformers would tie it again when the merged model is saved and loaded."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    untied = [g for g in tied if len({id(parameters.get(n)) for n in g}) > 1]
+    if not untied:
+        return
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+        text = getattr(config, "get_text_config", None)
+        if callable(text) and getattr(text(), "tie_word_embeddings", False):
+            text().tie_word_embeddings = False
 
 
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
@@ -412,6 +505,10 @@ def _check_new_name(name: str, existing: dict[str, AdapterConfig]) -> None:
     if not isinstance(name, str) or not name or "." in name or name == BASE_ROW:
         raise AdapterError(
             f"adapter name must be a non-empty string without '.' and other than {BASE_ROW!r}, got {name!r}"
+        )
+    if hasattr(nn.ParameterDict(), name):  # adapters are keys of module dicts: `half`, `train`, ... clash
+        raise AdapterError(
+            f"adapter name {name!r} is the name of a torch module attribute; pick another name"
         )
     if name in existing:
         raise AdapterError(
