@@ -43,6 +43,10 @@ def adapter_dtype(requested: str | torch.dtype | None, base: nn.Module) -> torch
     return weight.dtype
 
 
+class AdapterError(ValueError):
+    """An adapter operation that cannot be carried out as asked (unknown name, merged state, ...)."""
+
+
 @dataclass(frozen=True)
 class Routing:
     """Which adapter each row of a mixed batch uses.

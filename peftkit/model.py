@@ -25,19 +25,17 @@ from torch import nn
 
 from peftkit import accounting, checkpoint
 from peftkit.config import AdapterConfig, ConfigError
-from peftkit.layer import BASE_ROW, AdapterLayer, Routing
+from peftkit.layer import BASE_ROW, AdapterError, AdapterLayer, Routing
 from peftkit.methods import method_for_config, method_for_file
 from peftkit.module_paths import replace_module
 from peftkit.modules_to_save import ModulesToSave
 from peftkit.parameter_bank import ParameterBank
+from peftkit.peft_surface import HfPeftSurface
 from peftkit.targeting import name_matches
+from peftkit.task_type import TASK_HEADS, file_task_type, with_task_heads
 
 
-class AdapterError(ValueError):
-    """An adapter operation that cannot be carried out as asked (unknown name, merged state, ...)."""
-
-
-class PeftModel(nn.Module):
+class PeftModel(HfPeftSurface, nn.Module):
     def __init__(self, model: nn.Module, config: AdapterConfig | None, adapter_name: str = "default") -> None:
         """Wrap ``model`` (frozen) and, given a ``config``, add adapter ``adapter_name`` and make it active."""
         super().__init__()
@@ -110,6 +108,7 @@ class PeftModel(nn.Module):
             raise AdapterError(
                 f"adapter {name!r} builds on {missing}, which this model does not have; add them first"
             )
+        config = with_task_heads(config, self.base_model)  # HF PEFT's meaning of a classification task_type
         method = method_for_config(config)
         saved_paths = self._resolve_modules_to_save(config)
         self._targets[name] = method.inject(self.base_model, name, config)
@@ -229,21 +228,80 @@ class PeftModel(nn.Module):
         self._bank.activate(None)
         return self._unload(merge=False)
 
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        **options: Any,
+    ) -> None:
+        """A new LoRA adapter ``adapter_name`` from a weighted combination of LoRA ``adapters``, as HF PEFT's
+        (``combination_type`` ``svd``, ``linear`` or ``cat``; ``svd_rank``, ``svd_clamp``,
+        ``svd_full_matrices``, ``svd_driver``): see :mod:`peftkit.methods.lora.weighted`."""
+        from peftkit.methods.lora.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **options)
+
     # --- checkpoints -----------------------------------------------------------------------------------
     def save_pretrained(
-        self, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
+        self,
+        directory: str | os.PathLike,
+        adapter_names: Sequence[str] | None = None,
+        *,
+        selected_adapters: Sequence[str] | None = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write each adapter (default: all) in the HF PEFT layout: ``default`` into ``directory`` itself,
-        any other adapter into ``directory/<name>``. Only adapter tensors are written, never base weights."""
-        names = list(self.peft_config) if adapter_names is None else list(adapter_names)
+        any other adapter into ``directory/<name>``. Only adapter tensors are written, never base weights.
+
+        ``adapter_config.json`` carries ``task_type`` (the config's, or what the model's class is for) and
+        ``base_model_name_or_path``, so HF PEFT's ``AutoPeftModelFor...`` and :mod:`peftkit.auto` load it.
+        HF PEFT's keywords: ``selected_adapters`` (= ``adapter_names``), ``safe_serialization=False`` (an
+        ``adapter_model.bin``), ``is_main_process=False`` (write nothing: another process saves),
+        ``state_dict`` (this model's ``state_dict()`` as gathered elsewhere, e.g. under FSDP: the adapter's
+        tensors are taken from it instead of from the live parameters)."""
+        if adapter_names is not None and selected_adapters is not None:
+            raise AdapterError("give `adapter_names` or HF PEFT's `selected_adapters`, not both")
+        chosen = adapter_names if adapter_names is not None else selected_adapters
+        names = list(self.peft_config) if chosen is None else list(chosen)
         for name in names:
             self._check_exists(name)
+        if not is_main_process:
+            return
         for name in names:
             method = method_for_config(self.peft_config[name])
             config = method.to_file(self.peft_config[name], self._targets[name], self.base_model)
             config["base_model_name_or_path"] = getattr(self.config, "_name_or_path", None) or None
+            if "task_type" in config and config["task_type"] is None:
+                config["task_type"] = file_task_type(self.base_model, config.get("modules_to_save"))
+            tensors = self.adapter_state_dict(name)
+            if state_dict is not None:
+                tensors = self._tensors_from(state_dict, tensors)
             target = Path(directory) if name == "default" else Path(directory) / name
-            checkpoint.write_adapter(target, config, self.adapter_state_dict(name))
+            checkpoint.write_adapter(target, config, tensors, safe_serialization=safe_serialization)
+
+    def _tensors_from(
+        self, state_dict: dict[str, torch.Tensor], live: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The adapter tensors ``live`` (checkpoint key -> live tensor) read from ``state_dict``, which holds
+        them under this model's own ``state_dict()`` keys (or already under the checkpoint keys)."""
+        own_keys = {id(t): k for k, t in self.state_dict(keep_vars=True).items()}
+        tensors = {}
+        for key, tensor in live.items():
+            own = own_keys.get(id(tensor))
+            if own is None and key not in state_dict:  # a value kept aside, not a tensor of the model
+                tensors[key] = tensor
+                continue
+            source = key if key in state_dict else own
+            if source not in state_dict:
+                raise checkpoint.CheckpointError(
+                    f"`state_dict` lacks the adapter tensor {own or key!r}; pass this model's state_dict()"
+                )
+            tensors[key] = state_dict[source]
+        return tensors
 
     def load_adapter(
         self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
@@ -416,7 +474,8 @@ class PeftModel(nn.Module):
             and not any(p.startswith(q + ".") for q, _ in layers)
             and (isinstance(m, ModulesToSave) or not isinstance(m, AdapterLayer))
         ]
-        missing = [n for n in names if not any(name_matches(p, [n]) for p in paths)]
+        optional = TASK_HEADS.get(getattr(config, "task_type", None), ())  # HF PEFT lists every head name
+        missing = [n for n in names if n not in optional and not any(name_matches(p, [n]) for p in paths)]
         if missing:
             raise ConfigError(
                 f"`modules_to_save` entries {missing} match no module of {type(self.base_model).__name__}"

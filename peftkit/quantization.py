@@ -198,7 +198,7 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | None = None) -
         raise ConfigError(
             f"`target_modules`={config.target_modules!r} selects no full-precision linear layer to quantize in "
             f"{type(model).__name__} (the output head and the modules it keeps in float32 stay unquantized: "
-            f"{sorted(kept)[:10]})"
+            f"{sorted(kept - {''})[:10]})"
         )
     for path in targets:
         parent, _, child = path.rpartition(".")
@@ -336,4 +336,24 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
                 "gradient_checkpointing_enable()"
             )
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict | None = None,
+) -> nn.Module:
+    """Hugging Face PEFT's name and defaults for :func:`prepare_for_kbit_training`: checkpointing is on
+    unless ``use_gradient_checkpointing=False`` (non-reentrant unless ``gradient_checkpointing_kwargs`` say
+    otherwise)."""
+    prepare_for_kbit_training(model)
+    if use_gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ConfigError(
+                f"`use_gradient_checkpointing`=True needs a transformers model; {type(model).__name__} has no "
+                "gradient_checkpointing_enable(); pass use_gradient_checkpointing=False"
+            )
+        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
     return model

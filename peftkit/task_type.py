@@ -26,6 +26,13 @@ class TaskType(enum.StrEnum):
 
 TASK_TYPES = tuple(t.value for t in TaskType)
 
+# Tasks whose head HF PEFT always trains in full (adds to `modules_to_save`) and expects in the adapter file
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    TaskType.SEQ_CLS.value: ("classifier", "score"),
+    TaskType.TOKEN_CLS.value: ("classifier", "score"),
+    TaskType.QUESTION_ANS.value: ("qa_outputs",),
+}
+
 # TaskType -> the transformers auto-class mapping whose model classes are of that task, and the auto class
 _MAPPINGS = {
     TaskType.CAUSAL_LM: ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
@@ -68,3 +75,23 @@ def auto_class(task: str | None):
     import transformers
 
     return getattr(transformers, _MAPPINGS[TaskType(task)][1] if task else "AutoModel")
+
+
+def with_task_heads(config, model: nn.Module):
+    """``config`` with the task's head added to ``modules_to_save`` (what HF PEFT does for a config with
+    ``task_type`` ``SEQ_CLS``, ``TOKEN_CLS`` or ``QUESTION_ANS``: a freshly initialised head must train)."""
+    heads = TASK_HEADS.get(getattr(config, "task_type", None), ())
+    saved = tuple(getattr(config, "modules_to_save", None) or ())
+    names = [n for n, _ in model.named_modules()]
+    extra = [h for h in heads if h not in saved and any(n == h or n.endswith("." + h) for n in names)]
+    return config.replace(modules_to_save=saved + tuple(extra)) if extra else config
+
+
+def file_task_type(model: nn.Module, modules_to_save) -> str | None:
+    """The task to write for an adapter that does not name one: the model class's, unless HF PEFT would then
+    expect a trained head in the file that this adapter does not save (None is written then)."""
+    task = task_type_of(model)
+    heads = TASK_HEADS.get(task)
+    if heads and not set(heads) & set(modules_to_save or ()):
+        return None
+    return task

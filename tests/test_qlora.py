@@ -133,7 +133,7 @@ def test_quantize_model_keeps_head_and_embeddings_full_precision_and_is_configur
     assert type(model.model.embed_tokens) is nn.Embedding
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
     assert is_quantized_linear(model.model.layers[0].mlp.up_proj)
-    with pytest.raises(ConfigError, match="no full-precision nn\\.Linear"):
+    with pytest.raises(ConfigError, match="no full-precision linear layer"):
         quantize_model(model, QuantizationConfig(target_modules=["lm_head"]))  # the head stays full
 
 

@@ -32,6 +32,7 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
+        self.configured_scaling: dict[str, float] = {}  # the config's s, which set_scale() multiplies
 
     def base(self) -> nn.Module:
         return self.base_layer
@@ -48,7 +49,7 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_B[name] = nn.Parameter(
             weight.new_empty(self.embedding_dim, config.r, dtype=dtype)
         )
-        self.scaling[name] = config.scaling
+        self.scaling[name] = self.configured_scaling[name] = config.scaling
         initialise(
             EMBEDDING_INITIALISERS,
             self.lora_embedding_A[name],
@@ -60,7 +61,11 @@ class LoraEmbedding(AdapterLayer):
     def delete_adapter(self, name: str) -> None:
         del self.lora_embedding_A[name]
         del self.lora_embedding_B[name]
-        del self.scaling[name]
+        del self.scaling[name], self.configured_scaling[name]
+
+    def set_scale(self, name: str, factor: float) -> None:
+        """Adapter ``name``'s update scaled by ``factor`` times the configured ``s`` (HF PEFT's set_scale)."""
+        self.scaling[name] = factor * self.configured_scaling[name]
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         yield self.lora_embedding_A[name]

@@ -53,6 +53,7 @@ class LoraLinear(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.configured_scaling: dict[str, float] = {}  # the config's s, which set_scale() multiplies
         self.adds_in_place = (
             True  # the update goes into the base output's own memory (see _add_scaled_product)
         )
@@ -69,7 +70,7 @@ class LoraLinear(AdapterLayer):
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scaling[name] = config.scaling
+        self.scaling[name] = self.configured_scaling[name] = config.scaling
         initialise(
             LINEAR_INITIALISERS, self.lora_A[name].weight, self.lora_B[name].weight, config.init, config.r
         )
@@ -77,7 +78,11 @@ class LoraLinear(AdapterLayer):
     def delete_adapter(self, name: str) -> None:
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
-        del self.scaling[name]
+        del self.scaling[name], self.configured_scaling[name]
+
+    def set_scale(self, name: str, factor: float) -> None:
+        """Adapter ``name``'s update scaled by ``factor`` times the configured ``s`` (HF PEFT's set_scale)."""
+        self.scaling[name] = factor * self.configured_scaling[name]
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         yield self.lora_A[name].weight
