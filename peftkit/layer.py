@@ -108,26 +108,79 @@ class AdapterLayer(nn.Module):
     def active_adapter(self, name: str | None) -> None:
         self.active_adapters = () if name is None else (name,)
 
-    # --- what each method implements ---------------------------------------------------------------------
+    # --- per-adapter bookkeeping, written once from the holders a layer class declares ----------------------
+    # `adapter_holders`: attributes (nn.ModuleDict / nn.ParameterDict keyed by adapter name) whose entries are an
+    # adapter's trained tensors; the first one says which adapters the layer has. `adapter_settings`: plain
+    # dicts keyed by adapter name (scalings, flags). `base_layer_name`: the attribute holding the wrapped module.
+    # (Hugging Face PEFT's `adapter_layer_names` / `other_param_names`.)
+    adapter_holders: tuple[str, ...] = ()
+    adapter_settings: tuple[str, ...] = ()
+    base_layer_name = "base_layer"
+
     def base(self) -> nn.Module:
         """The wrapped module, untouched by adapters that are not merged."""
-        raise NotImplementedError
+        return getattr(self, self.base_layer_name)
 
     def adapter_names(self) -> list[str]:
-        raise NotImplementedError
+        return list(getattr(self, self.adapter_holders[0]).keys())
 
     def delete_adapter(self, name: str) -> None:
-        raise NotImplementedError
+        for attribute in self.adapter_holders + self.adapter_settings:
+            holder = getattr(self, attribute)
+            if name in holder:
+                del holder[name]
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        raise NotImplementedError
+        for _, entry in self._entries(name):
+            if isinstance(entry, nn.Parameter):
+                yield entry
+            else:
+                yield from entry.parameters()
+
+    def checkpoint_key(self, attribute: str, entry: nn.Module | nn.Parameter) -> str:
+        """The key prefix of a holder's tensors in a checkpoint: the holder's name (HF PEFT's layout, e.g.
+        ``lora_A.weight``); ``""`` puts the entry's own keys at the top."""
+        return attribute
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors, keyed relative to this module in the Hugging Face PEFT layout."""
-        raise NotImplementedError
+        tensors = {}
+        for attribute, entry in self._entries(name):
+            key = self.checkpoint_key(attribute, entry)
+            if isinstance(entry, nn.Parameter):
+                tensors[key] = entry
+            else:
+                for inner, tensor in entry.state_dict(keep_vars=True).items():
+                    tensors[f"{key}.{inner}" if key else inner] = tensor
+        return tensors
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Copy ``tensors`` (keys as :meth:`adapter_state_dict` gives them) into the adapter, in place.
+
+        Raises ``ValueError`` naming missing and unexpected keys (nothing is copied then) or a shape mismatch.
+        """
+        own = self.adapter_state_dict(name)
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter {name!r} of {type(self).__name__}: missing {missing}, unexpected {unexpected}"
+            )
+        wrong = [
+            f"{k}: {tuple(tensors[k].shape)} for {tuple(v.shape)}"
+            for k, v in own.items()
+            if v.shape != tensors[k].shape
+        ]
+        if wrong:
+            raise ValueError(f"adapter {name!r} of {type(self).__name__}: shape mismatch {wrong}")
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(tensors[key])
+
+    def _entries(self, name: str) -> Iterator[tuple[str, nn.Module | nn.Parameter]]:
+        for attribute in self.adapter_holders:
+            holder = getattr(self, attribute)
+            if name in holder:
+                yield attribute, holder[name]
 
     def merge(self, name: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
