@@ -130,7 +130,7 @@ METHODS: dict[str, Method] = {
     "houlsby": _bottleneck("houlsby"),
     "pfeiffer": _bottleneck("pfeiffer"),
     "parallel": _bottleneck("parallel"),
-    "fusion": Method("fusion", _marker(".fusions.fusion."), False, None, apply=_fusion, load=_load_fusion),
+    "fusion": Method("fusion", _marker(".adapters.fusion."), False, None, apply=_fusion, load=_load_fusion),
     "full": Method("full", lambda name, base: True, True, 0.0, FullFineTuningConfig),
     "prompt_tuning": Method(
         "prompt tuning", _marker("prompt_embeddings.default"), False, None, PromptTuningConfig
