@@ -111,7 +111,7 @@ def test_full_fine_tuning_trains_and_stores_the_whole_model():
 # --- bottleneck adapters -----------------------------------------------------------------------------------
 def test_serial_adapter_is_h_plus_scaled_up_f_down_h():
     base = nn.Linear(8, 6)
-    layer = BottleneckLayer(base, hidden=6)
+    layer = BottleneckLayer(base)
     layer.add_adapter(
         "a", BottleneckConfig(bottleneck_size=3, non_linearity="tanh", scaling=0.5, init="random")
     )
@@ -131,10 +131,13 @@ def test_parallel_adapter_reads_the_sub_layer_input():
         tiny.build(), BottleneckConfig(placement="parallel", bottleneck_size=4, scaling=4.0, init="random")
     )
     mlp = model.base_model.model.layers[0].mlp
-    assert isinstance(mlp, BottleneckLayer)
+    assert isinstance(mlp.down_proj, BottleneckLayer), "added at the feed-forward output layer"
     x = torch.randn(3, 5, 32)
-    adapter = mlp.adapters["default"]
-    expected = mlp.base_layer(x) + 4.0 * adapter.up(torch.relu(adapter.down(x)))
+    adapter = mlp.down_proj.adapters["default"]
+    base = mlp.down_proj.base_layer
+    expected = base(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)) + 4.0 * adapter.up(
+        torch.relu(adapter.down(x))
+    )
     torch.testing.assert_close(mlp(x), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -153,7 +156,7 @@ def test_parallel_adapter_on_bert_reads_the_feed_forward_input_through_a_hook():
         + attention_output
     )
     torch.testing.assert_close(layer.output(intermediate, attention_output), expected, rtol=1e-5, atol=1e-6)
-    hooked = layer.intermediate._forward_pre_hooks
+    hooked = layer.intermediate.dense._forward_pre_hooks
     assert hooked and model.unload() is not None and not hooked, "unload removes the hook"
 
 
@@ -188,7 +191,7 @@ def _fused(tiny):
 
 
 def test_fresh_fusion_averages_the_adapters_outputs():
-    layer = BottleneckLayer(nn.Linear(6, 6), hidden=6)
+    layer = BottleneckLayer(nn.Linear(6, 6))
     for name in ("a", "b"):
         layer.add_adapter(name, BottleneckConfig(bottleneck_size=2, init="random"))
     from peftkit.methods.fusion import Fusion

@@ -88,7 +88,7 @@ def inject_fusion(model: nn.Module, name: str, config: FusionConfig) -> list[str
         )
     for path in targets:
         layer = model.get_submodule(path)
-        layer.fusions[name] = Fusion(layer.hidden, config, like=next(layer.base_layer.parameters()))
+        layer.fusions[name] = Fusion(layer.out_features, config, like=next(layer.base_layer.parameters()))
     return targets
 
 

@@ -20,21 +20,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftkit.architectures import architecture
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_choice, register_config
 from peftkit.layer import AdapterLayer, find_or_wrap, innermost
 from peftkit.methods import Method, no_base_parameters, register_method
 from peftkit.targeting import name_matches, select_modules
 
-# model_type -> (target_modules, feedforward_modules): keys, values and the feed-forward output layer.
-IA3_DEFAULTS: dict[str, tuple[str, str]] = {
-    "bert": (r".*\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
-    "roberta": (r".*\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
-    "gpt2": (r".*\.(c_attn|mlp\.c_proj)", r".*\.mlp\.c_proj"),
-    "llama": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
-    "mistral": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
-    "qwen2": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
-    "t5": (r".*\.(k|v|wo)", r".*\.wo"),
-}
 INIT_MODES = ("ones", "random")
 
 
@@ -71,28 +62,32 @@ class IA3Config(AdapterConfig):
             )
 
     def resolved(self, model: nn.Module) -> tuple[str | tuple[str, ...], str | tuple[str, ...] | None]:
+        """(target_modules, feedforward_modules): the config's, or the architecture's keys, values and
+        feed-forward output layer (Liu et al. 2022, section 3.3). Raises :class:`ConfigError` for a model
+        without known positions."""
         if self.target_modules is not None:
             return self.target_modules, self.feedforward_modules
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in IA3_DEFAULTS:
-            raise ConfigError(
-                f"`target_modules` is required for model type {model_type!r}; IA3 defaults exist for {sorted(IA3_DEFAULTS)}"
-            )
-        return IA3_DEFAULTS[model_type]
+        return architecture(
+            model,
+            ("kv", "ffn_output"),
+            purpose="IA3 needs `target_modules` for this model",
+            remedy="`target_modules` (the key, value and feed-forward output layers) and `feedforward_modules` "
+            "(the feed-forward output layers, whose input is rescaled)",
+        ).ia3_targets()
 
     def to_hf_dict(self, targets: list[str], model: nn.Module) -> dict[str, Any]:
-        """HF PEFT's IA3 fields. The architecture defaults are written out as the resolved module paths, so
-        the file means the same layers to any reader."""
-        target_modules, feedforward_modules = self.target_modules, self.feedforward_modules
-        if target_modules is None:
-            ff_spec = self.resolved(model)[1]
-            target_modules = sorted(targets)
-            feedforward_modules = sorted(t for t in targets if name_matches(t, ff_spec))
+        """HF PEFT's IA3 fields. Targets and feed-forward layers are written as the module paths applied (an
+        empty list when none is feed-forward): HF PEFT reads a missing ``feedforward_modules`` as "this model
+        type's default", which need not be what was applied, and needs feed-forward names among the targets."""
+        feedforward_spec = self.resolved(model)[1]
+        feedforward = [
+            t for t in targets if feedforward_spec is not None and name_matches(t, feedforward_spec)
+        ]
         return {
             "peft_type": "IA3",
             "task_type": None,
-            "target_modules": _jsonable(target_modules),
-            "feedforward_modules": _jsonable(feedforward_modules),
+            "target_modules": sorted(targets),
+            "feedforward_modules": sorted(feedforward),
             "modules_to_save": _jsonable(self.modules_to_save),
             "init_ia3_weights": self.init == "ones",
             "fan_in_fan_out": False,
