@@ -5,18 +5,15 @@ optimizer step ``s`` of an epoch consumes the next ``batch_size x world_size x g
 examples, rank ``r`` taking its slice of each micro-batch. A resumed run, or ``N`` processes with batch ``b``
 instead of one with batch ``N·b``, therefore sees exactly the same examples in the same order.
 
-A batch sampler is anything with ``rows(step) -> list[int]`` (the global batch of an optimizer step, as row
-indices of the training split); :class:`SeededPermutation` is the default. A sampler that groups examples of
-similar length plugs in at the same place (``TrainingRun.sampler``).
+A batch sampler is anything with ``step_rows(step) -> list[int]`` (the global batch of an optimizer step, as
+row indices of the training split); :class:`peftkit.data.batching.StepOrder` without lengths is the default,
+and with lengths it groups examples of similar length (``TrainingRun.sampler``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Protocol
-
-import torch
 
 from peftkit.config import ConfigError
 
@@ -53,20 +50,8 @@ def micro_batch_rows(
 
 
 class BatchSampler(Protocol):
-    def rows(self, step: int) -> list[int]:
+    """Which examples each optimizer step takes (:class:`peftkit.data.batching.StepOrder` is one)."""
+
+    def step_rows(self, step: int) -> list[int]:
         """Row indices of the training split that optimizer step ``step`` (0-based) consumes."""
         ...
-
-
-@dataclass(frozen=True)
-class SeededPermutation:
-    """Each epoch a permutation of the ``examples`` rows seeded by ``seed + epoch``, cut into global batches."""
-
-    seed: int
-    examples: int
-    global_batch: int
-
-    def rows(self, step: int) -> list[int]:
-        epoch, position = divmod(step, steps_per_epoch(self.examples, self.global_batch))
-        order = torch.randperm(self.examples, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return order[position * self.global_batch : (position + 1) * self.global_batch].tolist()

@@ -81,6 +81,11 @@ class RunFolder:
     def write_labels(self, task: str, label_names: list[str] | None) -> None:
         self._write_json(_LABELS, {"task": task, "label_names": label_names})
 
+    def task(self) -> str | None:
+        """The run's task name; None when the run wrote no labels (yet)."""
+        path = self.root / _LABELS
+        return json.loads(path.read_text()).get("task") if path.is_file() else None
+
     def read_labels(self) -> tuple[str, list[str] | None]:
         """(task name, label names) the run's head was built for."""
         labels = json.loads((self.root / _LABELS).read_text())

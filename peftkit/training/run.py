@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from peftkit.accounting import base_weight_bytes
 from peftkit.checkpoint import WEIGHTS_NAME
 from peftkit.config import ConfigError
+from peftkit.data.batching import StepOrder
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.tasks import TASKS
 from peftkit.training import batches
@@ -121,9 +122,7 @@ class TrainingRun:
         )
         self.steps_per_epoch = batches.steps_per_epoch(len(self.splits.train), self.global_batch)
         self.total_steps = batches.total_steps(config.max_steps, config.epochs, self.steps_per_epoch)
-        self.sampler: batches.BatchSampler = batches.SeededPermutation(
-            config.seed, len(self.splits.train), self.global_batch
-        )
+        self.sampler: batches.BatchSampler = StepOrder(len(self.splits.train), self.global_batch, config.seed)
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
         self.scheduler = linear_schedule(
             self.optimizer, self.total_steps, warmup_steps=round(config.warmup_ratio * self.total_steps)
@@ -188,7 +187,7 @@ class TrainingRun:
         """One optimizer step (its micro-batches, clipping, update); the summed loss of the step."""
         config, dist = self.config, self.dist
         torch.manual_seed(step_seed(config.seed, dist.rank, self.progress.step))
-        step_rows = self.sampler.rows(self.progress.step)
+        step_rows = self.sampler.step_rows(self.progress.step)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
         loss_total = 0.0
         self.optimizer.zero_grad(set_to_none=True)
