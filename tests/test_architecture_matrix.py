@@ -35,13 +35,6 @@ EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
 }
 
 # The kinds of fault still known (each is being fixed as a kind, in the library, not in this file).
-QUANTIZED_FP32_MODULES = (
-    "4-bit base computes garbage: layers the model keeps in fp32 (T5's `wo`) are quantized"
-)
-QUANTIZE_SKIPS_LINEAR_SUBCLASSES = "QLoRA skips subclasses of nn.Linear (Falcon's layers)"
-QUANTIZE_REFUSES_CONV1D = (
-    "QLoRA refuses GPT-2's Conv1D layers (transformers' bitsandbytes integration takes them)"
-)
 PREFIX_ENCODER_WITHOUT_CACHE = (
     "prefix on an encoder whose forward takes no cache: ignored, or a crash in attention"
 )
@@ -66,16 +59,10 @@ KNOWN_FAULTS: dict[tuple[str, str], str] = {
     ("distilbert-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
     ("falcon", "p_tuning_v2"): PREFIX_MULTI_QUERY,
     ("falcon", "prefix_tuning"): PREFIX_MULTI_QUERY,
-    ("falcon", "qlora"): QUANTIZE_SKIPS_LINEAR_SUBCLASSES,
-    ("falcon-new", "qlora"): QUANTIZE_SKIPS_LINEAR_SUBCLASSES,
-    ("gpt2", "qlora"): QUANTIZE_REFUSES_CONV1D,
     ("modernbert", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
     ("modernbert", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
     ("modernbert-token", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
     ("modernbert-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("mt5", "qlora"): QUANTIZED_FP32_MODULES,
-    ("t5", "qlora"): QUANTIZED_FP32_MODULES,
-    ("t5-gated-gelu", "qlora"): QUANTIZED_FP32_MODULES,
 }
 
 
