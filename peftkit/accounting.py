@@ -44,7 +44,7 @@ def count_parameters(model: PeftModel) -> ParameterCount:
     unique = {id(p): p for p in model.base_model.parameters()}  # tied weights counted once
     base = sum(logical_numel(p) for i, p in unique.items() if i not in added)
     trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
-    tensors = model.adapter_state_dict(model.active_adapter) if model.active_adapter else {}
+    tensors = {k: t for name in model.active_adapters for k, t in model.adapter_state_dict(name).items()}
     return ParameterCount(
         trainable=trainable,
         base=base,

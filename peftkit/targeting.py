@@ -15,31 +15,12 @@ from collections.abc import Callable, Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftkit.architectures import architecture
 from peftkit.config import ConfigError
-from peftkit.layer import AdapterLayer, unwrap
+from peftkit.layer import AdapterLayer, innermost, unwrap
 
 ALL_LINEAR = "all-linear"
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-
-# Attention projections that LoRA targets by default, keyed by `config.model_type` (Hu et al. adapt W_q, W_v).
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "xlm-roberta": ("query", "value"),
-    "electra": ("query", "value"),
-    "distilbert": ("q_lin", "v_lin"),
-    "gpt2": ("c_attn",),
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
-    "opt": ("q_proj", "v_proj"),
-    "t5": ("q", "v"),
-    "mt5": ("q", "v"),
-    "bart": ("q_proj", "v_proj"),
-}
 
 # Attribute names of freshly initialised task heads: never worth a low-rank update, train them in full.
 HEAD_ATTRIBUTES = ("classifier", "score", "qa_outputs")
@@ -48,15 +29,26 @@ HEAD_ATTRIBUTES = ("classifier", "score", "qa_outputs")
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 
 
-def default_targets(model: nn.Module) -> tuple[str, ...]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    linear = [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)]
-    raise ConfigError(
-        f"`target_modules` is required for model type {model_type!r} (no default is known; defaults exist for "
-        f"{sorted(DEFAULT_TARGETS)}). Linear layers in this model: {_sample(linear)}"
-    )
+def default_targets(model: nn.Module) -> tuple[str, ...] | str:
+    """LoRA's default targets for ``model``: its architecture's query and value projections (Hu et al.)."""
+    return architecture(
+        model,
+        ("lora",),
+        purpose="`target_modules` is required (LoRA has no default for this model)",
+        remedy="`target_modules` (names, a regex or 'all-linear')",
+    ).lora
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer under any adapter wrappers: ``nn.Linear`` and its
+    subclasses (quantized ones included: read from the layer, not its packed weight) or transformers'
+    ``Conv1D`` (weight stored (in, out)). Raises :class:`ConfigError` for any other module."""
+    plain = innermost(module)
+    if isinstance(plain, Conv1D):
+        return tuple(plain.weight.shape)
+    if isinstance(plain, nn.Linear):
+        return plain.in_features, plain.out_features
+    raise ConfigError(f"{type(plain).__name__} is not a linear layer (nn.Linear or transformers Conv1D)")
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -120,10 +112,10 @@ def select_modules(
         for n in modules
         if n and not any(n.startswith(w + ".") and not n.startswith(f"{w}.base_layer.") for w in wrappers)
     ]
-    saved = set(modules_to_save or ())
-    in_saved = {
-        n for n in names if any(n == s or n.startswith(s + ".") or n.endswith("." + s) for s in saved)
-    }
+    # A module trained in full (`modules_to_save`) and everything inside it is never an adapter target: its
+    # trained copy replaces it, so an adapter there would never get a gradient (HF PEFT's rule and pattern).
+    saved = [re.compile(rf"(^|.*\.){re.escape(s)}($|\..*)") for s in modules_to_save or ()]
+    in_saved = {n for n in names if any(pattern.match(n) for pattern in saved)}
 
     if target_modules == ALL_LINEAR:
         excluded = output_head_names(model) | in_saved
@@ -143,6 +135,14 @@ def select_modules(
             f"Module names in this model: {_sample(_leaf_names(names))}"
         )
 
+    if in_saved and target_modules != ALL_LINEAR:
+        candidates = [n for n in candidates if n not in in_saved]
+        if not candidates:
+            raise ConfigError(
+                f"`target_modules`={target_modules!r} selects only modules inside `modules_to_save`="
+                f"{list(modules_to_save)}, which are trained in full; target other modules, or leave them out "
+                "of `modules_to_save`"
+            )
     if exclude_modules is not None:
         candidates = [n for n in candidates if not name_matches(n, exclude_modules)]
     if layers_to_transform is not None:

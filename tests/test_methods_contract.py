@@ -96,7 +96,7 @@ CASES = {
         lambda n: ".adapters." in n,
         None,
         "a non-linear adapter cannot fold into the weights",
-        {"mlp": "no positions for model type None"},
+        {"mlp": "model type None has no entry in peftkit's architecture table"},
     ),
 }
 

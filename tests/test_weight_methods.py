@@ -10,6 +10,7 @@ from transformers import BertConfig, BertModel
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import (
+    BASE_ROW,
     AdapterError,
     BitFitConfig,
     BottleneckConfig,
@@ -111,7 +112,7 @@ def test_full_fine_tuning_trains_and_stores_the_whole_model():
 # --- bottleneck adapters -----------------------------------------------------------------------------------
 def test_serial_adapter_is_h_plus_scaled_up_f_down_h():
     base = nn.Linear(8, 6)
-    layer = BottleneckLayer(base, hidden=6)
+    layer = BottleneckLayer(base)
     layer.add_adapter(
         "a", BottleneckConfig(bottleneck_size=3, non_linearity="tanh", scaling=0.5, init="random")
     )
@@ -131,10 +132,13 @@ def test_parallel_adapter_reads_the_sub_layer_input():
         tiny.build(), BottleneckConfig(placement="parallel", bottleneck_size=4, scaling=4.0, init="random")
     )
     mlp = model.base_model.model.layers[0].mlp
-    assert isinstance(mlp, BottleneckLayer)
+    assert isinstance(mlp.down_proj, BottleneckLayer), "added at the feed-forward output layer"
     x = torch.randn(3, 5, 32)
-    adapter = mlp.adapters["default"]
-    expected = mlp.base_layer(x) + 4.0 * adapter.up(torch.relu(adapter.down(x)))
+    adapter = mlp.down_proj.adapters["default"]
+    base = mlp.down_proj.base_layer
+    expected = base(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)) + 4.0 * adapter.up(
+        torch.relu(adapter.down(x))
+    )
     torch.testing.assert_close(mlp(x), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -153,7 +157,7 @@ def test_parallel_adapter_on_bert_reads_the_feed_forward_input_through_a_hook():
         + attention_output
     )
     torch.testing.assert_close(layer.output(intermediate, attention_output), expected, rtol=1e-5, atol=1e-6)
-    hooked = layer.intermediate._forward_pre_hooks
+    hooked = layer.intermediate.dense._forward_pre_hooks
     assert hooked and model.unload() is not None and not hooked, "unload removes the hook"
 
 
@@ -188,12 +192,12 @@ def _fused(tiny):
 
 
 def test_fresh_fusion_averages_the_adapters_outputs():
-    layer = BottleneckLayer(nn.Linear(6, 6), hidden=6)
+    layer = BottleneckLayer(nn.Linear(6, 6))
     for name in ("a", "b"):
         layer.add_adapter(name, BottleneckConfig(bottleneck_size=2, init="random"))
     from peftkit.methods.fusion import Fusion
 
-    layer.fusions["f"] = Fusion(6, FusionConfig(adapters=["a", "b"]), like=layer.base_layer.weight)
+    layer.adapters["f"] = Fusion(6, FusionConfig(adapters=["a", "b"]), like=layer.base_layer.weight)
     x = torch.randn(4, 6)
     outputs = {}
     for name in ("a", "b", "f"):
@@ -205,7 +209,7 @@ def test_fresh_fusion_averages_the_adapters_outputs():
 def test_fusion_trains_only_its_own_parameters_and_saves_on_its_own(tmp_path):
     tiny = TINY_MODELS["bert"]
     model = _fused(tiny)
-    assert _trainable(model) and all(".fusions.fusion." in n for n in _trainable(model))
+    assert _trainable(model) and all(".adapters.fusion." in n for n in _trainable(model))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(3):
@@ -213,7 +217,7 @@ def test_fusion_trains_only_its_own_parameters_and_saves_on_its_own(tmp_path):
         model(**tiny.batch(seed=step)).logits.pow(2).mean().backward()
         optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(".fusions.fusion." in n for n in changed)
+    assert changed and all(".adapters.fusion." in n for n in changed)
 
     expected = run(model, tiny, tiny.batch())
     model.save_pretrained(tmp_path)
@@ -227,6 +231,28 @@ def test_fusion_trains_only_its_own_parameters_and_saves_on_its_own(tmp_path):
     assert torch.equal(run(loaded, tiny, tiny.batch()), expected)
     with pytest.raises(AdapterError, match=r"adapters \['fusion'\] build on 'a'"):
         loaded.delete_adapter("a")
+
+
+def test_fusion_joins_a_mixed_batch_like_any_adapter():
+    """A fusion is one more entry of the layer's adapters: a batch mixing it with one of its members and the
+    base model gives each row what that adapter alone gives."""
+    tiny = TINY_MODELS["bert"]
+    model = _fused(tiny)
+    with torch.no_grad():  # a fusion that no longer averages: W_Q, W_K moved off zero
+        for name, parameter in model.named_parameters():
+            if ".adapters.fusion." in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    batch = tiny.batch()
+    rows = ["fusion", BASE_ROW, "a"]
+    mixed = run(model, tiny, batch, adapter_names=rows)
+    singles = {"fusion": run(model, tiny, batch)}
+    model.set_adapter("a")
+    singles["a"] = run(model, tiny, batch)
+    with model.disable_adapter():
+        singles[BASE_ROW] = run(model, tiny, batch)
+    assert not torch.allclose(singles["fusion"], singles["a"])
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(mixed[row], singles[name][row], rtol=1e-5, atol=1e-6)
 
 
 def test_fusion_needs_serial_bottleneck_adapters():

@@ -12,25 +12,28 @@ The biases are base-model parameters trained in place; peftkit keeps them per ad
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 
+from peftkit.architectures import architecture
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, register_config
 from peftkit.layer import base_parameter_names
 from peftkit.methods import in_place_method
 
-# Role -> patterns of bias parameter names across BERT-style, GPT-2, LLaMA-style, T5 and DistilBERT models.
-ROLE_PATTERNS: dict[str, str] = {
-    "query": r"\.(query|q_proj|q_lin|q)\.bias$",
-    "key": r"\.(key|k_proj|k_lin|k)\.bias$",
-    "value": r"\.(value|v_proj|v_lin|v)\.bias$",
-    "qkv": r"\.(c_attn|qkv_proj|query_key_value)\.bias$",  # fused projections (GPT-2)
-    "attention_output": r"(attention\.output\.dense|attn\.c_proj|o_proj|out_lin|\.o)\.bias$",
-    "ffn_in": r"(intermediate\.dense|mlp\.c_fc|up_proj|gate_proj|lin1|\.wi(_0|_1)?)\.bias$",
-    "ffn_out": r"(layer\.\d+\.output\.dense|mlp\.c_proj|down_proj|lin2|\.wo)\.bias$",
-    "layernorm": r"(LayerNorm|layer_norm|layernorm|ln_\d|ln_f|norm\d?|_norm)\.bias$",
+# Role -> the architecture position whose biases it names (see peftkit.architectures); the norms are found
+# by their class, on every model.
+ROLE_POSITIONS: dict[str, str | None] = {
+    "query": "query",
+    "key": "key",
+    "value": "value",
+    "qkv": "qkv",  # fused projections (GPT-2, BLOOM, Falcon, Phi-3, ModernBERT)
+    "attention_output": "attention_output",
+    "ffn_in": "ffn_input",
+    "ffn_out": "ffn_output",
+    "layernorm": None,
 }
 
 
@@ -38,7 +41,7 @@ ROLE_PATTERNS: dict[str, str] = {
 @dataclass(frozen=True)
 class BitFitConfig(AdapterConfig):
     """Fields:
-    roles: which biases train (``None``: every bias of the model). Allowed roles: see ``ROLE_PATTERNS``.
+    roles: which biases train (``None``: every bias of the model). Allowed roles: see ``ROLE_POSITIONS``.
     modules_to_save: modules trained in full next to the biases (a fresh task head).
     """
 
@@ -52,9 +55,9 @@ class BitFitConfig(AdapterConfig):
         self._set(
             "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
         )
-        unknown = sorted(set(self.roles or ()) - set(ROLE_PATTERNS))
+        unknown = sorted(set(self.roles or ()) - set(ROLE_POSITIONS))
         if unknown:
-            raise ConfigError(f"`roles` has unknown entries {unknown}; allowed: {sorted(ROLE_PATTERNS)}")
+            raise ConfigError(f"`roles` has unknown entries {unknown}; allowed: {sorted(ROLE_POSITIONS)}")
 
 
 def bias_names(model: nn.Module, config: BitFitConfig) -> list[str]:
@@ -67,14 +70,42 @@ def bias_names(model: nn.Module, config: BitFitConfig) -> list[str]:
         )
     if config.roles is None:
         return biases
-    chosen = [name for name in biases if any(re.search(ROLE_PATTERNS[role], name) for role in config.roles)]
-    empty = [role for role in config.roles if not any(re.search(ROLE_PATTERNS[role], n) for n in biases)]
+    roles = _role_matchers(model, config.roles)
+    chosen = [name for name in biases if any(matches(name) for matches in roles.values())]
+    empty = [role for role, matches in roles.items() if not any(matches(n) for n in biases)]
     if empty:
-        found = sorted(
-            {role for role, pattern in ROLE_PATTERNS.items() if any(re.search(pattern, n) for n in biases)}
-        )
+        present = _role_matchers(model, tuple(ROLE_POSITIONS))
+        found = sorted(role for role, matches in present.items() if any(matches(n) for n in biases))
         raise ConfigError(f"`roles` {empty} match no bias of {type(model).__name__}; roles present: {found}")
     return chosen
+
+
+def _role_matchers(model: nn.Module, roles: tuple[str, ...]) -> dict[str, Callable[[str], bool]]:
+    """role -> whether a bias parameter name belongs to it, from the model's architecture entry."""
+    modules = dict(model.named_modules())
+    norms = {path for path, module in modules.items() if "norm" in type(module).__name__.lower()}
+    arch = None
+    if any(ROLE_POSITIONS[role] is not None for role in roles):
+        arch = architecture(
+            model,
+            ("attention_output", "ffn_output"),
+            purpose="BitFit `roles` need to know this model's layers",
+            remedy="`roles`=None (every bias) and `modules_to_save` for whole modules",
+        )
+
+    def owner(name: str) -> str:  # the module a bias belongs to, seen through adapter wrappers
+        return name.removesuffix(".bias").replace(".base_layer", "")
+
+    matchers: dict[str, Callable[[str], bool]] = {}
+    for role in roles:
+        position = ROLE_POSITIONS[role]
+        if position is None:
+            matchers[role] = lambda name: owner(name) in norms
+        elif (pattern := arch.pattern(position)) is None:
+            matchers[role] = lambda name: False
+        else:
+            matchers[role] = lambda name, regex=re.compile(pattern): regex.fullmatch(owner(name)) is not None
+    return matchers
 
 
 in_place_method("bitfit", BitFitConfig, bias_names, "PEFTKIT_BITFIT")

@@ -7,7 +7,13 @@ An adapter maps a hidden vector ``h`` (size d) through a bottleneck of size m <<
   one after the attention output projection and one after the feed-forward output projection, Pfeiffer only
   the latter;
 - parallel (He et al., "Towards a unified view of PETL"): the feed-forward sub-layer ``FFN(x)`` becomes
-  ``FFN(x) + s · a(x)``, the adapter reading the sub-layer's input.
+  ``FFN(x) + s · a(x)``, the adapter reading the sub-layer's input (given ``target_modules``, each target
+  ``m`` becomes ``m(x) + s · a(x)``).
+
+Each adapter sizes itself from the layer it wraps: ``D`` reads the layer's input features (parallel) or its
+output features (serial), ``U`` writes its output features, so any linear layer can carry one (BERT's
+``intermediate.dense``, LLaMA's ``k_proj`` with grouped key/value heads). The positions per architecture come
+from :mod:`peftkit.architectures`.
 
 ``U`` and ``b_U`` start at zero, so a fresh adapter leaves the model's output exactly unchanged. A bottleneck
 adapter adds a non-linearity; it cannot be folded into the weights, and ``merge_adapter()`` says so.
@@ -15,13 +21,13 @@ adapter adds a non-linearity; it cannot be folded into the weights, and ``merge_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from peftkit.architectures import architecture
 from peftkit.config import (
     AdapterConfig,
     ConfigError,
@@ -33,38 +39,10 @@ from peftkit.config import (
 )
 from peftkit.layer import AdapterLayer, find_or_wrap, innermost
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
-from peftkit.targeting import select_modules
+from peftkit.targeting import LINEAR_TYPES, linear_features, select_modules
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
-
-# model_type -> where adapters go: the attention and feed-forward output projections (serial), and the
-# feed-forward sub-layer for parallel adapters: `ffn` when one module is the whole sub-layer (its input and
-# output are the sub-layer's), or `ffn_input` + `ffn_output` when the sub-layer spans modules (BERT).
-POSITIONS: dict[str, dict[str, str]] = {
-    "bert": {
-        "attention_output": r".*\.attention\.output\.dense",
-        "ffn_output": r".*\.layer\.\d+\.output\.dense",
-        "ffn_input": r".*\.layer\.\d+\.intermediate",
-    },
-    "gpt2": {
-        "attention_output": r".*\.attn\.c_proj",
-        "ffn_output": r".*\.mlp\.c_proj",
-        "ffn": r".*\.h\.\d+\.mlp",
-    },
-    "llama": {
-        "attention_output": r".*\.self_attn\.o_proj",
-        "ffn_output": r".*\.mlp\.down_proj",
-        "ffn": r".*\.layers\.\d+\.mlp",
-    },
-    "t5": {
-        "attention_output": r".*\.(SelfAttention|EncDecAttention)\.o",
-        "ffn_output": r".*\.DenseReluDense\.wo",
-        "ffn": r".*\.DenseReluDense",
-    },
-}
-POSITIONS["roberta"] = POSITIONS["bert"]
-POSITIONS["mistral"] = POSITIONS["qwen2"] = POSITIONS["llama"]
 
 
 @register_config
@@ -76,8 +54,8 @@ class BottleneckConfig(AdapterConfig):
     bottleneck_size: m; or ``reduction_factor``: m = d / reduction_factor (one of the two).
     non_linearity: relu, gelu, tanh or silu.
     scaling: s (He et al. use 4 for parallel adapters).
-    target_modules: for serial adapters on any model: the layers whose outputs get an adapter (overrides the
-        architecture's positions).
+    target_modules: the linear layers that get an adapter, on any model (overrides the architecture's
+        positions): serial ones read the layer's output, parallel ones its input.
     modules_to_save: modules trained in full besides (a fresh task head).
     init: ``zeros`` (U = 0: the model starts unchanged) or ``random`` (for tests).
     """
@@ -109,61 +87,77 @@ class BottleneckConfig(AdapterConfig):
         self._set(
             "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
         )
-        if self.target_modules is not None and self.placement == "parallel":
-            raise ConfigError(
-                "`target_modules` places serial adapters; `placement`='parallel' uses the model's FFN"
-            )
 
-    def size_for(self, hidden: int) -> int:
-        return self.bottleneck_size or max(1, round(hidden / self.reduction_factor))
+    def size_for(self, features: int) -> int:
+        """m: ``bottleneck_size``, or the wrapped layer's output features / ``reduction_factor``."""
+        return self.bottleneck_size or max(1, round(features / self.reduction_factor))
 
 
 class Bottleneck(nn.Module):
-    """``a(h) = U f(D h)`` with biases; U starts at zero."""
+    """One adapter: ``a(h) = U f(D h)`` with biases; ``D``: (m, in_features), ``U``: (out_features, m), starting
+    at zero. ``output`` adds ``s · a(source)`` to the layer's output; the source is the layer's output (serial)
+    or the sub-layer's input (parallel)."""
 
-    def __init__(self, hidden: int, config: BottleneckConfig, like: torch.Tensor) -> None:
+    file_prefix = "adapter"  # its tensors' keys in a checkpoint: adapter.down.weight, ...
+
+    def __init__(
+        self, in_features: int, out_features: int, config: BottleneckConfig, like: torch.Tensor
+    ) -> None:
         super().__init__()
-        size = config.size_for(hidden)
-        self.down = nn.Linear(hidden, size, device=like.device, dtype=like.dtype)
+        size = config.size_for(out_features)
+        self.down = nn.Linear(in_features, size, device=like.device, dtype=like.dtype)
         self.activation = ACTIVATIONS[config.non_linearity]()
-        self.up = nn.Linear(size, hidden, device=like.device, dtype=like.dtype)
+        self.up = nn.Linear(size, out_features, device=like.device, dtype=like.dtype)
+        self.scaling = config.scaling
+        self.parallel = config.placement == "parallel"
         if config.init == "zeros":
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.activation(self.down(h)))  # (..., hidden)
+        return self.up(self.activation(self.down(h)))  # (..., out_features)
+
+    def output(
+        self, adapters: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, sub_layer_input
+    ) -> torch.Tensor:
+        """``y + s · a(source)``; ``x``: the layer's input, ``y``: its output (..., out_features),
+        ``sub_layer_input``: the feed-forward sub-layer's input when a hook captured it, else None."""
+        source = (x if sub_layer_input is None else sub_layer_input) if self.parallel else y
+        return y + (self.scaling * self(source.to(self.down.weight.dtype))).to(y.dtype)
 
 
 class BottleneckLayer(AdapterLayer):
-    """Adapters around one module. Serial: ``y = m(x)``, ``y + s·a(y)``. Parallel: ``y = m(x) + s·a(x')``
-    where ``x'`` is the input of the sub-layer (this module's own input, or the input of an earlier module
-    of the sub-layer, captured by a hook, when the sub-layer spans several modules as BERT's does).
+    """Adapters around one linear layer. Serial: ``y = m(x)``, ``y + s·a(y)``. Parallel: ``y = m(x) + s·a(x')``
+    where ``x'`` is the input of the sub-layer (this layer's own input, or the input of the sub-layer's first
+    layer, captured by a hook, when the sub-layer spans several layers).
 
-    A fusion (:mod:`peftkit.methods.fusion`) active on this layer combines several serial adapters' outputs.
+    Each entry of ``adapters`` computes the layer's new output from (x, y, x') with ``output``: a
+    :class:`Bottleneck`, or a composition of them such as an AdapterFusion (:mod:`peftkit.methods.fusion`),
+    which reads its members from the same ``adapters``. The layer itself knows no composition.
     """
 
-    def __init__(self, base_layer: nn.Module, hidden: int) -> None:
+    adapter_holders = ("adapters",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.hidden = hidden
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.source_features = self.in_features  # what a parallel adapter reads: this layer's input, or
         self.adapters = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.parallel: dict[str, bool] = {}
-        self.fusions = nn.ModuleDict()
-        self._captured: torch.Tensor | None = None
+        self._captured: torch.Tensor | None = None  # ... the sub-layer's, captured from its first layer
         self._hook = None
+
+    def checkpoint_key(self, attribute: str, entry: nn.Module) -> str:
+        return entry.file_prefix  # adapter.down.weight, fusion.query.weight, ...
 
     def read_input_of(self, module: nn.Module) -> None:
         """Parallel adapters here read ``module``'s input (the sub-layer's) instead of this module's."""
         if self._hook is None:
-            self._hook = module.register_forward_pre_hook(self._capture)
+            self.source_features = linear_features(module)[0]
+            self._hook = module.register_forward_pre_hook(self._capture, with_kwargs=True)
 
-    def _capture(self, module: nn.Module, args: tuple) -> None:
-        self._captured = args[0]
-
-    def base(self) -> nn.Module:
-        return self.base_layer
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._captured = args[0] if args else next(iter(kwargs.values()))
 
     def unloaded(self, merge: bool) -> nn.Module:
         if self._hook is not None:
@@ -171,40 +165,10 @@ class BottleneckLayer(AdapterLayer):
             self._hook = None
         return super().unloaded(merge)
 
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters.keys()) + list(self.fusions.keys())
-
     def add_adapter(self, name: str, config: BottleneckConfig) -> None:
-        self.adapters[name] = Bottleneck(self.hidden, config, like=next(self.base_layer.parameters()))
-        self.scaling[name] = config.scaling
-        self.parallel[name] = config.placement == "parallel"
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.fusions:
-            del self.fusions[name]
-        else:
-            del self.adapters[name], self.scaling[name], self.parallel[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from (self.fusions[name] if name in self.fusions else self.adapters[name]).parameters()
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        if name in self.fusions:
-            return {f"fusion.{k}": v for k, v in self.fusions[name].state_dict(keep_vars=True).items()}
-        return {f"adapter.{k}": v for k, v in self.adapters[name].state_dict(keep_vars=True).items()}
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        module, prefix = (
-            (self.fusions[name], "fusion.") if name in self.fusions else (self.adapters[name], "adapter.")
-        )
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=True)
-
-    def _update(
-        self, name: str, x: torch.Tensor, y: torch.Tensor, captured: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``s · a(source)``: the source is the sub-layer input for a parallel adapter, the output otherwise."""
-        source = (captured if captured is not None else x) if self.parallel[name] else y
-        return (self.scaling[name] * self.adapters[name](source)).to(y.dtype)
+        reads = self.source_features if config.placement == "parallel" else self.out_features
+        like = next(self.base_layer.parameters())
+        self.adapters[name] = Bottleneck(reads, self.out_features, config, like=like)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -212,12 +176,9 @@ class BottleneckLayer(AdapterLayer):
         if self.routing is not None:
             return self._mixed_forward(x, y, captured)
         name = self.active_adapter
-        if name in self.fusions:
-            fusion = self.fusions[name]
-            return fusion(y, [y + self._update(member, x, y, captured) for member in fusion.adapter_order])
         if not self.runs(name):
             return y
-        return y + self._update(name, x, y, captured)
+        return self.adapters[name].output(self.adapters, x, y, captured)
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
         """Rows grouped by adapter: each adapter runs on its own rows (adapters differ in size)."""
@@ -225,35 +186,41 @@ class BottleneckLayer(AdapterLayer):
         routing.check_batch(y.shape[0], f"bottleneck adapter on {type(self.base_layer).__name__}")
         result = y.clone()
         for position, name in enumerate(routing.names):
-            if name in self.fusions:
-                raise ValueError(f"fusion {name!r} cannot join a mixed batch; run it on its own")
             if self.runs(name):
                 rows = routing.index == position
                 rows_captured = captured[rows] if captured is not None else None
-                result[rows] = y[rows] + self._update(name, x[rows], y[rows], rows_captured)
+                result[rows] = self.adapters[name].output(self.adapters, x[rows], y[rows], rows_captured)
         return result
 
 
-def _hidden_size(model: nn.Module, module: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "hidden_size", None):
-        return config.hidden_size
-    weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if weight is not None and weight.dim() == 2:
-        return weight.shape[1]  # Conv1D: (in, out)
-    raise ConfigError(f"cannot tell the hidden size at {type(module).__name__}; use an nn.Linear target")
+def _supported(module: nn.Module) -> bool:
+    return isinstance(innermost(module), LINEAR_TYPES)
 
 
-def _positions(model: nn.Module, config: BottleneckConfig) -> dict[str, str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in POSITIONS:
-        raise ConfigError(
-            f"bottleneck adapters have no positions for model type {model_type!r} (known: {sorted(POSITIONS)}); "
-            "give `target_modules` (the layers whose outputs get a serial adapter)"
-        )
-    return POSITIONS[model_type]
+def _positions(model: nn.Module, config: BottleneckConfig) -> tuple[str, ...]:
+    """The architecture's position patterns for ``config.placement``, in the order adapters are added."""
+    needs = {
+        "houlsby": ("attention_output", "ffn_output"),
+        "pfeiffer": ("ffn_output",),
+        "parallel": ("ffn_input", "ffn_output"),
+    }[config.placement]
+    arch = architecture(
+        model,
+        needs,
+        purpose=f"bottleneck adapters ({config.placement}) need `target_modules` for this model",
+        remedy="`target_modules` (the linear layers that get an adapter)",
+    )
+    return tuple(arch.pattern(need) for need in needs)
+
+
+def _sub_layer_inputs(targets: list[str], starts: list[str]) -> dict[str, str]:
+    """For each feed-forward output layer, the first layer of the same sub-layer (longest common path)."""
+
+    def shared(a: str, b: str) -> int:
+        pairs = zip(a.split("."), b.split("."), strict=False)
+        return next((i for i, (x, y) in enumerate(pairs) if x != y), min(a.count("."), b.count(".")) + 1)
+
+    return {target: max(starts, key=lambda start: shared(target, start)) for target in targets}
 
 
 def inject_bottleneck(model: nn.Module, name: str, config: BottleneckConfig) -> list[str]:
@@ -262,35 +229,22 @@ def inject_bottleneck(model: nn.Module, name: str, config: BottleneckConfig) -> 
             model,
             target_modules=spec,
             modules_to_save=config.modules_to_save,
-            supported=lambda m: True,
-            supported_text="any module",
+            supported=_supported,
+            supported_text="nn.Linear, transformers Conv1D (an adapter sizes itself from the layer's features)",
         )
 
-    inputs: dict[str, str | None] = {}
+    inputs: dict[str, str] = {}
     if config.target_modules is not None:
         targets = select(config.target_modules)
-    elif config.placement == "parallel":
-        positions = _positions(model, config)
-        if "ffn" in positions:
-            targets = select(positions["ffn"])
-        else:  # add at the sub-layer's output projection, read the input of its first module
-            targets = select(positions["ffn_output"])
-            starts = select(positions["ffn_input"])
-            if len(starts) != len(targets):
-                raise ConfigError(f"found {len(starts)} feed-forward inputs but {len(targets)} outputs")
-            inputs = dict(zip(targets, starts, strict=True))
+    elif config.placement == "parallel":  # add at the sub-layer's output layer, read the input of its first
+        ffn_input, ffn_output = _positions(model, config)
+        targets = select(ffn_output)
+        inputs = _sub_layer_inputs(targets, select(ffn_input))
     else:
-        positions = _positions(model, config)
-        wanted = ["ffn_output"] if config.placement == "pfeiffer" else ["attention_output", "ffn_output"]
-        targets = [t for key in wanted for t in select(positions[key])]
+        targets = [t for pattern in _positions(model, config) for t in select(pattern)]
 
     for path in targets:
-        layer = find_or_wrap(
-            model,
-            path,
-            BottleneckLayer,
-            lambda m: BottleneckLayer(m, hidden=_hidden_size(model, innermost(m))),
-        )
+        layer = find_or_wrap(model, path, BottleneckLayer, BottleneckLayer)
         if path in inputs:
             layer.read_input_of(model.get_submodule(inputs[path]))
         layer.add_adapter(name, config)

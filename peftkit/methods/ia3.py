@@ -12,7 +12,6 @@ between the two libraries.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,21 +19,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftkit.architectures import architecture
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_choice, register_config
 from peftkit.layer import AdapterLayer, find_or_wrap, innermost
 from peftkit.methods import Method, no_base_parameters, register_method
 from peftkit.targeting import name_matches, select_modules
 
-# model_type -> (target_modules, feedforward_modules): keys, values and the feed-forward output layer.
-IA3_DEFAULTS: dict[str, tuple[str, str]] = {
-    "bert": (r".*\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
-    "roberta": (r".*\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
-    "gpt2": (r".*\.(c_attn|mlp\.c_proj)", r".*\.mlp\.c_proj"),
-    "llama": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
-    "mistral": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
-    "qwen2": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
-    "t5": (r".*\.(k|v|wo)", r".*\.wo"),
-}
 INIT_MODES = ("ones", "random")
 
 
@@ -71,28 +61,32 @@ class IA3Config(AdapterConfig):
             )
 
     def resolved(self, model: nn.Module) -> tuple[str | tuple[str, ...], str | tuple[str, ...] | None]:
+        """(target_modules, feedforward_modules): the config's, or the architecture's keys, values and
+        feed-forward output layer (Liu et al. 2022, section 3.3). Raises :class:`ConfigError` for a model
+        without known positions."""
         if self.target_modules is not None:
             return self.target_modules, self.feedforward_modules
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in IA3_DEFAULTS:
-            raise ConfigError(
-                f"`target_modules` is required for model type {model_type!r}; IA3 defaults exist for {sorted(IA3_DEFAULTS)}"
-            )
-        return IA3_DEFAULTS[model_type]
+        return architecture(
+            model,
+            ("kv", "ffn_output"),
+            purpose="IA3 needs `target_modules` for this model",
+            remedy="`target_modules` (the key, value and feed-forward output layers) and `feedforward_modules` "
+            "(the feed-forward output layers, whose input is rescaled)",
+        ).ia3_targets()
 
     def to_hf_dict(self, targets: list[str], model: nn.Module) -> dict[str, Any]:
-        """HF PEFT's IA3 fields. The architecture defaults are written out as the resolved module paths, so
-        the file means the same layers to any reader."""
-        target_modules, feedforward_modules = self.target_modules, self.feedforward_modules
-        if target_modules is None:
-            ff_spec = self.resolved(model)[1]
-            target_modules = sorted(targets)
-            feedforward_modules = sorted(t for t in targets if name_matches(t, ff_spec))
+        """HF PEFT's IA3 fields. Targets and feed-forward layers are written as the module paths applied (an
+        empty list when none is feed-forward): HF PEFT reads a missing ``feedforward_modules`` as "this model
+        type's default", which need not be what was applied, and needs feed-forward names among the targets."""
+        feedforward_spec = self.resolved(model)[1]
+        feedforward = [
+            t for t in targets if feedforward_spec is not None and name_matches(t, feedforward_spec)
+        ]
         return {
             "peft_type": "IA3",
             "task_type": None,
-            "target_modules": _jsonable(target_modules),
-            "feedforward_modules": _jsonable(feedforward_modules),
+            "target_modules": sorted(targets),
+            "feedforward_modules": sorted(feedforward),
             "modules_to_save": _jsonable(self.modules_to_save),
             "init_ia3_weights": self.init == "ones",
             "fan_in_fan_out": False,
@@ -117,6 +111,9 @@ class IA3Linear(AdapterLayer):
     """Rescales a linear / ``Conv1D`` layer's output (``l`` shaped (out, 1)) or, for a feed-forward layer,
     its input (``l`` shaped (1, in)), per named adapter. A mixed batch gathers one vector per row."""
 
+    adapter_holders = ("ia3_l",)
+    adapter_settings = ("feedforward",)
+
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -126,12 +123,6 @@ class IA3Linear(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
 
-    def base(self) -> nn.Module:
-        return self.base_layer
-
-    def adapter_names(self) -> list[str]:
-        return list(self.ia3_l.keys())
-
     def add_adapter(self, name: str, config: IA3Config, feedforward: bool) -> None:
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         vector = self.base_layer.weight.new_ones(shape)
@@ -139,19 +130,6 @@ class IA3Linear(AdapterLayer):
             vector += 0.1 * torch.randn_like(vector)
         self.ia3_l[name] = nn.Parameter(vector)
         self.feedforward[name] = feedforward
-
-    def delete_adapter(self, name: str) -> None:
-        del self.ia3_l[name], self.feedforward[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield self.ia3_l[name]
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return {"ia3_l": self.ia3_l[name]}
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.ia3_l[name].copy_(tensors["ia3_l"])
 
     def _fold(self, name: str, inverse: bool) -> None:
         vector = self.ia3_l[name].detach().flatten()

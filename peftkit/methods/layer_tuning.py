@@ -1,9 +1,9 @@
 """Top-layer tuning: unfreeze the top ``k`` transformer blocks (optionally the embeddings, the final norm).
 
-The blocks are found without per-model code: a transformer keeps its repeated blocks in an ``nn.ModuleList``
-of modules of one class (BERT's ``encoder.layer``, GPT-2's ``h``, LLaMA's ``layers``, T5's ``block`` in the
-encoder and in the decoder). Every such outermost list is used; ``block_lists`` names them explicitly when
-the search finds none or the wrong ones. The trained blocks are base parameters trained in place and kept
+The blocks come from :func:`peftkit.architectures.block_lists`: the architecture table's lists (BERT's
+``encoder.layer``, GPT-2's ``h``, LLaMA's ``layers``, T5's ``block`` in the encoder and in the decoder), or for
+other models every outermost ``nn.ModuleList`` of modules of one class. ``block_lists`` names them
+explicitly when the search finds none or the wrong ones. The trained blocks are base parameters trained in place and kept
 per adapter (see :mod:`peftkit.parameter_bank`).
 """
 
@@ -14,8 +14,9 @@ from typing import ClassVar
 
 from torch import nn
 
+from peftkit.architectures import block_lists
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
-from peftkit.layer import AdapterLayer, base_parameter_names
+from peftkit.layer import base_parameter_names
 from peftkit.methods import in_place_method
 
 
@@ -49,24 +50,8 @@ class LayerTuningConfig(AdapterConfig):
         )
 
 
-def find_block_lists(model: nn.Module) -> list[str]:
-    """Outermost ``nn.ModuleList``s of two or more modules of one class, outside adapter layers."""
-    found: list[str] = []
-    for path, module in model.named_modules():
-        if isinstance(module, AdapterLayer) or any(path.startswith(p + ".") for p in found):
-            continue
-        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
-            found.append(path)
-    return found
-
-
 def trained_parameter_names(model: nn.Module, config: LayerTuningConfig) -> list[str]:
-    lists = list(config.block_lists) if config.block_lists else find_block_lists(model)
-    if not lists:
-        raise ConfigError(
-            f"no list of repeated blocks found in {type(model).__name__}; name it with `block_lists` "
-            "(the dotted path of an nn.ModuleList of transformer blocks)"
-        )
+    lists = list(config.block_lists) if config.block_lists else block_lists(model)
     prefixes = []
     for path in lists:
         blocks = model.get_submodule(path)

@@ -1,0 +1,182 @@
+"""Continuous batching: one thread owns the model and runs one decode batch; requests join and leave it
+between steps.
+
+Each turn of the loop: run the control operations clients asked for (load or remove an adapter) at the step
+boundary, admit waiting requests while the batch has room (each is prefilled alone through its adapter,
+gives its first token, and its cache joins the batch), then one decode step for every row; rows that ended
+(end of sequence, ``max_tokens``, a stop string, the context's end) or whose client went away leave. This is
+iteration-level scheduling as in Orca (Yu et al., OSDI 2022) and vLLM, with per-row adapters as in Punica
+and S-LoRA: rows of different adapters and of the base model share each step.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from peftkit.serve.batch import Runner
+from peftkit.serve.kv import BatchCache
+from peftkit.serve.metrics import Metrics
+from peftkit.serve.registry import Registry
+from peftkit.serve.sampling import next_tokens
+from peftkit.serve.sequence import Sequence
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than ``max_queue`` allows (HTTP 429)."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: Runner,
+        registry: Registry,
+        metrics: Metrics,
+        *,
+        base_name: str,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+    ) -> None:
+        self.runner = runner
+        self.registry = registry
+        self.metrics = metrics
+        self.base_name = base_name
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+            collections.deque()
+        )
+        self.rows: list[Sequence] = []
+        self.cache = BatchCache()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._loads_counted = 0
+        self._thread = threading.Thread(target=self._loop, name="peftkit-scheduler", daemon=True)
+
+    # --- any thread -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, sequence: Sequence) -> None:
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(sequence)
+            self.metrics.queue_length.set(len(self.waiting))
+            self._wake.notify()
+
+    def call(self, function: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``function`` on the scheduler's thread between two steps; its result or error in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self.controls.append((function, future))
+            self._wake.notify()
+        return future
+
+    # --- the scheduler's thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._wake:
+                    if not (self.rows or self.waiting or self.controls or self._stopping):
+                        self._wake.wait(timeout=1.0)
+                    if self._stopping:
+                        break
+                self._run_controls()
+                self._admit()
+                if self.rows:
+                    self._step()
+
+    def _run_controls(self) -> None:
+        while self.controls:
+            function, future = self.controls.popleft()
+            try:
+                future.set_result(function())
+            except Exception as error:  # handed to the waiting request
+                future.set_exception(error)
+
+    def _admit(self) -> None:
+        joined, caches = [], []
+        while self.waiting and len(self.rows) + len(joined) < self.max_batch_size:
+            with self._wake:
+                sequence = self.waiting.popleft()
+                self.metrics.queue_length.set(len(self.waiting))
+            if sequence.cancelled:
+                self._finish(sequence, "cancelled")
+                continue
+            try:
+                self._acquire(sequence)
+                adapter = None if sequence.adapter == self.base_name else sequence.adapter
+                logits, cache = self.runner.prefill(sequence, adapter)
+                token = next_tokens(logits[None], [sequence.params], [sequence.generator])[0]
+            except Exception as error:  # unknown or busy adapter, a file that no longer loads, a model error
+                sequence.fail(error)
+                self._finish(sequence, "error")
+                continue
+            self.metrics.prompt_tokens.labels(sequence.adapter).inc(len(sequence.prompt_ids))
+            if sequence.add_token(token):
+                self._finish(sequence, "ok")
+            else:
+                joined.append(sequence)
+                caches.append(cache)
+        if joined:
+            self.cache.join(caches)
+            self.rows += joined
+        self.metrics.batch_size.set(len(self.rows))
+
+    def _step(self) -> None:
+        try:
+            tokens = self.runner.decode(self.rows, self.cache)
+        except Exception as error:  # a model error ends the batch's requests, not the server
+            for row in self.rows:
+                row.fail(error)
+                self._finish(row, "error")
+            self.rows, self.cache = [], BatchCache()
+            return
+        self.metrics.decode_steps.inc()
+        kept = []
+        for index, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
+            if row.cancelled:
+                self._finish(row, "cancelled")
+            elif row.add_token(token):
+                self._finish(row, "ok")
+            else:
+                kept.append(index)
+        if len(kept) < len(self.rows):
+            self.rows = [self.rows[i] for i in kept]
+            self.cache.keep(kept)
+        self.metrics.batch_size.set(len(self.rows))
+
+    def _acquire(self, sequence: Sequence) -> None:
+        if sequence.adapter != self.base_name:
+            self.registry.acquire(sequence.adapter)
+            sequence.holds_adapter = True
+            self.metrics.resident_adapters.set(len(self.registry.resident))
+            self.metrics.adapter_loads.inc(self.registry.loads - self._loads_counted)
+            self._loads_counted = self.registry.loads
+
+    def _finish(self, sequence: Sequence, outcome: str) -> None:
+        if sequence.holds_adapter:
+            sequence.holds_adapter = False
+            self.registry.release(sequence.adapter)
+        self.metrics.finished(
+            sequence.adapter,
+            outcome,
+            sequence.arrived,
+            sequence.first_token_at,
+            time.perf_counter(),
+            len(sequence.generated),
+        )

@@ -1,0 +1,150 @@
+"""The OpenAI API's request bodies (the fields peftkit serve reads) and the response bodies it returns.
+
+Requests are validated by pydantic: a wrong type, a negative ``max_tokens`` or an unknown role becomes a 400
+whose body names the field (see :mod:`peftkit.serve.errors`). Fields of the OpenAI API that do not change
+what is generated here (``user``, ``logit_bias`` left empty, ...) are accepted and ignored; ``n`` other than
+1 is refused rather than silently answered once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the OpenAI client sends fields a server may ignore
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, stop):
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(stop)}")
+        return stop
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ValueError(f"one prompt per request is served, got a list of {len(prompt)}")
+            return prompt[0]
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("must not be empty")
+        return prompt
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text (a list of content parts: its text parts joined)."""
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class AdapterLoadRequest(BaseModel):
+    """``POST /v1/adapters``: vLLM's spelling (``lora_name``, ``lora_path``) is accepted too."""
+
+    name: str = Field(min_length=1, validation_alias="name")
+    path: str = Field(min_length=1)
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> AdapterLoadRequest:
+        body = dict(body)
+        for alias, field in (("lora_name", "name"), ("lora_path", "path")):
+            if alias in body and field not in body:
+                body[field] = body.pop(alias)
+        return cls.model_validate(body)
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    model: str, text: str, finish: str | None, use: dict | None, chunk: bool, rid: str
+) -> dict:
+    """A ``text_completion`` body (a whole one, or one server-sent chunk of a stream)."""
+    body = {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def chat_body(model: str, text: str, finish: str | None, use: dict | None, chunk: bool, rid: str) -> dict:
+    """A ``chat.completion`` body, or a ``chat.completion.chunk`` whose ``delta`` carries the new text."""
+    if chunk:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish}
+    else:
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    body = {
+        "id": rid,
+        "object": "chat.completion.chunk" if chunk else "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def completion_id() -> str:
+    return _id("cmpl")
+
+
+def chat_id() -> str:
+    return _id("chatcmpl")
+
+
+def model_card(name: str, owner: str, parent: str | None) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner, "parent": parent}

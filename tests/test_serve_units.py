@@ -1,0 +1,188 @@
+"""The serving parts on their own: the batch KV cache layout, float32 decode steps of a mixed batch against
+each row alone, incremental text with stop strings, sampling, and where adapters may come from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.config import ConfigError
+from peftkit.layer import BASE_ROW
+from peftkit.serve.batch import Runner
+from peftkit.serve.kv import BatchCache
+from peftkit.serve.registry import Registry, adapter_directory
+from peftkit.serve.sampling import SamplingParams, TextStream, next_tokens
+from peftkit.serve.sequence import Sequence
+from tests.tiny_models import TINY_MODELS
+
+HEADS, DIM, LAYERS = 2, 4, 3
+
+
+def _row_cache(length: int, seed: int) -> DynamicCache:
+    generator = torch.Generator().manual_seed(seed)
+    cache = DynamicCache()
+    for layer in range(LAYERS):
+        keys = torch.randn(1, HEADS, length, DIM, generator=generator)
+        cache.update(keys, keys + 100, layer)
+    return cache
+
+
+def _row(cache: BatchCache, row: int, layer: int = 0) -> torch.Tensor:
+    length = cache.lengths[row]
+    return cache.cache.layers[layer].keys[row, :, cache.width - length :]
+
+
+def test_batch_cache_right_aligns_rows_pads_with_zeros_and_trims_when_rows_leave():
+    originals = {length: _row_cache(length, length).layers[1].keys[0].clone() for length in (3, 7, 5)}
+    cache = BatchCache()
+    cache.join([_row_cache(3, 3)])
+    cache.join([_row_cache(7, 7), _row_cache(5, 5)])  # wider rows join later: the old one is padded
+    assert cache.lengths == [3, 7, 5] and cache.width == 7
+    for row, length in enumerate(cache.lengths):
+        assert torch.equal(_row(cache, row, layer=1), originals[length])
+        padding = cache.cache.layers[1].keys[row, :, : cache.width - length]
+        assert torch.count_nonzero(padding) == 0
+    mask, positions = cache.step_inputs(torch.device("cpu"))
+    assert mask.tolist()[0] == [0, 0, 0, 0, 1, 1, 1, 1] and mask.shape == (3, 8)
+    assert positions.flatten().tolist() == [3, 7, 5]
+
+    cache.keep([2, 0])  # the widest row left: two columns nobody uses go
+    assert cache.lengths == [5, 3] and cache.width == 5
+    assert cache.cache.layers[2].keys.shape == (2, HEADS, 5, DIM)
+    assert torch.equal(_row(cache, 0, layer=1), originals[5])
+    assert torch.equal(_row(cache, 1, layer=1), originals[3])
+    cache.keep([])
+    assert cache.cache is None and cache.width == 0
+
+
+def _sequence(adapter: str, ids: list[int]) -> Sequence:
+    return Sequence(
+        adapter=adapter,
+        prompt_ids=ids,
+        max_tokens=8,
+        params=SamplingParams(temperature=0.0),
+        stream=TextStream(None, ()),
+        emit=lambda event: None,
+    )
+
+
+def test_mixed_decode_steps_in_float32_equal_each_row_alone():
+    """Rows of different lengths and adapters (and the base) in one batch: each row's logits at every step
+    equal those of the same row decoded alone with its own adapter (``set_adapter``, no batch)."""
+    spec = TINY_MODELS["llama"]
+    model = get_peft_model(spec.build(), LoraConfig(r=4, target_modules="all-linear"), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if "lora_B" in key:
+                parameter.normal_(std=0.3)
+    model.eval()
+    runner = Runner(model, {})
+    prompts = {"a": [5, 9, 2, 7, 1], "b": [3, 4], BASE_ROW: [8, 8, 1, 2]}
+    rows = [_sequence(name, ids) for name, ids in prompts.items()]
+    cache, caches = BatchCache(), []
+    with torch.no_grad():
+        for row in rows:
+            logits, single = runner.prefill(row, None if row.adapter == BASE_ROW else row.adapter)
+            row.generated.append(int(logits.argmax()))
+            caches.append(single)
+        cache.join(caches)
+        batched = []
+        for _ in range(4):
+            batched.append(_step_logits(runner, rows, cache))
+            for row, step in zip(rows, batched[-1], strict=True):
+                row.generated.append(int(step.argmax()))
+        for index, row in enumerate(rows):
+            ids = torch.tensor([row.prompt_ids + row.generated[:-1]])
+            if row.adapter == BASE_ROW:
+                with model.disable_adapter():
+                    alone = model(input_ids=ids).logits[0]
+            else:
+                model.set_adapter(row.adapter)
+                alone = model(input_ids=ids).logits[0]
+            for step, logits in enumerate(batched):
+                expected = alone[len(row.prompt_ids) + step]
+                torch.testing.assert_close(logits[index], expected, atol=1e-5, rtol=1e-5)
+
+
+def _step_logits(runner: Runner, rows, cache: BatchCache) -> torch.Tensor:
+    mask, positions = cache.step_inputs(runner.device)
+    ids = torch.tensor([[row.generated[-1]] for row in rows])
+    output = runner.model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache.cache,
+        use_cache=True,
+        adapter_names=[row.routing_name for row in rows],
+    )
+    cache.advance()
+    return output.logits[:, -1]
+
+
+class _Letters:
+    """A tokenizer whose token i is the i-th character of a fixed text (each decodes on its own)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def decode(self, ids, **_) -> str:
+        return "".join(self.text[i] for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"), [((), "hello world, bye"), (("wor",), "hello "), (("o w", "bye"), "hell")]
+)
+def test_text_stream_holds_back_possible_stops_and_pieces_join_to_the_final_text(stop, expected):
+    text = "hello world, bye"
+    stream = TextStream(_Letters(text), stop)
+    pieces = []
+    for end in range(1, len(text) + 1):
+        pieces.append(stream.push(list(range(end)), final=end == len(text)))
+        if stream.stopped:
+            break
+        if stop == ("wor",) and end == len("hello wo"):
+            assert "".join(pieces) == "hello "  # "wo" might begin "wor": held back
+    assert "".join(pieces) == expected
+    assert stream.stopped == bool(stop)
+
+
+def test_sampling_greedy_top_p_and_seeds():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]]))
+    greedy = SamplingParams(temperature=0.0)
+    assert next_tokens(logits, [greedy, greedy], [None, None]) == [0, 2]
+    nucleus = SamplingParams(temperature=1.0, top_p=0.5, seed=0)
+    draws = {next_tokens(logits[:1], [nucleus], [nucleus.generator()])[0] for _ in range(50)}
+    assert draws == {0}  # 0.6 alone reaches top_p = 0.5
+    wide = SamplingParams(temperature=1.0, top_p=1.0, seed=3)
+    one, two = wide.generator(), wide.generator()
+    first = [next_tokens(logits[1:], [wide], [one])[0] for _ in range(30)]
+    assert first == [next_tokens(logits[1:], [wide], [two])[0] for _ in range(30)]
+    assert set(first) == {0, 1, 2}
+
+
+def test_adapter_directory_accepts_adapter_and_generation_run_folders(tmp_path):
+    spec = TINY_MODELS["llama"]
+    model = get_peft_model(spec.build(), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "config.yaml").write_text("model: x\n")
+    (tmp_path / "run" / "labels.json").write_text(json.dumps({"task": "causal-lm", "label_names": None}))
+    assert adapter_directory(tmp_path / "run") == tmp_path / "run" / "adapter"
+    assert adapter_directory(tmp_path / "run" / "adapter") == tmp_path / "run" / "adapter"
+    (tmp_path / "run" / "labels.json").write_text(json.dumps({"task": "sequence-classification"}))
+    with pytest.raises(ConfigError, match="sequence-classification run"):
+        adapter_directory(tmp_path / "run")
+    with pytest.raises(ConfigError, match="neither an adapter folder"):
+        adapter_directory(tmp_path)
+
+    registry = Registry(PeftModel(spec.build(), None), max_resident=2, roots=[tmp_path / "run"])
+    assert registry.allowed("adapter") == (tmp_path / "run" / "adapter").resolve()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run" / "link").symlink_to(tmp_path / "elsewhere")  # inside the root, pointing out of it
+    for escape in ("../run2", "link", str(tmp_path / "run" / "link"), "/etc"):
+        with pytest.raises(PermissionError, match="outside the allowed adapter roots"):
+            registry.allowed(escape)
