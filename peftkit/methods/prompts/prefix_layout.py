@@ -1,7 +1,8 @@
 """Where a model's prefixes go and how they get there: the shape of each attention layer's keys and values, and
 the route by which each stack's self-attention receives them.
 
-Routes (how the learned keys and values reach one stack's self-attention):
+Shapes come from the architecture table (:func:`peftkit.architectures.attention_layout`). Routes (how the
+learned keys and values reach one stack's self-attention):
 - ``cache``: the model's forward reads ``past_key_values`` for that stack (every decoder; BERT-style encoders;
   an encoder-decoder's decoder, self- and cross-attention). The prefix is a filled KV cache.
 - ``t5``: T5's encoder stack drops any cache it is given, but its attention modules read one; each gets it
@@ -21,18 +22,17 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
+from peftkit.architectures import AttentionLayout, attention_layout
 from peftkit.config import ConfigError
 
-# Encoder stacks whose self-attention takes no cache, by transformers `model_type`: their route, and for
-# ALBERT (one block shared by every layer) how many attention calls a forward pass makes.
+# Encoder stacks whose self-attention takes no cache, by transformers `model_type`: the peftkit mechanism that
+# reaches it (the layer counts and shapes come from the architecture table).
 ENCODER_ROUTES = {
     "t5": "t5",
     "mt5": "t5",
-    "umt5": "t5",
     "bart": "interface",
     "mbart": "interface",
     "distilbert": "interface",
@@ -45,79 +45,38 @@ INTERFACE_IMPLEMENTATIONS = ("sdpa", "eager")  # the attention functions the int
 
 @dataclass(frozen=True)
 class PrefixLayout:
-    """Shapes and routes of one model's prefixes.
+    """Shapes and route of one model's prefixes: ``attention`` (layers, cache heads, head size per stack, from
+    the architecture table), ``route`` (how the only or encoder stack's self-attention gets its prefix; an
+    encoder-decoder's decoder always reads a cache) and ``cross`` (an encoder-decoder)."""
 
-    ``layers`` / ``heads``: the (decoder or only) stack's attention layers and the heads of its KV cache;
-    ``encoder_layers`` / ``encoder_heads``: an encoder-decoder's encoder (0 otherwise); ``route``: how the
-    (only or encoder) stack's self-attention gets its prefix; an encoder-decoder's decoder always reads a cache.
-    """
-
-    layers: int
-    heads: int
-    head_dim: int
+    attention: AttentionLayout
     route: str
     cross: bool = False
-    encoder_layers: int = 0
-    encoder_heads: int = 0
-    encoder_head_dim: int = 0
 
     def shape(self, n: int, encoder: bool = False) -> tuple[int, ...]:
         """A prefix tensor's shape: (layers, 2 [keys, values], heads, n, head_dim)."""
-        if encoder:
-            return (self.encoder_layers, 2, self.encoder_heads, n, self.encoder_head_dim)
-        return (self.layers, 2, self.heads, n, self.head_dim)
+        return self.attention.shape(n, encoder=encoder)
 
 
 def prefix_layout(model: nn.Module) -> PrefixLayout:
     """The model's :class:`PrefixLayout`; raises :class:`ConfigError` for a model prefixes cannot reach."""
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ConfigError(f"{type(model).__name__} has no transformers config; prefix tuning needs one")
-    model_type = getattr(config, "model_type", None)
-    heads = _first(config, "decoder_attention_heads", "num_attention_heads")
-    head_dim = _head_dim(config, heads)
-    if getattr(config, "is_encoder_decoder", False):
-        encoder_heads = _first(config, "encoder_attention_heads", "num_attention_heads")
-        return PrefixLayout(
-            layers=_first(config, "num_decoder_layers", "decoder_layers", "num_hidden_layers"),
-            heads=heads,
-            head_dim=head_dim,
-            route=_known_route(model, model_type),
-            cross=True,
-            encoder_layers=_first(config, "encoder_layers", "num_layers", "num_hidden_layers"),
-            encoder_heads=encoder_heads,
-            encoder_head_dim=_head_dim(config, encoder_heads),
-        )
+    attention = attention_layout(model)  # raises for a model without a transformers config
+    model_type = getattr(model.config, "model_type", None)
+    if getattr(model.config, "is_encoder_decoder", False):
+        return PrefixLayout(attention, _known_route(model, model_type), cross=True)
     backbone = getattr(model, "base_model", model)  # transformers: the model without its task head
     reads_cache = "past_key_values" in inspect.signature(backbone.forward).parameters
-    route = "cache" if reads_cache else _known_route(model, model_type)
-    layers = _first(config, "num_hidden_layers")
-    if model_type == "albert":  # each of the layers runs every block of its group once
-        layers *= getattr(config, "inner_group_num", 1)
-    return PrefixLayout(layers=layers, heads=_cache_heads(config, heads), head_dim=head_dim, route=route)
-
-
-def _head_dim(config: Any, heads: int) -> int:
-    return _first(config, "head_dim", "d_kv", default=None) or _first(config, "hidden_size") // heads
-
-
-def _cache_heads(config: Any, heads: int) -> int:
-    """Heads of the KV cache: the key/value heads (grouped or multi-query attention), except where the model
-    broadcasts them to every head before caching (Falcon's new decoder layout)."""
-    if config.model_type == "falcon":
-        if getattr(config, "new_decoder_architecture", False):
-            return heads
-        return 1 if getattr(config, "multi_query", False) else heads
-    return _first(config, "num_key_value_heads", default=heads)
+    return PrefixLayout(attention, "cache" if reads_cache else _known_route(model, model_type))
 
 
 def _known_route(model: nn.Module, model_type: str | None) -> str:
     route = ENCODER_ROUTES.get(model_type)
     if route is None:
         raise ConfigError(
-            f"prefix tuning / P-tuning v2 cannot reach the attention of {type(model).__name__} (model_type "
-            f"{model_type!r}): its forward takes no `past_key_values` and peftkit knows no other way into its "
-            "attention layers. Prompt tuning or P-tuning work on it (they enter through the input embedding)"
+            f"prefix tuning / P-tuning v2 cannot reach the self-attention of {type(model).__name__} "
+            f"(model_type {model_type!r}): its (encoder) stack reads no `past_key_values` and peftkit knows no "
+            "other way into its attention layers. Prompt tuning or P-tuning work on it (they enter through the "
+            "input embedding)"
         )
     implementation = getattr(model.config, "_attn_implementation", None)
     if route == "interface" and implementation not in INTERFACE_IMPLEMENTATIONS:
@@ -127,14 +86,3 @@ def _known_route(model: nn.Module, model_type: str | None) -> str:
             "attn_implementation='sdpa' (or 'eager')"
         )
     return route
-
-
-def _first(config: Any, *attributes: str, **fallback: Any) -> Any:
-    """The first of ``attributes`` the config sets (transformers' ``attribute_map`` spellings included)."""
-    for attribute in attributes:
-        value = getattr(config, attribute, None)
-        if value is not None:
-            return value
-    if "default" in fallback:
-        return fallback["default"]
-    raise ConfigError(f"{type(config).__name__} sets none of {list(attributes)}")
