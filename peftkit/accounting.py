@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from peftkit.layer import added_parameter_ids
 
 if TYPE_CHECKING:
@@ -51,6 +53,16 @@ def count_parameters(model: PeftModel) -> ParameterCount:
         adapter=sum(t.numel() for t in tensors.values()),
         adapter_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
     )
+
+
+def base_weight_bytes(model: nn.Module) -> int:
+    """Bytes the base model's own weights hold in memory, from its actual tensors (packed 4-bit codes and
+    their scales for a quantized layer), without the adapters' tensors and trained module copies."""
+    from peftkit.quantization import storage_report
+
+    added = added_parameter_ids(model)
+    added_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) in added)
+    return storage_report(model).total_bytes - added_bytes
 
 
 def logical_numel(parameter) -> int:
