@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +36,8 @@ class LoraLinear(AdapterLayer):
     """
 
     combines_adapters = True
+    adapter_holders = ("lora_A", "lora_B", "lora_dropout")  # AdapterLayer's bookkeeping reads these
+    adapter_settings = ("scaling", "configured_scaling")
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__()
@@ -58,12 +58,6 @@ class LoraLinear(AdapterLayer):
             True  # the update goes into the base output's own memory (see _add_scaled_product)
         )
 
-    def base(self) -> nn.Module:
-        return self.base_layer
-
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
-
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         dtype = adapter_dtype(config.adapter_dtype, self.base_layer)
         factory = {"device": self.base_layer.weight.device, "dtype": dtype}
@@ -75,26 +69,9 @@ class LoraLinear(AdapterLayer):
             LINEAR_INITIALISERS, self.lora_A[name].weight, self.lora_B[name].weight, config.init, config.r
         )
 
-    def delete_adapter(self, name: str) -> None:
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            del table[name]
-        del self.scaling[name], self.configured_scaling[name]
-
     def set_scale(self, name: str, factor: float) -> None:
         """Adapter ``name``'s update scaled by ``factor`` times the configured ``s`` (HF PEFT's set_scale)."""
         self.scaling[name] = factor * self.configured_scaling[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield self.lora_A[name].weight
-        yield self.lora_B[name].weight
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.lora_A[name].weight.copy_(tensors["lora_A.weight"])
-            self.lora_B[name].weight.copy_(tensors["lora_B.weight"])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s · B A`` in the base weight's layout: (out, in) for ``nn.Linear``, (in, out) for ``Conv1D``."""
