@@ -21,7 +21,6 @@ adapter adds a non-linearity; it cannot be folded into the weights, and ``merge_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,7 +37,7 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
-from peftkit.layer import AdapterLayer, find_or_wrap, innermost
+from peftkit.layer import ADAPTER_DTYPES, AdapterLayer, adapter_dtype, find_or_wrap, innermost
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.targeting import LINEAR_TYPES, linear_features, select_modules
 
@@ -59,6 +58,8 @@ class BottleneckConfig(AdapterConfig):
         positions): serial ones read the layer's output, parallel ones its input.
     modules_to_save: modules trained in full besides (a fresh task head).
     init: ``zeros`` (U = 0: the model starts unchanged) or ``random`` (for tests).
+    adapter_dtype: dtype of D and U: ``float32``, ``bfloat16`` or ``float16``; ``None``: float32 on a
+        half-precision or quantized base, else the base weight's (see :func:`peftkit.layer.adapter_dtype`).
     """
 
     method: ClassVar[str] = "bottleneck"
@@ -71,11 +72,13 @@ class BottleneckConfig(AdapterConfig):
     target_modules: str | tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
     init: str = "zeros"
+    adapter_dtype: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("placement", self.placement, PLACEMENTS)
         check_choice("non_linearity", self.non_linearity, ACTIVATIONS)
         check_choice("init", self.init, ("zeros", "random"))
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         check_number("scaling", self.scaling, low=0, high=float("inf"))
         if self.bottleneck_size is not None:
             check_positive_int("bottleneck_size", self.bottleneck_size)
@@ -95,31 +98,47 @@ class BottleneckConfig(AdapterConfig):
 
 
 class Bottleneck(nn.Module):
-    """``a(h) = U f(D h)`` with biases; ``D``: (m, in_features), ``U``: (out_features, m), starting at zero."""
+    """One adapter: ``a(h) = U f(D h)`` with biases; ``D``: (m, in_features), ``U``: (out_features, m), starting
+    at zero. ``output`` adds ``s · a(source)`` to the layer's output; the source is the layer's output (serial)
+    or the sub-layer's input (parallel)."""
 
-    def __init__(
-        self, in_features: int, out_features: int, config: BottleneckConfig, like: torch.Tensor
-    ) -> None:
+    file_prefix = "adapter"  # its tensors' keys in a checkpoint: adapter.down.weight, ...
+
+    def __init__(self, in_features: int, out_features: int, config: BottleneckConfig, factory: dict) -> None:
         super().__init__()
         size = config.size_for(out_features)
-        self.down = nn.Linear(in_features, size, device=like.device, dtype=like.dtype)
+        self.down = nn.Linear(in_features, size, **factory)
         self.activation = ACTIVATIONS[config.non_linearity]()
-        self.up = nn.Linear(size, out_features, device=like.device, dtype=like.dtype)
+        self.up = nn.Linear(size, out_features, **factory)
+        self.scaling = config.scaling
+        self.parallel = config.placement == "parallel"
         if config.init == "zeros":
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.activation(self.down(h)))  # (..., hidden)
+        return self.up(self.activation(self.down(h)))  # (..., out_features)
+
+    def output(
+        self, adapters: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, sub_layer_input
+    ) -> torch.Tensor:
+        """``y + s · a(source)``; ``x``: the layer's input, ``y``: its output (..., out_features),
+        ``sub_layer_input``: the feed-forward sub-layer's input when a hook captured it, else None."""
+        source = (x if sub_layer_input is None else sub_layer_input) if self.parallel else y
+        return y + (self.scaling * self(source.to(self.down.weight.dtype))).to(y.dtype)
 
 
 class BottleneckLayer(AdapterLayer):
-    """Adapters around one module. Serial: ``y = m(x)``, ``y + s·a(y)``. Parallel: ``y = m(x) + s·a(x')``
-    where ``x'`` is the input of the sub-layer (this module's own input, or the input of an earlier module
-    of the sub-layer, captured by a hook, when the sub-layer spans several modules as BERT's does).
+    """Adapters around one linear layer. Serial: ``y = m(x)``, ``y + s·a(y)``. Parallel: ``y = m(x) + s·a(x')``
+    where ``x'`` is the input of the sub-layer (this layer's own input, or the input of the sub-layer's first
+    layer, captured by a hook, when the sub-layer spans several layers).
 
-    A fusion (:mod:`peftkit.methods.fusion`) active on this layer combines several serial adapters' outputs.
+    Each entry of ``adapters`` computes the layer's new output from (x, y, x') with ``output``: a
+    :class:`Bottleneck`, or a composition of them such as an AdapterFusion (:mod:`peftkit.methods.fusion`),
+    which reads its members from the same ``adapters``. The layer itself knows no composition.
     """
+
+    adapter_holders = ("adapters",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -127,11 +146,11 @@ class BottleneckLayer(AdapterLayer):
         self.in_features, self.out_features = linear_features(base_layer)
         self.source_features = self.in_features  # what a parallel adapter reads: this layer's input, or
         self.adapters = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.parallel: dict[str, bool] = {}
-        self.fusions = nn.ModuleDict()
         self._captured: torch.Tensor | None = None  # ... the sub-layer's, captured from its first layer
         self._hook = None
+
+    def checkpoint_key(self, attribute: str, entry: nn.Module) -> str:
+        return entry.file_prefix  # adapter.down.weight, fusion.query.weight, ...
 
     def read_input_of(self, module: nn.Module) -> None:
         """Parallel adapters here read ``module``'s input (the sub-layer's) instead of this module's."""
@@ -142,51 +161,19 @@ class BottleneckLayer(AdapterLayer):
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured = args[0] if args else next(iter(kwargs.values()))
 
-    def base(self) -> nn.Module:
-        return self.base_layer
-
     def unloaded(self, merge: bool) -> nn.Module:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         return super().unloaded(merge)
 
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters.keys()) + list(self.fusions.keys())
-
     def add_adapter(self, name: str, config: BottleneckConfig) -> None:
         reads = self.source_features if config.placement == "parallel" else self.out_features
-        like = next(self.base_layer.parameters())
-        self.adapters[name] = Bottleneck(reads, self.out_features, config, like=like)
-        self.scaling[name] = config.scaling
-        self.parallel[name] = config.placement == "parallel"
+        self.adapters[name] = Bottleneck(reads, self.out_features, config, self.factory(config.adapter_dtype))
 
-    def delete_adapter(self, name: str) -> None:
-        if name in self.fusions:
-            del self.fusions[name]
-        else:
-            del self.adapters[name], self.scaling[name], self.parallel[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from (self.fusions[name] if name in self.fusions else self.adapters[name]).parameters()
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        if name in self.fusions:
-            return {f"fusion.{k}": v for k, v in self.fusions[name].state_dict(keep_vars=True).items()}
-        return {f"adapter.{k}": v for k, v in self.adapters[name].state_dict(keep_vars=True).items()}
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        module, prefix = (
-            (self.fusions[name], "fusion.") if name in self.fusions else (self.adapters[name], "adapter.")
-        )
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=True)
-
-    def _update(
-        self, name: str, x: torch.Tensor, y: torch.Tensor, captured: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``s · a(source)``: the source is the sub-layer input for a parallel adapter, the output otherwise."""
-        source = (captured if captured is not None else x) if self.parallel[name] else y
-        return (self.scaling[name] * self.adapters[name](source)).to(y.dtype)
+    def factory(self, requested: str | None) -> dict:
+        """Device and dtype of a new adapter's tensors here (see :func:`peftkit.layer.adapter_dtype`)."""
+        return {"device": self.weight.device, "dtype": adapter_dtype(requested, self.base_layer)}
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -194,12 +181,9 @@ class BottleneckLayer(AdapterLayer):
         if self.routing is not None:
             return self._mixed_forward(x, y, captured)
         name = self.active_adapter
-        if name in self.fusions:
-            fusion = self.fusions[name]
-            return fusion(y, [y + self._update(member, x, y, captured) for member in fusion.adapter_order])
         if not self.runs(name):
             return y
-        return y + self._update(name, x, y, captured)
+        return self.adapters[name].output(self.adapters, x, y, captured)
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
         """Rows grouped by adapter: each adapter runs on its own rows (adapters differ in size)."""
@@ -207,12 +191,10 @@ class BottleneckLayer(AdapterLayer):
         routing.check_batch(y.shape[0], f"bottleneck adapter on {type(self.base_layer).__name__}")
         result = y.clone()
         for position, name in enumerate(routing.names):
-            if name in self.fusions:
-                raise ValueError(f"fusion {name!r} cannot join a mixed batch; run it on its own")
             if self.runs(name):
                 rows = routing.index == position
                 rows_captured = captured[rows] if captured is not None else None
-                result[rows] = y[rows] + self._update(name, x[rows], y[rows], rows_captured)
+                result[rows] = self.adapters[name].output(self.adapters, x[rows], y[rows], rows_captured)
         return result
 
 

@@ -78,7 +78,7 @@ class Engine:
         the operator named (up to ``max_adapters`` of them stay resident)."""
         from peftkit.assets import resolve_model
         from peftkit.tasks import TASKS
-        from peftkit.training.loop import quiet_transformers
+        from peftkit.training.runtime import quiet_transformers
 
         task = TASKS["causal-lm"]
         model_dir = resolve_model(config.model, log=log)
