@@ -20,6 +20,7 @@ from peftkit.planning.advice import inference_overhead
 from peftkit.planning.four_bit import quantized_weight_ids, stand_in_matmuls
 from peftkit.planning.sizes import parameter_bytes, safetensors_file_bytes, tensor_bytes
 from peftkit.planning.trace import StepTrace, TraceError, trace_step
+from peftkit.training.config import TrainConfig
 
 # What the process holds before any tensor: measured as the RSS after importing torch, transformers and
 # peftkit on CPU (benchmarks/plan_accuracy.py records it); a CUDA context plus cuBLAS workspace on a GPU,
@@ -40,10 +41,10 @@ TRACE_DEPTHS = (4, 6)  # layers of the reduced models a deep model's step is tra
 class Settings:
     """What a plan is for: the model, the task, one training batch, and where it trains."""
 
-    model: str = "minilm"
+    model: str = TrainConfig.model
     task: str | None = None  # None: inferred from the model's architecture
-    batch_size: int = 16
-    max_length: int = 48
+    batch_size: int = TrainConfig.batch_size
+    max_length: int = TrainConfig.max_length
     memory: int | None = None  # bytes available for training; None: no limit given
     device: str = "cpu"
     dtype: str = "fp32"
@@ -143,7 +144,7 @@ def plan_method(config: Any, task: str, method: str, settings: Settings, simulat
     try:
         traced = _layer_extrapolated(config, task, method, settings, checkpointing=True)
         checkpointed = _memory(peft, traced, settings)
-    except (ConfigError, TraceError):  # e.g. prefix tuning refuses checkpointing: its row says so
+    except (ValueError, TraceError):  # prefix tuning, ALBERT refuse checkpointing: the row says n/a
         checkpointed = None
     plain = _memory(peft, plain, settings)
     overhead = inference_overhead(
@@ -199,11 +200,9 @@ def _trace_method(config: Any, task: str, method: str, settings: Settings, check
     return _trace(peft, head, inputs, checkpointing)
 
 
-def _train_config(method: str, settings: Settings):
+def _train_config(method: str, settings: Settings) -> TrainConfig:
     """``peftkit train``'s defaults for ``method``; QLoRA computes in the plan's dtype (train's default,
     float32, would turn a bf16 model's activations back to fp32)."""
-    from peftkit.training.config import TrainConfig
-
     return TrainConfig(method=method, compute_dtype=str(meta_model.DTYPES[settings.dtype]).split(".")[-1])
 
 
