@@ -214,15 +214,16 @@ def check_cell(family: str, method_name: str, directory: Path) -> None:
         assert torch.equal(run(model, tiny, batch), reference), "a fresh adapter must change nothing"
     _check_training(model, tiny, method)
     adapted = run(model, tiny, batch)
-    assert not torch.allclose(_real_positions(adapted, reference), reference, rtol=0, atol=1e-6), (
-        "the trained adapter does not move the output: the forward ignores it"
+    moved = (_real_positions(adapted, reference) - reference).flatten(1).abs().amax(1)  # (batch,)
+    assert bool((moved > 1e-6).all()), (
+        f"the trained adapter leaves rows unchanged (moved by {moved.tolist()})"
     )
     with model.disable_adapter():
         assert torch.equal(run(model, tiny, batch), reference), "disable_adapter() must be the base exactly"
     if tiny.kind == "decoder":
         _check_decoding(model, tiny, method_name)
     _check_save_load(model, family, method, directory, adapted)
-    _check_merge(model, tiny, method, adapted)
+    _check_merge(model, tiny, method, adapted, reference)
 
 
 def _quantized_reference(family: str) -> torch.Tensor:
@@ -292,15 +293,23 @@ def _check_save_load(model: PeftModel, family: str, method: Method, directory: P
         )
 
 
-def _check_merge(model: PeftModel, tiny: TinyModel, method: Method, adapted: torch.Tensor) -> None:
+def _check_merge(model: PeftModel, tiny: TinyModel, method: Method, adapted, reference) -> None:
+    """Merged equals unmerged; unmerging gives back the base's exact values; merge_and_unload() is a plain
+    model computing the adapted outputs. Non-linear methods refuse to merge."""
     import pytest
 
     if method.merge_tolerance is None:
         with pytest.raises(AdapterError, match="cannot be merged"):
             model.merge_adapter()
         return
-    merged = run(model.merge_and_unload(), tiny, tiny.batch())
     tolerance = method.merge_tolerance
+    model.merge_adapter()
+    if not method.quantized:  # a 4-bit merge rounds W + ΔW to NF4 again (bounded in test_qlora.py)
+        torch.testing.assert_close(run(model, tiny, tiny.batch()), adapted, rtol=tolerance, atol=tolerance)
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        assert torch.equal(run(model, tiny, tiny.batch()), reference), "unmerge must restore the base exactly"
+    merged = run(model.merge_and_unload(), tiny, tiny.batch())
     torch.testing.assert_close(merged, adapted, rtol=tolerance, atol=tolerance)
 
 
