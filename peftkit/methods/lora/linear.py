@@ -68,6 +68,11 @@ class LoraLinear(AdapterLayer):
         initialise(
             LINEAR_INITIALISERS, self.lora_A[name].weight, self.lora_B[name].weight, config.init, config.r
         )
+        self._forget_stacks()
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._forget_stacks()
 
     def set_scale(self, name: str, factor: float) -> None:
         """Adapter ``name``'s update scaled by ``factor`` times the configured ``s`` (HF PEFT's set_scale)."""
@@ -142,45 +147,71 @@ class LoraLinear(AdapterLayer):
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         routing = self.routing
-        stacks = self._stacks(routing.names)
+        stacks = self._row_stacks(routing)
         if stacks is None:
             return result
-        stack_A, stack_B = stacks  # (n, r_max, in), (n, out, r_max) with each B already scaled by its s
+        rows_A, rows_B = stacks  # (batch, in, r_max), (batch, r_max, out): row b's A^T and s·B^T
         routing.check_batch(x.shape[0], f"LoraLinear({self.in_features}->{self.out_features})")
-        rows = routing.index
-        xb = x.to(stack_A.dtype).reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
-        hidden = torch.bmm(xb, stack_A[rows].transpose(1, 2))  # (batch, tokens, r_max)
+        xb = x.to(rows_A.dtype).reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
+        hidden = torch.bmm(xb, rows_A)  # (batch, tokens, r_max)
         batched = result.reshape(x.shape[0], -1, self.out_features)  # (batch, tokens, out)
-        update = _add_scaled_product(batched, hidden, stack_B[rows].transpose(1, 2), 1.0, self.adds_in_place)
+        update = _add_scaled_product(batched, hidden, rows_B, 1.0, self.adds_in_place)
         return update.reshape(result.shape).to(result.dtype)
+
+    def _row_stacks(self, routing) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every row's adapter matrices, gathered from :meth:`_stacks` into the contiguous layouts ``bmm`` and
+        ``baddbmm_`` read fastest, and kept while the batch's rows keep their adapters (a decode loop reuses
+        them every step). At one token per row the gather and a strided ``baddbmm_`` operand cost more than
+        the adapters' products themselves; gathering once per batch composition removes both."""
+        stacks = self._stacks(routing.names)
+        if stacks is None:
+            return None
+        stack_A, stack_B = stacks  # (n, r_max, in), (n, out, r_max) with each B already scaled by its s
+        rows = routing.index
+        kept = self.__dict__.get("_stack_cache")
+        # the stacks' own key (adapters and their versions) when they are kept; not kept while they train
+        stack_key = kept[0] if kept is not None and kept[1][0] is stack_A else None
+        key = (stack_key, tuple(rows.tolist()))
+        cached = self.__dict__.get("_row_cache")
+        if stack_key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        gathered = (stack_A[rows].transpose(1, 2).contiguous(), stack_B[rows].transpose(1, 2).contiguous())
+        if stack_key is not None:
+            self.__dict__["_row_cache"] = (key, gathered)
+        return gathered
 
     def _stacks(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The batch's adapters stacked for gathering, rebuilt only when an adapter changed (parameters'
-        version counters move with every in-place update: optimizer steps, loads) or while they train."""
-        present = [n for n in names if self.runs(n)]
-        if not present:
+        version counters move with every in-place update: optimizer steps, loads; adding or deleting an
+        adapter forgets the stacks) or while they train."""
+        modules_A, modules_B, merged = self.lora_A._modules, self.lora_B._modules, self.merged_adapters
+        live = [n in modules_A and n not in merged for n in names]  # self.runs(n), without a list per call
+        if not any(live):
             return None
         key = tuple(
-            (n, self.lora_A[n].weight._version, self.lora_B[n].weight._version, self.scaling[n])
-            if self.runs(n)
-            else n
-            for n in names
+            (n, modules_A[n].weight._version, modules_B[n].weight._version, self.scaling[n]) if ok else n
+            for n, ok in zip(names, live, strict=True)
         )
         cached = self.__dict__.get("_stack_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
+        present = dict(zip(names, live, strict=True))
         stack_A, stack_B = padded_stack(
             names,
-            lambda n: (
-                (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) if self.runs(n) else None
-            ),
+            lambda n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) if present[n] else None,
             a_shape=(self.in_features,),
             b_shape=(self.out_features,),
-            like=self.lora_A[present[0]].weight,
+            like=self.lora_A[names[live.index(True)]].weight,
         )
         if not (torch.is_grad_enabled() and stack_A.requires_grad):  # a graph must not outlive its step
             self.__dict__["_stack_cache"] = (key, (stack_A, stack_B))
         return stack_A, stack_B
+
+    def _forget_stacks(self) -> None:
+        """A new adapter under an old name has fresh parameters whose version counters may equal the old
+        ones': the kept stacks must not be taken for its."""
+        self.__dict__.pop("_stack_cache", None)
+        self.__dict__.pop("_row_cache", None)
 
 
 def _add_scaled_product(
