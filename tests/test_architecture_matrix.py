@@ -35,35 +35,9 @@ EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
 }
 
 # The kinds of fault still known (each is being fixed as a kind, in the library, not in this file).
-PREFIX_ENCODER_WITHOUT_CACHE = (
-    "prefix on an encoder whose forward takes no cache: ignored, or a crash in attention"
-)
-PREFIX_MULTI_QUERY = "prefix built with 4 KV heads; multi-query Falcon has 1: a crash in attention"
-PREFIX_BART = "fails at apply inside transformers: BartConfig has no `num_layers`"
 
 # (family, method) -> the kind of fault; a strict xfail until fixed: delete the line then. One line each, sorted.
-KNOWN_FAULTS: dict[tuple[str, str], str] = {
-    ("albert", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("albert", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("albert-token", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("albert-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("bart", "p_tuning_v2"): PREFIX_BART,
-    ("bart", "prefix_tuning"): PREFIX_BART,
-    ("deberta-v2", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("deberta-v2", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("deberta-v2-token", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("deberta-v2-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("distilbert", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("distilbert", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("distilbert-token", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("distilbert-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("falcon", "p_tuning_v2"): PREFIX_MULTI_QUERY,
-    ("falcon", "prefix_tuning"): PREFIX_MULTI_QUERY,
-    ("modernbert", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("modernbert", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("modernbert-token", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("modernbert-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-}
+KNOWN_FAULTS: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
