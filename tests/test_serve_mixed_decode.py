@@ -80,3 +80,6 @@ def test_adapters_changed_in_place_or_replaced_under_the_same_name_are_not_serve
     after = model(input_ids=ids, adapter_names=rows).logits
     assert not torch.allclose(before[1], after[1]) and not torch.allclose(before[2], after[2])
     torch.testing.assert_close(before[[0, 3]], after[[0, 3]], atol=0, rtol=0)
+    model.set_scale("d", 0.5)  # the stacks hold s·B: a new scale must reach them
+    _check(model, rows, ids)
+    assert not torch.allclose(after[3], model(input_ids=ids, adapter_names=rows).logits[3])

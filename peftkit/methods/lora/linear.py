@@ -77,6 +77,7 @@ class LoraLinear(AdapterLayer):
     def set_scale(self, name: str, factor: float) -> None:
         """Adapter ``name``'s update scaled by ``factor`` times the configured ``s`` (HF PEFT's set_scale)."""
         self.scaling[name] = factor * self.configured_scaling[name]
+        self._forget_stacks()  # the stacks hold s·B
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s · B A`` in the base weight's layout: (out, in) for ``nn.Linear``, (in, out) for ``Conv1D``."""
@@ -169,42 +170,43 @@ class LoraLinear(AdapterLayer):
         stack_A, stack_B = stacks  # (n, r_max, in), (n, out, r_max) with each B already scaled by its s
         rows = routing.index
         kept = self.__dict__.get("_stack_cache")
-        # the stacks' own key (adapters and their versions) when they are kept; not kept while they train
-        stack_key = kept[0] if kept is not None and kept[1][0] is stack_A else None
-        key = (stack_key, tuple(rows.tolist()))
+        is_kept = kept is not None and kept[2][0] is stack_A  # not kept while they train: nor is this
+        key = (stack_A, tuple(rows.tolist()))  # the kept stacks themselves (compared by `is`), the rows
         cached = self.__dict__.get("_row_cache")
-        if stack_key is not None and cached is not None and cached[0] == key:
+        if is_kept and cached is not None and cached[0][0] is stack_A and cached[0][1] == key[1]:
             return cached[1]
         gathered = (stack_A[rows].transpose(1, 2).contiguous(), stack_B[rows].transpose(1, 2).contiguous())
-        if stack_key is not None:
+        if is_kept:
             self.__dict__["_row_cache"] = (key, gathered)
         return gathered
 
     def _stacks(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The batch's adapters stacked for gathering, rebuilt only when an adapter changed (parameters'
-        version counters move with every in-place update: optimizer steps, loads; adding or deleting an
-        adapter forgets the stacks) or while they train."""
-        modules_A, modules_B, merged = self.lora_A._modules, self.lora_B._modules, self.merged_adapters
-        live = [n in modules_A and n not in merged for n in names]  # self.runs(n), without a list per call
-        if not any(live):
+        """The batch's adapters stacked for gathering, rebuilt only when an adapter changed: parameters'
+        version counters move with every in-place update (optimizer steps, loads); adding or deleting an
+        adapter or changing a scale forgets the stacks; while the adapters train nothing is kept. The check is
+        a few integer comparisons per adapter: it runs in every layer at every decode step."""
+        kept = self.__dict__.get("_stack_cache")
+        merged = tuple(self.merged_adapters)
+        if (
+            kept is not None
+            and kept[0] == (names, merged)
+            and all(parameter._version == version for parameter, version in kept[1])
+        ):
+            return kept[2]
+        live = [n for n in names if n in self.lora_A and n not in merged]  # self.runs(n)
+        if not live:
             return None
-        key = tuple(
-            (n, modules_A[n].weight._version, modules_B[n].weight._version, self.scaling[n]) if ok else n
-            for n, ok in zip(names, live, strict=True)
-        )
-        cached = self.__dict__.get("_stack_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        present = dict(zip(names, live, strict=True))
+        weights = {n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in live}
         stack_A, stack_B = padded_stack(
             names,
-            lambda n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) if present[n] else None,
+            weights.get,
             a_shape=(self.in_features,),
             b_shape=(self.out_features,),
-            like=self.lora_A[names[live.index(True)]].weight,
+            like=weights[live[0]][0],
         )
         if not (torch.is_grad_enabled() and stack_A.requires_grad):  # a graph must not outlive its step
-            self.__dict__["_stack_cache"] = (key, (stack_A, stack_B))
+            versions = [(p, p._version) for a, b, _ in weights.values() for p in (a, b)]
+            self.__dict__["_stack_cache"] = ((names, merged), versions, (stack_A, stack_B))
         return stack_A, stack_B
 
     def _forget_stacks(self) -> None:
