@@ -369,3 +369,11 @@ def test_peak_memory_stays_below_the_full_logits():
     logits = fused["logits"]  # 64 MiB of fp32 logits for 1,024 tokens x 16,384 classes
     assert ordinary["peak"] > logits  # the measurement sees the logits when they exist
     assert fused["peak"] < logits / 4, (fused, ordinary)  # one 4 MiB chunk, not the logits
+
+
+def test_qlora_gradients_equal_the_ordinary_loss():
+    from peftkit import get_qlora_model
+
+    model = get_qlora_model(_llama(), LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random"))
+    grads = _compare_model_losses(model, _causal_batch())
+    assert all("lora_" in name for name in grads)
