@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from peftkit.layer import added_parameter_ids
 
 if TYPE_CHECKING:
@@ -44,13 +46,23 @@ def count_parameters(model: PeftModel) -> ParameterCount:
     unique = {id(p): p for p in model.base_model.parameters()}  # tied weights counted once
     base = sum(logical_numel(p) for i, p in unique.items() if i not in added)
     trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
-    tensors = model.adapter_state_dict(model.active_adapter) if model.active_adapter else {}
+    tensors = {k: t for name in model.active_adapters for k, t in model.adapter_state_dict(name).items()}
     return ParameterCount(
         trainable=trainable,
         base=base,
         adapter=sum(t.numel() for t in tensors.values()),
         adapter_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
     )
+
+
+def base_weight_bytes(model: nn.Module) -> int:
+    """Bytes the base model's own weights hold in memory, from its actual tensors (packed 4-bit codes and
+    their scales for a quantized layer), without the adapters' tensors and trained module copies."""
+    from peftkit.quantization import storage_report
+
+    added = added_parameter_ids(model)
+    added_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) in added)
+    return storage_report(model).total_bytes - added_bytes
 
 
 def logical_numel(parameter) -> int:

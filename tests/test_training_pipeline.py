@@ -214,16 +214,18 @@ def test_a_checkpoint_save_after_a_kill_that_left_a_stale_previous_one(tmp_path)
     # a run killed while the old checkpoint was being removed leaves both `checkpoint` and a (partial)
     # `checkpoint.previous`; the next save must replace them, not fail on the occupied name
     from peftkit import LoraConfig, get_peft_model
-    from peftkit.training.state import Progress, find_checkpoint, load_trainer_state, save_checkpoint
+    from peftkit.training.layout import RunFolder
+    from peftkit.training.state import Progress, trainer_state
     from tests.tiny_models import TINY_MODELS
 
     model = get_peft_model(TINY_MODELS["llama"].build(), LoraConfig(r=2, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    save_checkpoint(tmp_path, model, optimizer, scheduler, Progress(step=1))
+    folder = RunFolder(tmp_path)
+    folder.save_checkpoint(model, trainer_state(optimizer, scheduler, Progress(step=1)))
     stale = tmp_path / "checkpoint.previous"
     stale.mkdir()
     (stale / "leftover").write_text("")
-    save_checkpoint(tmp_path, model, optimizer, scheduler, Progress(step=2))
+    folder.save_checkpoint(model, trainer_state(optimizer, scheduler, Progress(step=2)))
     assert not stale.exists()
-    assert load_trainer_state(find_checkpoint(tmp_path))["progress"]["step"] == 2
+    assert folder.load_trainer_state(folder.find_checkpoint())["progress"]["step"] == 2

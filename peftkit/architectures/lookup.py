@@ -90,7 +90,7 @@ def architecture(model: nn.Module, needs: Sequence[str], purpose: str, remedy: s
     raise ConfigError(
         f"{purpose}: model type {model_type!r} has no entry in peftkit's architecture table and none of its "
         f"known layouts matches this model's modules (looked for the {wanted}); pass {remedy}. "
-        f"Linear layers in this model: {_sample(linear_leaf_names(model))}"
+        f"Linear layers in this model: {sample(linear_leaf_names(model))}"
     )
 
 
@@ -104,7 +104,9 @@ def block_lists(model: nn.Module) -> list[str]:
     remedy = "name it with `block_lists` (the dotted path of each nn.ModuleList of transformer blocks)"
     own = TABLE.get(_model_type(model))
     if own is not None and own.blocks is None:
-        raise ConfigError(f"{own.note}; {remedy} to train them anyway")
+        raise ConfigError(
+            f"no list of repeated blocks found in {type(model).__name__}: {own.note}; {remedy} to train them anyway"
+        )
     modules = dict(model.named_modules())
     if own is not None:
         pattern = re.compile(own.pattern("blocks"))
@@ -136,7 +138,8 @@ def known_model_types() -> list[str]:
     return sorted(TABLE)
 
 
-def _sample(items: Sequence[str], limit: int = 20) -> str:
+def sample(items: Sequence[str], limit: int = 20) -> str:
+    """The first ``limit`` items joined for an error message, and how many more there are."""
     items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

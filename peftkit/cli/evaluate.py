@@ -15,19 +15,20 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftkit.data import Columns, load_splits
-    from peftkit.training.loop import load_run
+    from peftkit.training.run import load_run
 
-    config, task, tokenizer, model, label_names = load_run(args.run_dir)
+    run = load_run(args.run_dir)
+    config = run.config
     splits = load_splits(
         config.dataset, config.task, Columns(**config.columns), seed=config.seed, limit=config.limit
     )
-    metrics = task.evaluate(
-        model,
+    metrics = run.task.evaluate(
+        run.model,
         getattr(splits, args.split),
-        tokenizer,
+        run.tokenizer,
         batch_size=config.eval_batch_size,
         max_length=config.max_length,
-        label_names=label_names,
+        label_names=run.label_names,
     )
     print(json.dumps(metrics, indent=2, default=str))
     return 0

@@ -17,16 +17,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftkit.training.loop import load_run
+    from peftkit.training.run import load_run
 
-    config, task, tokenizer, model, label_names = load_run(args.run_dir)
+    run = load_run(args.run_dir)
     inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    outputs = task.predict(
-        model,
+    outputs = run.task.predict(
+        run.model,
         inputs,
-        tokenizer,
-        max_length=config.max_length,
-        label_names=label_names,
+        run.tokenizer,
+        max_length=run.config.max_length,
+        label_names=run.label_names,
         max_new_tokens=args.max_new_tokens,
     )
     for text, output in zip(inputs, outputs, strict=True):

@@ -82,7 +82,7 @@ def run_comparison(
                     latency_repeats=latency_repeats,
                     timeout=timeout,
                 )
-            record = read_run(spec.method, spec.seed, spec.run_dir, result)
+            record = read_run(spec.method, spec.seed, result)
             runs.append(record)
             progress.finish(index, record.ok)
     finally:

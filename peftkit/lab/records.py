@@ -1,12 +1,13 @@
-"""What the lab keeps of one run: the worker's result plus timings and the loss curve from ``metrics.jsonl``."""
+"""What the lab keeps of one run: the run's own record (:class:`TrainResult`) with the worker's latency and the
+machine's load."""
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from peftkit.training.record import TrainResult
 
 WARMUP_STEPS = 5  # first optimizer steps left out of the step time (allocator, caches, lazy init)
 
@@ -45,11 +46,6 @@ class RunRecord:
         return self.status == "ok"
 
 
-def step_seconds(entries: list[dict[str, Any]], global_batch: int) -> list[float]:
-    """Seconds of each optimizer step, from the examples per second the loop logs."""
-    return [global_batch / e["examples_per_s"] for e in entries if e.get("kind") == "train"]
-
-
 def median_after_warmup(values: list[float], warmup: int = WARMUP_STEPS) -> float | None:
     if not values:
         return None
@@ -57,36 +53,35 @@ def median_after_warmup(values: list[float], warmup: int = WARMUP_STEPS) -> floa
     return statistics.median(kept)
 
 
-def read_run(method: str, seed: int, run_dir: Path, result: dict[str, Any]) -> RunRecord:
-    if result.get("status") != "ok":
-        return RunRecord(method, seed, "failed", error=result.get("error") or "unknown error")
-    metrics_path = run_dir / "metrics.jsonl"
-    entries = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    seconds = step_seconds(entries, result["global_batch"])
-    latency = result["latency"]
-    median = median_after_warmup(seconds)
+def read_run(method: str, seed: int, record: dict[str, Any]) -> RunRecord:
+    """The lab's row of one run, from the record its worker wrote (see :mod:`peftkit.lab.worker`)."""
+    if record.get("status") != "ok":
+        return RunRecord(method, seed, "failed", error=record.get("error") or "unknown error")
+    result = TrainResult.from_dict(record["result"])
+    latency = record["latency"]
+    median = median_after_warmup(result.step_seconds)
     return RunRecord(
         method=method,
         seed=seed,
         status="ok",
-        metric=result["primary_metric"],
-        metric_value=result["test_metrics"].get(result["primary_metric"]),
-        trainable=result["trainable"],
-        trainable_percent=result["trainable_percent"],
-        base_params=result["base_params"],
-        adapter_params=result["adapter_params"],
-        adapter_bytes=result["adapter_bytes"],
-        peak_memory_bytes=result["peak_memory_bytes"],
-        base_weight_bytes=result.get("base_weight_bytes"),
+        metric=result.primary_metric,
+        metric_value=result.test_metrics.get(result.primary_metric),
+        trainable=result.trainable,
+        trainable_percent=result.trainable_percent,
+        base_params=result.base_params,
+        adapter_params=result.adapter_params,
+        adapter_bytes=result.adapter_file_bytes,
+        peak_memory_bytes=result.peak_memory_bytes,
+        base_weight_bytes=result.base_weight_bytes,
         step_ms=1000 * median if median is not None else None,
-        train_seconds=sum(seconds),
-        run_seconds=result["run_seconds"],
-        steps=result["steps"],
-        learning_rate=result["learning_rate"],
+        train_seconds=result.train_seconds,
+        run_seconds=result.seconds,
+        steps=result.steps,
+        learning_rate=result.learning_rate,
         latency_base_ms=latency["base_ms"],
         latency_unmerged_ms=latency["unmerged_ms"],
         latency_merged_ms=latency["merged_ms"],
         merge_note=latency["merge_note"],
-        load_average=result.get("load_average"),
-        loss_curve=[(e["step"], e["loss"]) for e in entries if e.get("kind") == "train"],
+        load_average=record.get("load_average"),
+        loss_curve=list(result.loss_curve),
     )

@@ -21,7 +21,6 @@ adapter adds a non-linearity; it cannot be folded into the weights, and ``merge_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,7 +37,7 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
-from peftkit.layer import AdapterLayer, find_or_wrap, innermost
+from peftkit.layer import ADAPTER_DTYPES, AdapterLayer, adapter_dtype, find_or_wrap, innermost
 from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.targeting import LINEAR_TYPES, linear_features, select_modules
 
@@ -59,6 +58,8 @@ class BottleneckConfig(AdapterConfig):
         positions): serial ones read the layer's output, parallel ones its input.
     modules_to_save: modules trained in full besides (a fresh task head).
     init: ``zeros`` (U = 0: the model starts unchanged) or ``random`` (for tests).
+    adapter_dtype: dtype of D and U: ``float32``, ``bfloat16`` or ``float16``; ``None``: float32 on a
+        half-precision or quantized base, else the base weight's (see :func:`peftkit.layer.adapter_dtype`).
     """
 
     method: ClassVar[str] = "bottleneck"
@@ -71,11 +72,13 @@ class BottleneckConfig(AdapterConfig):
     target_modules: str | tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
     init: str = "zeros"
+    adapter_dtype: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("placement", self.placement, PLACEMENTS)
         check_choice("non_linearity", self.non_linearity, ACTIVATIONS)
         check_choice("init", self.init, ("zeros", "random"))
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         check_number("scaling", self.scaling, low=0, high=float("inf"))
         if self.bottleneck_size is not None:
             check_positive_int("bottleneck_size", self.bottleneck_size)
@@ -101,14 +104,12 @@ class Bottleneck(nn.Module):
 
     file_prefix = "adapter"  # its tensors' keys in a checkpoint: adapter.down.weight, ...
 
-    def __init__(
-        self, in_features: int, out_features: int, config: BottleneckConfig, like: torch.Tensor
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, config: BottleneckConfig, factory: dict) -> None:
         super().__init__()
         size = config.size_for(out_features)
-        self.down = nn.Linear(in_features, size, device=like.device, dtype=like.dtype)
+        self.down = nn.Linear(in_features, size, **factory)
         self.activation = ACTIVATIONS[config.non_linearity]()
-        self.up = nn.Linear(size, out_features, device=like.device, dtype=like.dtype)
+        self.up = nn.Linear(size, out_features, **factory)
         self.scaling = config.scaling
         self.parallel = config.placement == "parallel"
         if config.init == "zeros":
@@ -137,6 +138,8 @@ class BottleneckLayer(AdapterLayer):
     which reads its members from the same ``adapters``. The layer itself knows no composition.
     """
 
+    adapter_holders = ("adapters",)
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -145,6 +148,9 @@ class BottleneckLayer(AdapterLayer):
         self.adapters = nn.ModuleDict()
         self._captured: torch.Tensor | None = None  # ... the sub-layer's, captured from its first layer
         self._hook = None
+
+    def checkpoint_key(self, attribute: str, entry: nn.Module) -> str:
+        return entry.file_prefix  # adapter.down.weight, fusion.query.weight, ...
 
     def read_input_of(self, module: nn.Module) -> None:
         """Parallel adapters here read ``module``'s input (the sub-layer's) instead of this module's."""
@@ -155,37 +161,19 @@ class BottleneckLayer(AdapterLayer):
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured = args[0] if args else next(iter(kwargs.values()))
 
-    def base(self) -> nn.Module:
-        return self.base_layer
-
     def unloaded(self, merge: bool) -> nn.Module:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         return super().unloaded(merge)
 
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters.keys())
-
     def add_adapter(self, name: str, config: BottleneckConfig) -> None:
         reads = self.source_features if config.placement == "parallel" else self.out_features
-        like = next(self.base_layer.parameters())
-        self.adapters[name] = Bottleneck(reads, self.out_features, config, like=like)
+        self.adapters[name] = Bottleneck(reads, self.out_features, config, self.factory(config.adapter_dtype))
 
-    def delete_adapter(self, name: str) -> None:
-        del self.adapters[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.adapters[name].parameters()
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        module = self.adapters[name]
-        return {f"{module.file_prefix}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        module = self.adapters[name]
-        start = len(module.file_prefix) + 1
-        module.load_state_dict({k[start:]: v for k, v in tensors.items()}, strict=True)
+    def factory(self, requested: str | None) -> dict:
+        """Device and dtype of a new adapter's tensors here (see :func:`peftkit.layer.adapter_dtype`)."""
+        return {"device": self.weight.device, "dtype": adapter_dtype(requested, self.base_layer)}
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)

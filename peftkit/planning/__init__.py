@@ -52,7 +52,8 @@ def plan(settings: Settings | None = None, **fields) -> Plan:
     from peftkit.training.methods import METHOD_BUILDERS
 
     settings = settings or Settings(**fields)
-    methods = settings.methods or tuple(METHOD_BUILDERS)
+    # HF PEFT's spellings too (LORA, PREFIX_TUNING, p-tuning)
+    methods = tuple(m.lower().replace("-", "_") for m in settings.methods) or tuple(METHOD_BUILDERS)
     _validate(settings, methods, METHOD_BUILDERS)
     config = meta_model.load_config(settings.model)
     task = settings.task or meta_model.infer_task(config)

@@ -18,6 +18,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.fx.experimental._config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -105,13 +106,20 @@ def trace_step(model: nn.Module, head: nn.Module | None, inputs: dict[str, torch
         marks.setdefault("body", tracker.live)  # the first call (T5 ties nothing, but stay safe)
 
     handle = head.register_forward_pre_hook(mark) if head is not None else None
+    # torch.nonzero has no size on meta tensors; with full rows every entry it is asked about is set
+    # (DeBERTa's classification loss asks which labels are >= 0)
+    nonzero = torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True)
     try:
-        with tracker:
+        with tracker, nonzero:
             output = model(**inputs)
             marks["forward"] = tracker.live
             output.loss.backward()
             del output
             gradients = tracker.live
+    except TraceError:
+        raise
+    except (NotImplementedError, RuntimeError) as error:  # an operator with no meta kernel, say
+        raise TraceError(f"{type(error).__name__}: {error}") from error
     finally:
         if handle is not None:
             handle.remove()

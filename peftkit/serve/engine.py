@@ -78,7 +78,7 @@ class Engine:
         the operator named (up to ``max_adapters`` of them stay resident)."""
         from peftkit.assets import resolve_model
         from peftkit.tasks import TASKS
-        from peftkit.training.loop import quiet_transformers
+        from peftkit.training.runtime import quiet_transformers
 
         task = TASKS["causal-lm"]
         model_dir = resolve_model(config.model, log=log)
@@ -169,7 +169,7 @@ class Engine:
             params=params,
             stream=TextStream(self.tokenizer, params.stop),
             emit=emit,
-            stop_ids=self.stop_ids,
+            stop_ids=frozenset() if params.ignore_eos else self.stop_ids,
             context=self.context,
             generator=params.generator(),
         )

@@ -50,16 +50,16 @@ def adapter_directory(path: str | os.PathLike) -> Path:
     path = Path(path)
     if (path / ADAPTER_CONFIG).is_file():
         return path
-    if (path / "config.yaml").is_file() and (path / "adapter" / ADAPTER_CONFIG).is_file():
-        from peftkit.training.loop import LABELS_FILE
+    from peftkit.training.layout import RunFolder
 
-        labels = path / LABELS_FILE
-        task = json.loads(labels.read_text()).get("task") if labels.is_file() else None
+    run = RunFolder(path)
+    if run.is_finished() and (run.adapter_dir / ADAPTER_CONFIG).is_file():
+        task = run.task()
         if task is not None and task not in GENERATION_TASKS:
             raise ConfigError(
                 f"{path} is a {task} run; peftkit serve generates text and serves {GENERATION_TASKS} runs"
             )
-        return path / "adapter"
+        return run.adapter_dir
     raise ConfigError(
         f"{path} is neither an adapter folder ({ADAPTER_CONFIG}) nor a finished `peftkit train` run "
         "(config.yaml and adapter/)"

@@ -1,26 +1,17 @@
-"""Checkpoints of a training run, for ``--resume``: adapter, optimizer, scheduler, RNG states and the
-position in the data, written atomically.
+"""The trainer's state for ``--resume``: optimizer, scheduler, RNG states and the position in the data.
 
-Layout: ``<run>/checkpoint/`` holds the adapter (the usual ``adapter_config.json`` + safetensors) and
-``trainer_state.pt``. A new checkpoint is built in a temporary folder and swapped in with renames, so a run
-killed at any moment leaves the previous checkpoint (or the new one) whole. ``trainer_state.pt`` holds only
-tensors, numbers and strings and is read back with ``torch.load(weights_only=True)``, which refuses code.
+Where it is written (atomically, next to the adapter) is :class:`peftkit.training.layout.RunFolder`'s business;
+the state holds only tensors, numbers and strings, so it is read back with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-CHECKPOINT = "checkpoint"
-STATE_FILE = "trainer_state.pt"
 
 
 @dataclass
@@ -51,38 +42,19 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: Progress) -> Path:
-    """Write ``run_dir/checkpoint`` atomically (build aside, then swap in with renames)."""
-    target = run_dir / CHECKPOINT
-    building = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
-    try:
-        model.save_pretrained(building / "adapter")
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_states(),
-            "progress": asdict(progress),
-        }
-        torch.save(state, building / STATE_FILE)
-        previous = run_dir / f"{CHECKPOINT}.previous"
-        if target.exists():  # whole (only ever made by a rename): an older .previous left by a kill is stale
-            shutil.rmtree(previous, ignore_errors=True)
-            target.rename(previous)
-        building.rename(target)
-        shutil.rmtree(previous, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    return target
+def trainer_state(optimizer, scheduler, progress: Progress) -> dict[str, Any]:
+    """What a checkpoint holds besides the adapter: enough to continue exactly where the run stopped."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_states(),
+        "progress": asdict(progress),
+    }
 
 
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The latest whole checkpoint: a run killed between the two renames left it as ``.previous``."""
-    for name in (CHECKPOINT, f"{CHECKPOINT}.previous"):
-        if (run_dir / name / STATE_FILE).is_file():
-            return run_dir / name
-    return None
-
-
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+def restore_trainer_state(state: dict[str, Any], optimizer, scheduler) -> Progress:
+    """Put ``state`` (from :func:`trainer_state`) back into the optimizer, scheduler and RNGs."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(state["rng"])
+    return Progress(**state["progress"])

@@ -1,0 +1,191 @@
+"""A run's folder on disk: the only code that spells its file names.
+
+::
+
+    <run>/config.yaml          the effective settings (enough to repeat or resume the run)
+    <run>/labels.json          the task and the label names the head was built for
+    <run>/metrics.jsonl        one JSON object per optimizer step ("train"), evaluation ("eval") and test
+    <run>/curves.png           training loss and the validation metric against step
+    <run>/checkpoint/          adapter + trainer_state.pt, for ``--resume`` (swapped in atomically)
+    <run>/adapter/             the trained adapter, in the Hugging Face PEFT format
+    <run>/result.json          the run's :class:`~peftkit.training.record.TrainResult`
+    <run>/lab_result.json      a comparison's record of the run (the result, its latency; or its error)
+    <run>/worker.log           a comparison worker's output
+
+A checkpoint is built in a temporary folder and swapped in with renames, so a run killed at any moment
+leaves the previous checkpoint (or the new one) whole. ``trainer_state.pt`` holds only tensors, numbers and
+strings and is read back with ``torch.load(weights_only=True)``, which refuses code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from peftkit.training.config import TrainConfig
+
+_CONFIG = "config.yaml"
+_LABELS = "labels.json"
+_METRICS = "metrics.jsonl"
+_CURVES = "curves.png"
+_CHECKPOINT = "checkpoint"
+_PREVIOUS = "checkpoint.previous"
+_STATE = "trainer_state.pt"
+_ADAPTER = "adapter"
+_RESULT = "result.json"
+_LAB_RECORD = "lab_result.json"
+_WORKER_LOG = "worker.log"
+
+
+class RunFolder:
+    """The files of one run under ``root``. Nothing is created until something is written."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    # --- settings and labels
+    @property
+    def config_path(self) -> Path:
+        return self.root / _CONFIG
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / _ADAPTER
+
+    @property
+    def curves_path(self) -> Path:
+        return self.root / _CURVES
+
+    @property
+    def worker_log(self) -> Path:
+        return self.root / _WORKER_LOG
+
+    def is_finished(self) -> bool:
+        """Settings and a saved adapter: what ``peftkit eval`` / ``predict`` need."""
+        return self.config_path.is_file() and self.adapter_dir.is_dir()
+
+    def save_config(self, config: TrainConfig) -> None:
+        config.save(self.config_path)
+
+    def read_config(self) -> TrainConfig:
+        """The settings the run was started with (raises ConfigError for a file that is not valid)."""
+        return TrainConfig.from_sources(self.config_path)
+
+    def write_labels(self, task: str, label_names: list[str] | None) -> None:
+        self._write_json(_LABELS, {"task": task, "label_names": label_names})
+
+    def task(self) -> str | None:
+        """The run's task name; None when the run wrote no labels (yet)."""
+        path = self.root / _LABELS
+        return json.loads(path.read_text()).get("task") if path.is_file() else None
+
+    def read_labels(self) -> tuple[str, list[str] | None]:
+        """(task name, label names) the run's head was built for."""
+        labels = json.loads((self.root / _LABELS).read_text())
+        return labels["task"], labels["label_names"]
+
+    # --- metrics log
+    def log(self, **entry: Any) -> None:
+        """Append one JSON line to the metrics log (``kind`` says what it is: train, eval, test)."""
+        with (self.root / _METRICS).open("a") as handle:
+            handle.write(json.dumps(entry, default=str) + "\n")
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The metrics log, in order; a line still being written by a live run is skipped."""
+        path = self.root / _METRICS
+        if not path.is_file():
+            return []
+        entries = []
+        for line in path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return entries
+
+    def plot_curves(self, metric: str) -> Path:
+        """``curves.png``: training loss against step, and the validation ``metric`` against step."""
+        from peftkit.training.curves import plot_curves
+
+        return plot_curves(self.entries(), metric, self.curves_path)
+
+    def steps_logged(self) -> int:
+        """Optimizer steps a (possibly live) run has logged so far."""
+        return max((e["step"] for e in self.entries() if e.get("kind") == "train"), default=0)
+
+    # --- checkpoints
+    def save_checkpoint(self, model, trainer_state: dict[str, Any]) -> Path:
+        """Write ``checkpoint/`` (the adapter and ``trainer_state``) atomically: built aside, swapped in."""
+        import torch
+
+        target, previous = self.root / _CHECKPOINT, self.root / _PREVIOUS
+        building = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.root))
+        try:
+            model.save_pretrained(building / _ADAPTER)
+            torch.save(trainer_state, building / _STATE)
+            if (
+                target.exists()
+            ):  # whole (only ever made by a rename): an older .previous left by a kill is stale
+                shutil.rmtree(previous, ignore_errors=True)
+                target.rename(previous)
+            building.rename(target)
+            shutil.rmtree(previous, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        return target
+
+    def find_checkpoint(self) -> Path | None:
+        """The latest whole checkpoint: a run killed between the two renames left it as ``.previous``."""
+        for name in (_CHECKPOINT, _PREVIOUS):
+            if (self.root / name / _STATE).is_file():
+                return self.root / name
+        return None
+
+    @staticmethod
+    def checkpoint_adapter(checkpoint: Path) -> Path:
+        return checkpoint / _ADAPTER
+
+    @staticmethod
+    def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+        """The optimizer, scheduler, RNG and progress state saved with ``checkpoint`` (no code is loaded)."""
+        import torch
+
+        return torch.load(checkpoint / _STATE, map_location="cpu", weights_only=True)
+
+    # --- what a finished run reports
+    def write_result(self, result: dict[str, Any]) -> None:
+        self._write_json(_RESULT, result)
+
+    def read_result(self) -> dict[str, Any] | None:
+        return self._read_json(_RESULT)
+
+    def write_lab_record(self, record: dict[str, Any]) -> None:
+        self._write_json(_LAB_RECORD, record)
+
+    def read_lab_record(self) -> dict[str, Any] | None:
+        return self._read_json(_LAB_RECORD)
+
+    def clear(self) -> None:
+        """Remove the folder and everything in it, then create it empty (a comparison re-running a run)."""
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True)
+
+    def _write_json(self, name: str, value: Any) -> None:
+        """Whole or not at all: written aside, then renamed over the old file."""
+        target = self.root / name
+        temporary = target.with_suffix(".tmp")
+        temporary.write_text(json.dumps(value, indent=1, default=str))
+        os.replace(temporary, target)
+
+    def _read_json(self, name: str) -> Any:
+        path = self.root / name
+        return json.loads(path.read_text()) if path.is_file() else None
