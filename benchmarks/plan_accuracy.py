@@ -273,6 +273,7 @@ def main() -> None:
     parser.add_argument(
         "--no-checkpointing-runs", action="store_true", help="only runs without checkpointing"
     )
+    parser.add_argument("--mallocs", nargs="+", choices=list(MALLOC), default=list(MALLOC))
     parser.add_argument("--output", help="write the results as Markdown here (and .json beside it)")
     parser.add_argument("--report-from", help="only rewrite --output from this earlier .json")
     parser.add_argument("--journal", help="append each run's result to this JSON-lines file as it ends")
@@ -296,9 +297,8 @@ def main() -> None:
         Path(args.output).write_text(markdown(results))
         Path(args.output).with_suffix(".json").write_text(json.dumps(results, indent=1))
         return
-    checkpointing = [(False, "default"), (False, "fixed")] + (
-        [] if args.no_checkpointing_runs else [(True, "fixed")]
-    )
+    checkpointing = [(False, m) for m in args.mallocs]
+    checkpointing += [] if args.no_checkpointing_runs else [(True, "fixed")]
     results = {
         "command": "python -m benchmarks.plan_accuracy " + " ".join(sys.argv[1:]),
         "machine": _machine(),

@@ -331,6 +331,7 @@ class PeftModel(HfPeftSurface, nn.Module):
         self.add_adapter(adapter_name, config)
         try:
             expected = self.adapter_state_dict(adapter_name)
+            tensors = checkpoint.model_keys(file_config, tensors, expected)
             tensors = self._drop_base_copies(tensors, expected, source=str(directory))
             checkpoint.check_tensors(tensors, expected, source=str(directory))
             self._load_tensors(adapter_name, tensors)
@@ -516,10 +517,10 @@ class PeftModel(HfPeftSurface, nn.Module):
                     f"mixed batches are for inference: adapter {name!r} has dropout and the model is in training "
                     "mode; call model.eval() first"
                 )
-        self._check_not_merged("a mixed batch (adapter_names=...)")
+        layers = [layer for _, layer in self.adapter_layers()]  # walked once: this runs every decode step
+        self._check_not_merged("a mixed batch (adapter_names=...)", layers)
         device = next(self.base_model.parameters()).device
         routing = Routing.from_row_names(list(adapter_names), device)
-        layers = [layer for _, layer in self.adapter_layers()]
         for layer in layers:
             layer.routing = routing
         try:
@@ -539,8 +540,9 @@ class PeftModel(HfPeftSurface, nn.Module):
             raise AdapterError("no active adapter; add one and call set_adapter(name)")
         return self._active
 
-    def _check_not_merged(self, action: str) -> None:
-        merged = sorted({n for _, layer in self.adapter_layers() for n in layer.merged_adapters})
+    def _check_not_merged(self, action: str, layers: list[AdapterLayer] | None = None) -> None:
+        layers = [layer for _, layer in self.adapter_layers()] if layers is None else layers
+        merged = sorted({n for layer in layers for n in layer.merged_adapters})
         if merged:
             raise AdapterError(
                 f"{action} needs unmerged adapters, but {merged} is merged; call unmerge_adapter() first"

@@ -3,23 +3,24 @@
 A cell passes every check of ``tests.architecture_matrix.check_cell``, or it is refused on purpose when the
 adapter is applied (EXPECTED_REFUSALS: a peftkit error naming the reason), or it fails today in a way being
 fixed (KNOWN_FAULTS: a strict xfail, so a fixed cell fails until its entry is deleted). The user-facing table
-docs/architecture_matrix.md is rendered from these tables: ``python -m tests.architecture_matrix``.
+docs/architecture_matrix.md is rendered from these tables: ``python -m tests.architecture_matrix_doc``.
 """
 
 import pytest
 import torch
 
-from tests.architecture_matrix import DOC, METHODS, check_cell, check_refused, render
+from tests.architecture_matrix import METHODS, Refusal, check_cell, check_refused
+from tests.architecture_matrix_doc import DOC, render
 from tests.tiny_models import FAMILIES
 
-# Why a cell is refused: text the peftkit error raised at apply time must contain; the docs quote it.
-NO_BIAS = "has no bias parameters (LLaMA- and T5-style models are built without them), so BitFit would train nothing"
-NO_BLOCK_LIST = (
-    "shares one block's weights across all its layers"  # ALBERT: one layer, shared by every position
-)
+# Why a cell is refused, and what to use instead: texts the peftkit error raised at apply time must contain.
+NO_BIAS = Refusal("has no bias parameters", "use LoRA or IA3")  # LLaMA- and T5-style models
+NO_BLOCK_LIST = Refusal(
+    "shares one block's weights across all its layers", "name it with `block_lists`"
+)  # ALBERT
 
 # (family, method) -> why it is refused, on purpose, when the adapter is applied. One line each, sorted.
-EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
+EXPECTED_REFUSALS: dict[tuple[str, str], Refusal] = {
     ("albert", "layer_tuning"): NO_BLOCK_LIST,
     ("albert-token", "layer_tuning"): NO_BLOCK_LIST,
     ("gemma2", "bitfit"): NO_BIAS,
@@ -35,35 +36,9 @@ EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
 }
 
 # The kinds of fault still known (each is being fixed as a kind, in the library, not in this file).
-PREFIX_ENCODER_WITHOUT_CACHE = (
-    "prefix on an encoder whose forward takes no cache: ignored, or a crash in attention"
-)
-PREFIX_MULTI_QUERY = "prefix built with 4 KV heads; multi-query Falcon has 1: a crash in attention"
-PREFIX_BART = "fails at apply inside transformers: BartConfig has no `num_layers`"
 
 # (family, method) -> the kind of fault; a strict xfail until fixed: delete the line then. One line each, sorted.
-KNOWN_FAULTS: dict[tuple[str, str], str] = {
-    ("albert", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("albert", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("albert-token", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("albert-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("bart", "p_tuning_v2"): PREFIX_BART,
-    ("bart", "prefix_tuning"): PREFIX_BART,
-    ("deberta-v2", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("deberta-v2", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("deberta-v2-token", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("deberta-v2-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("distilbert", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("distilbert", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("distilbert-token", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("distilbert-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("falcon", "p_tuning_v2"): PREFIX_MULTI_QUERY,
-    ("falcon", "prefix_tuning"): PREFIX_MULTI_QUERY,
-    ("modernbert", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("modernbert", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("modernbert-token", "p_tuning_v2"): PREFIX_ENCODER_WITHOUT_CACHE,
-    ("modernbert-token", "prefix_tuning"): PREFIX_ENCODER_WITHOUT_CACHE,
-}
+KNOWN_FAULTS: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,5 +76,5 @@ def test_tables_name_only_real_cells():
 
 def test_docs_table_is_the_matrix():
     assert DOC.read_text() == render(EXPECTED_REFUSALS, KNOWN_FAULTS), (
-        "docs/architecture_matrix.md is out of date: run `python -m tests.architecture_matrix`"
+        "docs/architecture_matrix.md is out of date: run `python -m tests.architecture_matrix_doc`"
     )

@@ -22,6 +22,9 @@ HELP = {
     "limit": "records read before splitting ('none': all)",
     "max_steps": "optimizer steps ('none': run `epochs` epochs)",
     "resume": "continue the run in --output-dir from its last checkpoint",
+    "fused_loss": "causal-LM / seq2seq loss from the hidden states in chunks, without the logits (exact)",
+    "group_by_length": "batches of similar lengths (none: on for causal-lm and seq2seq only)",
+    "packing": "causal-lm: several examples per row, each with its own positions and attention",
 }
 
 
@@ -43,7 +46,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = 
         kind = hints[field.name]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         text = f"{HELP.get(field.name, field.name.replace('_', ' '))} (default: {default})"
-        if kind is bool:
+        if kind is bool or kind == bool | None:  # None: the setting's automatic choice
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif field.name == "target_modules":
             parser.add_argument(flag, nargs="+", default=None, help="module names, one regex, or all-linear")

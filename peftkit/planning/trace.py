@@ -30,11 +30,21 @@ class TraceError(RuntimeError):
     """The model's forward asks for a value that only real data has (a data-dependent branch)."""
 
 
+# glibc's malloc serves blocks up to its largest mmap threshold (32 MiB on 64-bit) from its heap, where freed
+# ones stay resident; larger blocks get their own mapping, returned when freed
+HEAP_BLOCK = 32 * 2**20
+
+
 class LiveBytes(TorchDispatchMode):
+    """``live``: bytes of the storages alive now; ``peak``: its maximum; ``small_at_peak``: the part of the
+    peak held in storages of at most :data:`HEAP_BLOCK` bytes."""
+
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.small = 0
+        self.small_at_peak = 0
         self._counted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -57,11 +67,14 @@ class LiveBytes(TorchDispatchMode):
         size = storage.nbytes()
         self._counted[storage] = size
         self.live += size
-        self.peak = max(self.peak, self.live)
+        self.small += size if size <= HEAP_BLOCK else 0
+        if self.live > self.peak:
+            self.peak, self.small_at_peak = self.live, self.small
         weakref.finalize(storage, self._free, size)
 
     def _free(self, size: int) -> None:
         self.live -= size
+        self.small -= size if size <= HEAP_BLOCK else 0
 
     @staticmethod
     def _scalar(tensor: torch.Tensor):
@@ -90,6 +103,7 @@ class StepTrace:
     logits: int
     peak: int
     gradients: int
+    small_at_peak: int = 0  # the part of ``peak`` in storages of at most HEAP_BLOCK bytes
 
 
 def trace_step(model: nn.Module, head: nn.Module | None, inputs: dict[str, torch.Tensor]) -> StepTrace:
@@ -124,4 +138,10 @@ def trace_step(model: nn.Module, head: nn.Module | None, inputs: dict[str, torch
         if handle is not None:
             handle.remove()
     body = min(marks.get("body", marks["forward"]), marks["forward"])  # the body's end can free more
-    return StepTrace(activations=body, logits=marks["forward"] - body, peak=tracker.peak, gradients=gradients)
+    return StepTrace(
+        activations=body,
+        logits=marks["forward"] - body,
+        peak=tracker.peak,
+        gradients=gradients,
+        small_at_peak=tracker.small_at_peak,
+    )
