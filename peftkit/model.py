@@ -115,6 +115,12 @@ class PeftModel(HfPeftSurface, nn.Module):
         tokens over the shifted labels when it is one."""
         return getattr(self.base_model, "loss_type", None)
 
+    def add_model_tags(self, tags: str | list[str]) -> None:
+        """Tag the base model's model card (TRL's trainers call this; HF PEFT reaches it by delegation)."""
+        add = getattr(self.base_model, "add_model_tags", None)
+        if add is not None:
+            add(tags)
+
     @property
     def config(self) -> Any:
         """The base model's config (``transformers`` models), so generation utilities find it."""
