@@ -253,7 +253,8 @@ class PeftModel(nn.Module):
 
     # --- accounting ------------------------------------------------------------------------------------
     def trainable_parameters(self) -> accounting.ParameterCount:
-        return accounting.count_parameters(self)
+        tensors = self.adapter_state_dict(self.active_adapter) if self.active_adapter else {}
+        return accounting.count_parameters(self.base_model, tensors)
 
     def print_trainable_parameters(self) -> None:
         print(self.trainable_parameters().summary())

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_number, register_config
-from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.methods.bottleneck import BottleneckLayer
+from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
 
 
 @register_config

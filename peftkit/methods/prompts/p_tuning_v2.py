@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from peftkit.config import AdapterConfig, as_name_tuple, check_positive_int, register_config
-from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
+from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
 from peftkit.methods.prompts import prefix_tuning
+from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
 
 
 @register_config
@@ -53,4 +54,15 @@ register_method(
         prepare_generation=prefix_tuning.prepare_generation,
         **native_file_format("PEFTKIT_P_TUNING_V2", PTuningV2Config),
     )
+)
+
+
+declare_method(
+    "p_tuning_v2",
+    "deep prompts at every layer, trained directly, with the task's linear head (Liu et al. 2021)",
+    learning_rate=1e-2,
+    options=(NUM_VIRTUAL_TOKENS,),
+    build=lambda o, heads: PTuningV2Config(
+        num_virtual_tokens=o["num_virtual_tokens"], modules_to_save=heads or None
+    ),
 )

@@ -41,7 +41,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
 from peftkit.layer import find_or_wrap
-from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
+from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
 from peftkit.methods.prompts.virtual_tokens import (
     EncodersAtInputEmbedding,
     cached_length,
@@ -52,6 +52,7 @@ from peftkit.methods.prompts.virtual_tokens import (
     is_encoder_decoder,
     rows_per_input,
 )
+from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
 
 
 @register_config
@@ -316,4 +317,15 @@ register_method(
         prepare_generation=prepare_generation,
         **native_file_format("PEFTKIT_PREFIX_TUNING", PrefixTuningConfig),
     )
+)
+
+
+declare_method(
+    "prefix_tuning",
+    "trained keys and values prepended at every attention layer (Li & Liang 2021)",
+    learning_rate=1e-2,
+    options=(NUM_VIRTUAL_TOKENS,),
+    build=lambda o, heads: PrefixTuningConfig(
+        num_virtual_tokens=o["num_virtual_tokens"], modules_to_save=heads or None
+    ),
 )

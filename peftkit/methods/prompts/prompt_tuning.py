@@ -42,7 +42,7 @@ from peftkit.config import (
     register_config,
 )
 from peftkit.layer import AdapterLayer, find_or_wrap
-from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
+from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
 from peftkit.methods.prompts.virtual_tokens import (
     cached_length,
     extend_over_virtual_tokens,
@@ -52,6 +52,7 @@ from peftkit.methods.prompts.virtual_tokens import (
     is_encoder_decoder,
     refuse_mixed_batch,
 )
+from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
 
 INIT_MODES = ("random", "vocab", "text")
 
@@ -278,4 +279,16 @@ register_method(
         prepare_generation=prepare_generation,
         **native_file_format("PEFTKIT_PROMPT_TUNING", PromptTuningConfig),
     )
+)
+
+
+declare_method(
+    "prompt_tuning",
+    "trained virtual tokens in front of the input, initialised from the vocabulary (Lester et al. 2021)",
+    # virtual tokens start far from a useful prompt and move slowly at adapter learning rates
+    learning_rate=3e-2,
+    options=(NUM_VIRTUAL_TOKENS,),
+    build=lambda o, heads: PromptTuningConfig(
+        num_virtual_tokens=o["num_virtual_tokens"], init="vocab", modules_to_save=heads or None
+    ),
 )
