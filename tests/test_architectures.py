@@ -127,28 +127,9 @@ class _Holder(nn.Module):
     ("config", "expected"),
     [
         (
-            transformers.LlamaConfig(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2),
-            (3, 8, 2, 512, 0),
+            transformers.T5Config(num_layers=3, num_decoder_layers=2, num_heads=4, d_kv=8),
+            (2, 4, 4, 8, 3, 4, 8),
         ),
-        (
-            transformers.FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4),
-            (2, 4, 1, 16, 0),
-        ),
-        (
-            transformers.FalconConfig(
-                num_hidden_layers=2,
-                hidden_size=64,
-                num_attention_heads=4,
-                new_decoder_architecture=True,
-                num_kv_heads=2,
-            ),
-            (2, 4, 2, 16, 0),
-        ),
-        (
-            transformers.FalconConfig(hidden_size=64, num_attention_heads=4, multi_query=False),
-            (32, 4, 4, 16, 0),
-        ),
-        (transformers.T5Config(num_layers=3, num_decoder_layers=2, num_heads=4, d_kv=8), (2, 4, 4, 8, 3)),
         (
             transformers.BartConfig(
                 encoder_layers=3,
@@ -157,23 +138,65 @@ class _Holder(nn.Module):
                 decoder_attention_heads=4,
                 d_model=64,
             ),
-            (2, 4, 4, 16, 3),
+            (2, 4, 4, 16, 3, 8, 8),
         ),
-        (transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32), (2, 4, 4, 8, 0)),
+        (
+            transformers.AlbertConfig(
+                num_hidden_layers=3, inner_group_num=2, num_attention_heads=4, hidden_size=32
+            ),
+            (6, 4, 4, 8, 0, 0, 0),  # one shared group of 2 blocks, run at each of 3 layers: 6 attention calls
+        ),
         (
             transformers.Gemma3Config(
                 text_config=dict(
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16
                 )
             ),
-            (2, 4, 1, 16, 0),
+            (2, 4, 1, 16, 0, 0, 0),  # the text model's
         ),
     ],
-    ids=["llama-gqa", "falcon-multi-query", "falcon-new", "falcon-mha", "t5", "bart", "gpt2", "gemma3"],
+    ids=["t5", "bart", "albert", "gemma3-multimodal"],
 )
-def test_attention_layout(config, expected):
+def test_attention_layout_from_the_config(config, expected):
     layout = attention_layout(_Holder(config))
-    assert (layout.layers, layout.heads, layout.kv_heads, layout.head_dim, layout.encoder_layers) == expected
+    assert (
+        layout.layers,
+        layout.heads,
+        layout.kv_heads,
+        layout.head_dim,
+        layout.encoder_layers,
+        layout.encoder_heads,
+        layout.encoder_head_dim,
+    ) == expected
+
+
+_FALCON = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bos_token_id=1, eos_token_id=2
+)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: TINY_MODELS["llama"].build(),  # grouped-query: 2 KV heads for 4 query heads
+        lambda: TINY_MODELS["gpt2"].build(),
+        lambda: transformers.FalconForCausalLM(transformers.FalconConfig(**_FALCON)),  # multi-query: 1
+        lambda: (
+            transformers.FalconForCausalLM(  # new decoder layout: 2 KV heads, broadcast to 4 before caching
+                transformers.FalconConfig(**_FALCON, new_decoder_architecture=True, num_kv_heads=2)
+            )
+        ),
+        lambda: transformers.FalconForCausalLM(transformers.FalconConfig(**_FALCON, multi_query=False)),
+    ],
+    ids=["llama", "gpt2", "falcon-multi-query", "falcon-new", "falcon-multi-head"],
+)
+def test_attention_layout_is_the_shape_of_the_models_own_cache(build):
+    model = build().eval()
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(0, 64, (2, 5)), use_cache=True).past_key_values
+    layout = attention_layout(model)
+    assert len(cache.layers) == layout.layers
+    assert all(layer.keys.shape == (2, layout.kv_heads, 5, layout.head_dim) for layer in cache.layers)
 
 
 # --- bottleneck adapters size themselves from the layer they wrap -------------------------------------------

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from peftkit import LoraConfig, get_peft_model
 from peftkit.data import DataError
@@ -88,9 +95,17 @@ def test_pack_rows_fills_rows_within_capacity():
 VOCAB = 50
 
 
-def _model():
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def _base(model_type="llama"):
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config_class, model_class = ARCHITECTURES[model_type]
+    config = config_class(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -99,9 +114,11 @@ def _model():
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return get_peft_model(
-        LlamaForCausalLM(config), LoraConfig(r=4, target_modules="all-linear", init="random")
-    )
+    return model_class(config)
+
+
+def _model(model_type="llama"):
+    return get_peft_model(_base(model_type), LoraConfig(r=4, target_modules="all-linear", init="random"))
 
 
 def _examples(seed=0):
@@ -136,8 +153,12 @@ def _token_losses(model, batch):
     return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none"), targets  # (rows, seq)
 
 
-def test_packed_rows_give_each_example_the_loss_it_has_alone():
-    model = _model().eval()
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_packed_rows_give_each_example_the_loss_it_has_alone(model_type):
+    from peftkit.training.efficiency import PACKING_MODEL_TYPES
+
+    assert sorted(PACKING_MODEL_TYPES) == sorted(ARCHITECTURES)  # every one packing allows is checked here
+    model = _model(model_type).eval()
     examples = _examples()
     packed = pack_batch(_padded(examples), capacity=16, pad_token_id=0)
     assert packed["input_ids"].shape[0] < len(examples)  # several examples share a row
@@ -178,3 +199,78 @@ def test_packed_batch_runs_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = model(**padded).loss, model(**packed).loss
     torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2)
+
+
+# --- the run's choices (peftkit.training.efficiency) --------------------------------------------------------
+
+
+def _settings(**overrides):
+    from types import SimpleNamespace
+
+    values = {"group_by_length": None, "max_length": 32, "seed": 0, "fused_loss": True, "packing": False}
+    return SimpleNamespace(**{**values, **overrides})
+
+
+class _Tokenizer:
+    pad_token_id = 0
+
+
+def test_length_grouping_is_on_by_default_only_for_generation_tasks():
+    from peftkit.training.efficiency import groups_by_length
+
+    assert groups_by_length(_settings(), "causal-lm") and groups_by_length(_settings(), "seq2seq")
+    assert not groups_by_length(_settings(), "sequence-classification")
+    assert groups_by_length(_settings(group_by_length=True), "sequence-classification")
+    assert not groups_by_length(_settings(group_by_length=False), "causal-lm")
+
+
+def test_batch_order_measures_lengths_with_the_tasks_collate():
+    from peftkit.training.efficiency import batch_order
+
+    class Task:
+        name = "causal-lm"
+
+        def collate(self, records, tokenizer, max_length):
+            width = max(len(r["ids"]) for r in records)
+            mask = torch.tensor([[1] * len(r["ids"]) + [0] * (width - len(r["ids"])) for r in records])
+            return {"input_ids": mask, "attention_mask": mask, "labels": mask}
+
+    records = [{"ids": [1] * n} for n in _lengths(300)]
+    order = batch_order(_settings(), Task(), records, _Tokenizer(), 8)
+    assert order.lengths == [len(r["ids"]) for r in records]
+    Task.name = "sequence-classification"
+    assert batch_order(_settings(), Task(), records, _Tokenizer(), 8).lengths is None
+
+
+def test_loss_function_is_fused_where_exact_and_falls_back_with_a_message():
+    from peftkit import PromptTuningConfig
+    from peftkit.training.efficiency import loss_function
+
+    model = _model().train()
+    batch = _padded(_examples(3))
+    said = []
+    fused = loss_function(_settings(), "causal-lm", model, model, _Tokenizer(), said.append)
+    ordinary = loss_function(
+        _settings(fused_loss=False), "causal-lm", model, model, _Tokenizer(), said.append
+    )
+    torch.testing.assert_close(fused(batch), ordinary(batch), rtol=1e-5, atol=1e-6)
+    assert said == []
+    prompted = get_peft_model(_base(), PromptTuningConfig(num_virtual_tokens=2))
+    loss_function(_settings(), "causal-lm", prompted, prompted, _Tokenizer(), said.append)
+    assert len(said) == 1 and "fused loss off" in said[0]
+
+
+def test_packing_in_the_loss_function_keeps_the_loss_and_is_refused_where_not_exact():
+    from peftkit import PromptTuningConfig
+    from peftkit.config import ConfigError
+    from peftkit.training.efficiency import loss_function
+
+    model = _model().train()
+    batch = _padded(_examples(4))
+    packed = loss_function(_settings(packing=True), "causal-lm", model, model, _Tokenizer(), print)
+    torch.testing.assert_close(packed(batch), model(**batch).loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="causal-lm"):
+        loss_function(_settings(packing=True), "seq2seq", model, model, _Tokenizer(), print)
+    prompted = get_peft_model(_base(), PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(ConfigError, match="prompt_tuning"):
+        loss_function(_settings(packing=True), "causal-lm", prompted, prompted, _Tokenizer(), print)

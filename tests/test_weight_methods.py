@@ -10,6 +10,7 @@ from transformers import BertConfig, BertModel
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import (
+    BASE_ROW,
     AdapterError,
     BitFitConfig,
     BottleneckConfig,
@@ -196,7 +197,7 @@ def test_fresh_fusion_averages_the_adapters_outputs():
         layer.add_adapter(name, BottleneckConfig(bottleneck_size=2, init="random"))
     from peftkit.methods.fusion import Fusion
 
-    layer.fusions["f"] = Fusion(6, FusionConfig(adapters=["a", "b"]), like=layer.base_layer.weight)
+    layer.adapters["f"] = Fusion(6, FusionConfig(adapters=["a", "b"]), like=layer.base_layer.weight)
     x = torch.randn(4, 6)
     outputs = {}
     for name in ("a", "b", "f"):
@@ -208,7 +209,7 @@ def test_fresh_fusion_averages_the_adapters_outputs():
 def test_fusion_trains_only_its_own_parameters_and_saves_on_its_own(tmp_path):
     tiny = TINY_MODELS["bert"]
     model = _fused(tiny)
-    assert _trainable(model) and all(".fusions.fusion." in n for n in _trainable(model))
+    assert _trainable(model) and all(".adapters.fusion." in n for n in _trainable(model))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(3):
@@ -216,7 +217,7 @@ def test_fusion_trains_only_its_own_parameters_and_saves_on_its_own(tmp_path):
         model(**tiny.batch(seed=step)).logits.pow(2).mean().backward()
         optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(".fusions.fusion." in n for n in changed)
+    assert changed and all(".adapters.fusion." in n for n in changed)
 
     expected = run(model, tiny, tiny.batch())
     model.save_pretrained(tmp_path)
@@ -230,6 +231,28 @@ def test_fusion_trains_only_its_own_parameters_and_saves_on_its_own(tmp_path):
     assert torch.equal(run(loaded, tiny, tiny.batch()), expected)
     with pytest.raises(AdapterError, match=r"adapters \['fusion'\] build on 'a'"):
         loaded.delete_adapter("a")
+
+
+def test_fusion_joins_a_mixed_batch_like_any_adapter():
+    """A fusion is one more entry of the layer's adapters: a batch mixing it with one of its members and the
+    base model gives each row what that adapter alone gives."""
+    tiny = TINY_MODELS["bert"]
+    model = _fused(tiny)
+    with torch.no_grad():  # a fusion that no longer averages: W_Q, W_K moved off zero
+        for name, parameter in model.named_parameters():
+            if ".adapters.fusion." in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    batch = tiny.batch()
+    rows = ["fusion", BASE_ROW, "a"]
+    mixed = run(model, tiny, batch, adapter_names=rows)
+    singles = {"fusion": run(model, tiny, batch)}
+    model.set_adapter("a")
+    singles["a"] = run(model, tiny, batch)
+    with model.disable_adapter():
+        singles[BASE_ROW] = run(model, tiny, batch)
+    assert not torch.allclose(singles["fusion"], singles["a"])
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(mixed[row], singles[name][row], rtol=1e-5, atol=1e-6)
 
 
 def test_fusion_needs_serial_bottleneck_adapters():

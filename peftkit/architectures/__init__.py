@@ -5,11 +5,10 @@ Open :mod:`peftkit.architectures.table` to add or correct a model type; every me
 :func:`attention_layout` (the shape of keys and values, for prefixes).
 """
 
+from peftkit.architectures.attention import AttentionLayout, attention_layout
 from peftkit.architectures.layout import Architecture
 from peftkit.architectures.lookup import (
-    AttentionLayout,
     architecture,
-    attention_layout,
     block_lists,
     known_model_types,
     linear_leaf_names,

@@ -11,9 +11,10 @@ from typing import Any
 class Architecture:
     """Positions in one architecture's blocks, as regex fragments matched at the end of a dotted path.
 
-    ``scope`` is a fragment every position lies under (the text model of a multimodal model). ``kv_heads``
-    reads the number of key/value heads from the config when the standard ``num_key_value_heads`` does not
-    say it (Falcon). ``note`` says why a position is absent (ALBERT shares one block across its layers).
+    ``scope`` is a fragment every position lies under (the text model of a multimodal model). ``cache_heads``
+    reads the heads of the KV cache from the config when the standard ``num_key_value_heads`` does not say it
+    (Falcon); ``attention_layers`` the number of attention calls per forward pass when it is not
+    ``num_hidden_layers`` (ALBERT). ``note`` says why a position is absent (ALBERT shares one block).
     """
 
     name: str
@@ -27,7 +28,8 @@ class Architecture:
     value: str | None = None
     qkv: str | None = None
     scope: str = ""
-    kv_heads: Callable[[Any], int] | None = None
+    cache_heads: Callable[[Any], int] | None = None
+    attention_layers: Callable[[Any], int] | None = None
     note: str = ""
 
     def pattern(self, *positions: str) -> str | None:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
@@ -136,58 +134,6 @@ def linear_leaf_names(model: nn.Module) -> list[str]:
 
 def known_model_types() -> list[str]:
     return sorted(TABLE)
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """Shape of the keys and values in each attention layer: what a prefix of virtual tokens must match.
-
-    ``layers``: decoder (or only) stack's layers; ``encoder_layers``: an encoder-decoder's encoder layers (0
-    otherwise); ``kv_heads``: key/value heads (fewer than ``heads`` with grouped or multi-query attention).
-    """
-
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    encoder_layers: int = 0
-
-
-def attention_layout(model: nn.Module) -> AttentionLayout:
-    """Layers, heads, key/value heads and head size from the model's (text) config.
-
-    Raises :class:`ConfigError` when the model has no transformers config.
-    """
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ConfigError(
-            f"{type(model).__name__} has no transformers config; its attention layout is unknown"
-        )
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    arch = TABLE.get(config.model_type) or TABLE.get(getattr(text, "model_type", None))
-    heads = _first(text, "decoder_attention_heads", "num_attention_heads")
-    if arch is not None and arch.kv_heads is not None:
-        kv_heads = arch.kv_heads(text)
-    else:
-        kv_heads = _first(text, "num_key_value_heads", default=heads)
-    head_dim = _first(text, "head_dim", default=None) or _first(text, "hidden_size") // heads
-    if getattr(text, "is_encoder_decoder", False):
-        layers = _first(text, "num_decoder_layers", "decoder_layers", "num_hidden_layers")
-        encoder_layers = _first(text, "encoder_layers", "num_layers", "num_hidden_layers")
-    else:
-        layers, encoder_layers = _first(text, "num_hidden_layers"), 0
-    return AttentionLayout(layers, heads, kv_heads, head_dim, encoder_layers)
-
-
-def _first(config: Any, *attributes: str, **fallback: Any) -> Any:
-    """The first of ``attributes`` the config sets (transformers' ``attribute_map`` spellings included)."""
-    for attribute in attributes:
-        value = getattr(config, attribute, None)
-        if value is not None:
-            return value
-    if "default" in fallback:
-        return fallback["default"]
-    raise ConfigError(f"{type(config).__name__} sets none of {list(attributes)}")
 
 
 def _sample(items: Sequence[str], limit: int = 20) -> str:

@@ -13,11 +13,12 @@ from typing import Any
 from peftkit.architectures.layout import Architecture
 
 
-def _falcon_kv_heads(config: Any) -> int:
-    """Falcon: grouped KV heads in the new decoder layout, one shared head with multi-query, else all heads."""
+def _falcon_cache_heads(config: Any) -> int:
+    """Falcon caches every head in the new decoder layout (its grouped KV heads are broadcast before the
+    cache), one shared head with multi-query attention, else ``num_kv_heads`` (transformers' FalconAttention)."""
     if getattr(config, "new_decoder_architecture", False):
-        return config.num_kv_heads
-    return 1 if getattr(config, "multi_query", False) else config.num_attention_heads
+        return config.num_attention_heads
+    return 1 if getattr(config, "multi_query", False) else config.num_kv_heads
 
 
 def _bert_like(name: str, projection: str = "{}", lora: tuple[str, ...] = ("query", "value")) -> Architecture:
@@ -107,6 +108,7 @@ _ENTRIES = [
         ffn_input=r"albert_layers\.\d+\.ffn",
         ffn_output=r"albert_layers\.\d+\.ffn_output",
         blocks=None,
+        attention_layers=lambda config: config.num_hidden_layers * config.inner_group_num,
         note="ALBERT shares one block's weights across all its layers, so there are no top blocks to train apart "
         "from the others",
     ),
@@ -141,7 +143,7 @@ _ENTRIES = [
     ),
     _fused_qkv("gpt_neox", "attention", r"layers"),
     _fused_qkv("bloom", "self_attention", r"h"),
-    _fused_qkv("falcon", "self_attention", r"h", kv_heads=_falcon_kv_heads),
+    _fused_qkv("falcon", "self_attention", r"h", cache_heads=_falcon_cache_heads),
     Architecture(
         "phi3",
         lora=("qkv_proj",),

@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from peftkit import __version__
-from peftkit.cli import compare, demo, evaluate, predict, serve, train
+from peftkit.cli import compare, demo, evaluate, plan, predict, serve, train
 
-SUBCOMMANDS = [train, evaluate, predict, demo, compare, serve]
+SUBCOMMANDS = [train, evaluate, predict, demo, compare, serve, plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,13 @@ EXACT_MODEL_TYPES: dict[str, bool] = {
     "mt5": False,
 }
 
-__all__ = ["EXACT_MODEL_TYPES", "fused_loss_unsupported", "fused_training_loss", "transformers_model"]
+__all__ = [
+    "EXACT_MODEL_TYPES",
+    "fused_loss_unsupported",
+    "fused_training_loss",
+    "input_changing_method",
+    "transformers_model",
+]
 
 
 def transformers_model(model: nn.Module) -> nn.Module:
@@ -44,12 +50,22 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return model.base_model if isinstance(model, PeftModel) else model
 
 
-def fused_loss_unsupported(model: nn.Module) -> str | None:
-    """Why the fused loss would not equal ``model(**batch).loss`` for ``model`` (a ``PeftModel`` or a
-    transformers model), or None when it does."""
+def input_changing_method(model: nn.Module) -> str | None:
+    """The name of the active adapter's method when it rewrites the model's inputs (prompt and prefix
+    tuning), else None."""
     from peftkit.methods import method_for_config
     from peftkit.model import PeftModel
 
+    if isinstance(model, PeftModel) and model.active_adapter is not None:
+        method = method_for_config(model.peft_config[model.active_adapter])
+        if method.prepare_inputs is not None:
+            return method.name
+    return None
+
+
+def fused_loss_unsupported(model: nn.Module) -> str | None:
+    """Why the fused loss would not equal ``model(**batch).loss`` for ``model`` (a ``PeftModel`` or a
+    transformers model), or None when it does."""
     hf = transformers_model(model)
     config = getattr(hf, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -58,10 +74,9 @@ def fused_loss_unsupported(model: nn.Module) -> str | None:
     head = hf.get_output_embeddings()
     if type(head) is not nn.Linear:
         return f"the output head is a {type(head).__name__} (an adapter on it?), not a plain Linear layer"
-    if isinstance(model, PeftModel) and model.active_adapter is not None:
-        method = method_for_config(model.peft_config[model.active_adapter])
-        if method.prepare_inputs is not None:
-            return f"the {method.name} method changes the model's inputs"
+    method = input_changing_method(model)
+    if method is not None:
+        return f"the {method} method changes the model's inputs"
     return None
 
 

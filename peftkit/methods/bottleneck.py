@@ -96,7 +96,11 @@ class BottleneckConfig(AdapterConfig):
 
 
 class Bottleneck(nn.Module):
-    """``a(h) = U f(D h)`` with biases; ``D``: (m, in_features), ``U``: (out_features, m), starting at zero."""
+    """One adapter: ``a(h) = U f(D h)`` with biases; ``D``: (m, in_features), ``U``: (out_features, m), starting
+    at zero. ``output`` adds ``s · a(source)`` to the layer's output; the source is the layer's output (serial)
+    or the sub-layer's input (parallel)."""
+
+    file_prefix = "adapter"  # its tensors' keys in a checkpoint: adapter.down.weight, ...
 
     def __init__(
         self, in_features: int, out_features: int, config: BottleneckConfig, like: torch.Tensor
@@ -106,20 +110,32 @@ class Bottleneck(nn.Module):
         self.down = nn.Linear(in_features, size, device=like.device, dtype=like.dtype)
         self.activation = ACTIVATIONS[config.non_linearity]()
         self.up = nn.Linear(size, out_features, device=like.device, dtype=like.dtype)
+        self.scaling = config.scaling
+        self.parallel = config.placement == "parallel"
         if config.init == "zeros":
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.activation(self.down(h)))  # (..., hidden)
+        return self.up(self.activation(self.down(h)))  # (..., out_features)
+
+    def output(
+        self, adapters: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, sub_layer_input
+    ) -> torch.Tensor:
+        """``y + s · a(source)``; ``x``: the layer's input, ``y``: its output (..., out_features),
+        ``sub_layer_input``: the feed-forward sub-layer's input when a hook captured it, else None."""
+        source = (x if sub_layer_input is None else sub_layer_input) if self.parallel else y
+        return y + (self.scaling * self(source.to(self.down.weight.dtype))).to(y.dtype)
 
 
 class BottleneckLayer(AdapterLayer):
-    """Adapters around one module. Serial: ``y = m(x)``, ``y + s·a(y)``. Parallel: ``y = m(x) + s·a(x')``
-    where ``x'`` is the input of the sub-layer (this module's own input, or the input of an earlier module
-    of the sub-layer, captured by a hook, when the sub-layer spans several modules as BERT's does).
+    """Adapters around one linear layer. Serial: ``y = m(x)``, ``y + s·a(y)``. Parallel: ``y = m(x) + s·a(x')``
+    where ``x'`` is the input of the sub-layer (this layer's own input, or the input of the sub-layer's first
+    layer, captured by a hook, when the sub-layer spans several layers).
 
-    A fusion (:mod:`peftkit.methods.fusion`) active on this layer combines several serial adapters' outputs.
+    Each entry of ``adapters`` computes the layer's new output from (x, y, x') with ``output``: a
+    :class:`Bottleneck`, or a composition of them such as an AdapterFusion (:mod:`peftkit.methods.fusion`),
+    which reads its members from the same ``adapters``. The layer itself knows no composition.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -128,9 +144,6 @@ class BottleneckLayer(AdapterLayer):
         self.in_features, self.out_features = linear_features(base_layer)
         self.source_features = self.in_features  # what a parallel adapter reads: this layer's input, or
         self.adapters = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.parallel: dict[str, bool] = {}
-        self.fusions = nn.ModuleDict()
         self._captured: torch.Tensor | None = None  # ... the sub-layer's, captured from its first layer
         self._hook = None
 
@@ -153,41 +166,27 @@ class BottleneckLayer(AdapterLayer):
         return super().unloaded(merge)
 
     def adapter_names(self) -> list[str]:
-        return list(self.adapters.keys()) + list(self.fusions.keys())
+        return list(self.adapters.keys())
 
     def add_adapter(self, name: str, config: BottleneckConfig) -> None:
         reads = self.source_features if config.placement == "parallel" else self.out_features
         like = next(self.base_layer.parameters())
         self.adapters[name] = Bottleneck(reads, self.out_features, config, like=like)
-        self.scaling[name] = config.scaling
-        self.parallel[name] = config.placement == "parallel"
 
     def delete_adapter(self, name: str) -> None:
-        if name in self.fusions:
-            del self.fusions[name]
-        else:
-            del self.adapters[name], self.scaling[name], self.parallel[name]
+        del self.adapters[name]
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from (self.fusions[name] if name in self.fusions else self.adapters[name]).parameters()
+        yield from self.adapters[name].parameters()
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        if name in self.fusions:
-            return {f"fusion.{k}": v for k, v in self.fusions[name].state_dict(keep_vars=True).items()}
-        return {f"adapter.{k}": v for k, v in self.adapters[name].state_dict(keep_vars=True).items()}
+        module = self.adapters[name]
+        return {f"{module.file_prefix}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        module, prefix = (
-            (self.fusions[name], "fusion.") if name in self.fusions else (self.adapters[name], "adapter.")
-        )
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=True)
-
-    def _update(
-        self, name: str, x: torch.Tensor, y: torch.Tensor, captured: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``s · a(source)``: the source is the sub-layer input for a parallel adapter, the output otherwise."""
-        source = (captured if captured is not None else x) if self.parallel[name] else y
-        return (self.scaling[name] * self.adapters[name](source)).to(y.dtype)
+        module = self.adapters[name]
+        start = len(module.file_prefix) + 1
+        module.load_state_dict({k[start:]: v for k, v in tensors.items()}, strict=True)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -195,12 +194,9 @@ class BottleneckLayer(AdapterLayer):
         if self.routing is not None:
             return self._mixed_forward(x, y, captured)
         name = self.active_adapter
-        if name in self.fusions:
-            fusion = self.fusions[name]
-            return fusion(y, [y + self._update(member, x, y, captured) for member in fusion.adapter_order])
         if not self.runs(name):
             return y
-        return y + self._update(name, x, y, captured)
+        return self.adapters[name].output(self.adapters, x, y, captured)
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
         """Rows grouped by adapter: each adapter runs on its own rows (adapters differ in size)."""
@@ -208,12 +204,10 @@ class BottleneckLayer(AdapterLayer):
         routing.check_batch(y.shape[0], f"bottleneck adapter on {type(self.base_layer).__name__}")
         result = y.clone()
         for position, name in enumerate(routing.names):
-            if name in self.fusions:
-                raise ValueError(f"fusion {name!r} cannot join a mixed batch; run it on its own")
             if self.runs(name):
                 rows = routing.index == position
                 rows_captured = captured[rows] if captured is not None else None
-                result[rows] = y[rows] + self._update(name, x[rows], y[rows], rows_captured)
+                result[rows] = self.adapters[name].output(self.adapters, x[rows], y[rows], rows_captured)
         return result
 
 

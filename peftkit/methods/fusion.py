@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_number, register_config
-from peftkit.methods.bottleneck import BottleneckLayer
+from peftkit.methods.bottleneck import Bottleneck, BottleneckLayer
 from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
 
 
@@ -49,6 +49,11 @@ class FusionConfig(AdapterConfig):
 
 
 class Fusion(nn.Module):
+    """One layer's fusion of the bottleneck adapters named ``adapter_order``: a composition that holds only its
+    own W_Q, W_K, W_V and reads the adapters from the layer they live in (it never owns their parameters)."""
+
+    file_prefix = "fusion"  # its tensors' keys in a checkpoint: fusion.query.weight, ...
+
     def __init__(self, hidden: int, config: FusionConfig, like: torch.Tensor) -> None:
         super().__init__()
         factory = {"device": like.device, "dtype": like.dtype}
@@ -63,6 +68,13 @@ class Fusion(nn.Module):
                 nn.init.zeros_(layer.bias)
             self.value.weight.copy_(torch.eye(hidden, **factory))
 
+    def output(
+        self, adapters: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, sub_layer_input
+    ) -> torch.Tensor:
+        """The layer's output under the fusion: its members' outputs (from ``adapters``, the layer's), fused."""
+        outputs = [adapters[member].output(adapters, x, y, sub_layer_input) for member in self.adapter_order]
+        return self(y, outputs)
+
     def forward(self, h: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
         z = torch.stack(outputs, dim=-2)  # (..., n_adapters, hidden)
         q = self.query(h).unsqueeze(-2)  # (..., 1, hidden)
@@ -73,14 +85,20 @@ class Fusion(nn.Module):
 
 def inject_fusion(model: nn.Module, name: str, config: FusionConfig) -> list[str]:
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, BottleneckLayer)]
-    targets = [p for p, m in layers if all(a in m.adapters for a in config.adapters)]
+
+    def members(layer: BottleneckLayer) -> set[str]:
+        return {a for a, module in layer.adapters.items() if isinstance(module, Bottleneck)}
+
+    targets = [p for p, m in layers if set(config.adapters) <= members(m)]
     if not targets:
-        present = sorted({a for _, m in layers for a in m.adapters})
+        present = sorted({a for _, m in layers for a in members(m)})
         raise ConfigError(
             f"`adapters` {list(config.adapters)} are not all bottleneck adapters of this model "
             f"(bottleneck adapters present: {present}); add or load them before the fusion"
         )
-    parallel = [p for p in targets if any(model.get_submodule(p).parallel[a] for a in config.adapters)]
+    parallel = [
+        p for p in targets if any(model.get_submodule(p).adapters[a].parallel for a in config.adapters)
+    ]
     if parallel:
         raise ConfigError(
             "AdapterFusion combines serial bottleneck adapters; these are parallel: "
@@ -88,7 +106,7 @@ def inject_fusion(model: nn.Module, name: str, config: FusionConfig) -> list[str
         )
     for path in targets:
         layer = model.get_submodule(path)
-        layer.fusions[name] = Fusion(layer.out_features, config, like=next(layer.base_layer.parameters()))
+        layer.adapters[name] = Fusion(layer.out_features, config, like=next(layer.base_layer.parameters()))
     return targets
 
 

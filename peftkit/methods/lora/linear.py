@@ -146,7 +146,7 @@ class LoraLinear(AdapterLayer):
             type(base) in _FUSABLE_BASES
             and not base.weight.requires_grad
             and x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            and (x.is_meta or not torch.is_autocast_enabled(x.device.type))  # autocast knows no meta
             and not (base._forward_hooks or base._forward_pre_hooks or _global_forward_hooks())
         )
 

@@ -1,0 +1,84 @@
+"""Choose a method before training: every method's parameters, adapter file, training memory and inference
+cost on a model built on the meta device (no weights), and a recommendation under the user's constraints.
+
+    from peftkit.planning import plan
+    table = plan(model="smollm2", batch_size=4, max_length=512, memory=parse_bytes("8GiB"))
+    print(table.render()); table.to_json(); table.chart("plan.png")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from peftkit.config import ConfigError
+from peftkit.planning.estimate import Memory, MethodPlan, Settings
+from peftkit.planning.report import Plan
+
+__all__ = ["Memory", "MethodPlan", "Plan", "Settings", "parse_bytes", "plan"]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+DEVICES = ("cpu", "cuda")
+
+
+def parse_bytes(text: str) -> int:
+    """``"24GiB"``, ``"24 GB"``, ``"512MiB"``, ``"1e9"`` -> bytes (GB = 10^9, GiB = 2^30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(
+            f"memory must be a number with an optional unit (GiB, GB, MiB, MB, ...), got {text!r}"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def plan(settings: Settings | None = None, **fields) -> Plan:
+    """Predict every method (default: all that ``peftkit train`` knows) for ``settings`` (or its fields as
+    keyword arguments). Raises ConfigError for an unknown model, task, method, device or dtype."""
+    from peftkit.planning import meta_model
+    from peftkit.planning.advice import recommend
+    from peftkit.planning.estimate import plan_method
+    from peftkit.training.methods import METHOD_BUILDERS
+
+    settings = settings or Settings(**fields)
+    methods = settings.methods or tuple(METHOD_BUILDERS)
+    _validate(settings, methods, METHOD_BUILDERS)
+    config = meta_model.load_config(settings.model)
+    task = settings.task or meta_model.infer_task(config)
+    settings = dataclasses.replace(settings, task=task, methods=tuple(methods))
+    rows = tuple(plan_method(config, task, method, settings) for method in methods)
+    base = max((r.base_parameters for r in rows if r.applicable), default=0)
+    return Plan(
+        settings=settings,
+        task=task,
+        model_type=getattr(config, "model_type", "?"),
+        layers=meta_model.num_layers(config),
+        base_parameters=base,
+        rows=rows,
+        recommendation=recommend(list(rows), settings, base, task),
+    )
+
+
+def _validate(settings: Settings, methods, known) -> None:
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; known: {sorted(known)}")
+    for name in ("batch_size", "max_length", "num_labels", "tasks"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"`{name}` must be a positive integer, got {value!r}")
+    if settings.device not in DEVICES:
+        raise ConfigError(f"`device` must be one of {list(DEVICES)}, got {settings.device!r}")
+    if settings.memory is not None and settings.memory <= 0:
+        raise ConfigError(f"`memory` must be a positive number of bytes, got {settings.memory!r}")

@@ -1,0 +1,229 @@
+"""One method on the meta model: its real parameter counts, its adapter file's size and its training memory.
+
+The method is applied exactly as ``peftkit train`` applies it (``prepare_base`` + ``get_peft_model`` with the
+adapter config ``peftkit train`` builds from its defaults), so the counts are peftkit's own; the memory of
+a training step is then simulated (:mod:`peftkit.planning.trace`) with and without gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from peftkit.checkpoint import CONFIG_HASH_KEY
+from peftkit.config import ConfigError
+from peftkit.planning import meta_model
+from peftkit.planning.advice import inference_overhead
+from peftkit.planning.four_bit import quantized_weight_ids, stand_in_matmuls
+from peftkit.planning.sizes import parameter_bytes, safetensors_file_bytes, tensor_bytes
+from peftkit.planning.trace import StepTrace, TraceError, trace_step
+
+# What the process holds before any tensor: measured as the RSS after importing torch, transformers and
+# peftkit on CPU (benchmarks/plan_accuracy.py records it); a CUDA context plus cuBLAS workspace on a GPU,
+# which torch's allocator does not count (typical for recent drivers; not measured here).
+RUNTIME_BYTES = {"cpu": 520 * 2**20, "cuda": 512 * 2**20}
+# The checkpoint's metadata: the format tag and the config's SHA-256 in hex (64 characters).
+FILE_METADATA = {"format": "pt", CONFIG_HASH_KEY: "0" * 64}
+TRACE_DEPTHS = (4, 6)  # layers of the reduced models a deep model's step is traced at
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a plan is for: the model, the task, one training batch, and where it trains."""
+
+    model: str = "minilm"
+    task: str | None = None  # None: inferred from the model's architecture
+    batch_size: int = 16
+    max_length: int = 48
+    memory: int | None = None  # bytes available for training; None: no limit given
+    device: str = "cpu"
+    dtype: str = "fp32"
+    methods: tuple[str, ...] = ()  # empty: every method peftkit train knows
+    num_labels: int = 2
+    tasks: int = 1  # tasks to serve from one base model
+    zero_latency: bool = False  # inference must cost what the base model costs
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes at the peak of a training step, by component; they add up to ``total``.
+
+    ``base``: frozen weights as stored (4-bit ones for QLoRA); ``trainable``: the trained parameters;
+    ``optimizer``: AdamW's two moments (in the parameters' dtype) and step counters; ``activations``: what the
+    forward keeps for the backward; ``logits``: what the output head and the loss keep on top; ``backward``:
+    what the backward and the optimizer step add at their peak (gradients, the logits' gradient, a
+    checkpointed layer's recomputation, AdamW's temporaries); ``runtime``: the process itself.
+    """
+
+    base: int
+    trainable: int
+    optimizer: int
+    activations: int
+    logits: int
+    backward: int
+    runtime: int
+    gradients: int = 0  # informative: the .grad tensors alone (part of ``backward``)
+
+    COMPONENTS = ("base", "trainable", "optimizer", "activations", "logits", "backward", "runtime")
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, name) for name in self.COMPONENTS)
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            **{n: getattr(self, n) for n in self.COMPONENTS},
+            "gradients": self.gradients,
+            "total": self.total,
+        }
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    method: str
+    error: str | None = None  # why the method does not apply to this model (then nothing else is set)
+    trainable: int = 0
+    base_parameters: int = 0
+    adapter_parameters: int = 0
+    adapter_file_bytes: int = 0
+    memory: Memory | None = None
+    memory_checkpointed: Memory | None = None
+    overhead: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.base_parameters if self.base_parameters else 0.0
+
+    @property
+    def applicable(self) -> bool:
+        return self.error is None
+
+
+def plan_method(config: Any, task: str, method: str, settings: Settings, simulate: bool = True) -> MethodPlan:
+    """Apply ``method`` with ``peftkit train``'s default settings to a meta model of ``config`` and predict;
+    ``simulate=False`` leaves the training step out (counts and file size only, ``memory`` None)."""
+    from peftkit.model import get_peft_model
+    from peftkit.training.config import TrainConfig
+    from peftkit.training.methods import adapter_config_for, prepare_base
+
+    model = meta_model.build_meta_model(config, task, settings.dtype, settings.num_labels)
+    train_config = TrainConfig(method=method)
+    try:
+        prepare_base(train_config, model)
+        peft = get_peft_model(model, adapter_config_for(train_config, meta_model.head_modules(model, task)))
+    except ConfigError as error:
+        return MethodPlan(method, error=str(error))
+    count = peft.trainable_parameters()
+    file_bytes = safetensors_file_bytes(peft.adapter_state_dict("default"), FILE_METADATA)
+    if not simulate:
+        return MethodPlan(method, None, count.trainable, count.base, count.adapter, file_bytes)
+    try:
+        plain = _layer_extrapolated(config, task, method, settings, checkpointing=False)
+    except TraceError as error:
+        return MethodPlan(method, error=f"cannot simulate a training step: {error}")
+    try:
+        traced = _layer_extrapolated(config, task, method, settings, checkpointing=True)
+        checkpointed = _memory(peft, traced, settings)
+    except (ConfigError, TraceError):  # e.g. prefix tuning refuses checkpointing: its row says so
+        checkpointed = None
+    plain = _memory(peft, plain, settings)
+    overhead = inference_overhead(
+        method,
+        getattr(peft.peft_config["default"], "num_virtual_tokens", None),
+        settings.max_length,
+        count.adapter / count.base if count.base else 0.0,
+    )
+    return MethodPlan(
+        method=method,
+        trainable=count.trainable,
+        base_parameters=count.base,
+        adapter_parameters=count.adapter,
+        adapter_file_bytes=file_bytes,
+        memory=plain,
+        memory_checkpointed=checkpointed,
+        overhead=overhead,
+    )
+
+
+def _layer_extrapolated(
+    config: Any, task: str, method: str, settings: Settings, checkpointing: bool
+) -> StepTrace:
+    """The step's trace for the full depth ``L``; deep models are traced at ``TRACE_DEPTHS`` (4 and 6 layers)
+    and extrapolated linearly, ``v(L) = v(4) + (v(6) - v(4)) (L - 4) / 2``: exact for a stack of identical
+    layers, and for layers alternating with period 2 (sliding / global attention), since every quantity of a
+    step is a sum over layers plus what lies outside them; layer tuning's top layers stay the top layers."""
+    depth = meta_model.num_layers(config)
+    if depth is None or depth <= 2 * TRACE_DEPTHS[1] - TRACE_DEPTHS[0]:
+        return _trace_method(config, task, method, settings, checkpointing)
+    low, high = (
+        _trace_method(meta_model.with_depth(config, d), task, method, settings, checkpointing)
+        for d in TRACE_DEPTHS
+    )
+    factor = (depth - TRACE_DEPTHS[0]) / (TRACE_DEPTHS[1] - TRACE_DEPTHS[0])
+    return StepTrace(*(round(a + (b - a) * factor) for a, b in zip(_fields(low), _fields(high), strict=True)))
+
+
+def _fields(trace: StepTrace) -> tuple[int, ...]:
+    return (trace.activations, trace.logits, trace.peak, trace.gradients)
+
+
+def _trace_method(config: Any, task: str, method: str, settings: Settings, checkpointing: bool) -> StepTrace:
+    from peftkit.model import get_peft_model
+    from peftkit.training.config import TrainConfig
+    from peftkit.training.methods import adapter_config_for, prepare_base
+
+    model = meta_model.build_meta_model(config, task, settings.dtype, settings.num_labels)
+    train_config = TrainConfig(method=method)
+    prepare_base(train_config, model)
+    peft = get_peft_model(model, adapter_config_for(train_config, meta_model.head_modules(model, task)))
+    head = meta_model.output_head(model, task)
+    inputs = meta_model.meta_inputs(model, task, settings.batch_size, settings.max_length)
+    return _trace(peft, head, inputs, checkpointing)
+
+
+def _trace(peft: nn.Module, head: nn.Module | None, inputs: dict, checkpointing: bool) -> StepTrace:
+    base = peft.base_model
+    with warnings.catch_warnings():  # transformers 5 renamed it; peftkit train calls it by this name
+        warnings.simplefilter("ignore", FutureWarning)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            with stand_in_matmuls(base):
+                return trace_step(peft, head, inputs)
+        finally:
+            if checkpointing:
+                base.gradient_checkpointing_disable()
+
+
+def _memory(peft: nn.Module, trace: StepTrace, settings: Settings) -> Memory:
+    quantized = quantized_weight_ids(peft)
+    frozen = [p for p in _unique_tensors(peft) if not p.requires_grad]
+    base = sum(quantized.get(id(t), tensor_bytes(t)) for t in frozen)
+    trained = [p for p in _unique_tensors(peft) if p.requires_grad]
+    trainable = parameter_bytes(peft, trainable=True)
+    optimizer = 2 * trainable + 4 * len(trained)  # exp_avg, exp_avg_sq; one fp32 step counter per tensor
+    # AdamW's update: on CPU one tensor at a time (a temporary the size of the largest parameter); on CUDA
+    # the foreach kernels hold a temporary for every parameter at once (sqrt of exp_avg_sq)
+    largest = max((tensor_bytes(p) for p in trained), default=0)
+    step_temporaries = trainable if settings.device == "cuda" else largest
+    dynamic = max(trace.peak, trace.gradients + step_temporaries)
+    return Memory(
+        base=base,
+        trainable=trainable,
+        optimizer=optimizer,
+        activations=trace.activations,
+        logits=trace.logits,
+        backward=dynamic - trace.activations - trace.logits,
+        runtime=RUNTIME_BYTES.get(settings.device, 0),
+        gradients=trace.gradients,
+    )
+
+
+def _unique_tensors(module: nn.Module) -> list:
+    seen: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        seen.setdefault(id(tensor), tensor)
+    return list(seen.values())

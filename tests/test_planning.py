@@ -1,0 +1,188 @@
+"""`peftkit plan`'s predictions against what peftkit actually builds and writes.
+
+Parameter counts and adapter file sizes are predicted on a meta-device model and must equal, to the byte,
+those of the same method applied to the real tiny model and saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from peftkit.planning import Settings, parse_bytes, plan
+from peftkit.planning.estimate import plan_method
+from peftkit.planning.meta_model import infer_task
+from peftkit.planning.sizes import nf4_weight_bytes, safetensors_file_bytes
+from peftkit.tasks import TASKS
+from peftkit.training.config import TrainConfig
+from peftkit.training.methods import METHOD_BUILDERS, adapter_config_for, prepare_base
+from tests.tiny_models import TINY_MODELS
+
+FAMILIES = ("bert", "gpt2", "llama", "t5")
+
+
+def _real(family: str, method: str, task: str, tmp_path):
+    """The method applied by peftkit train's path to the real tiny model: (trainable, adapter params, file)."""
+    from peftkit import get_peft_model
+
+    model = TINY_MODELS[family].build().train()
+    config = TrainConfig(method=method)
+    prepare_base(config, model)
+    peft = get_peft_model(model, adapter_config_for(config, TASKS[task].head_modules(model)))
+    peft.save_pretrained(tmp_path)
+    count = peft.trainable_parameters()
+    return count.trainable, count.adapter, os.path.getsize(tmp_path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_counts_and_file_sizes_are_exact(family, tmp_path):
+    config = TINY_MODELS[family].build_model().config
+    task = infer_task(config)
+    settings = Settings(batch_size=2, max_length=8, num_labels=getattr(config, "num_labels", 2))
+    checked = 0
+    for method in METHOD_BUILDERS:
+        predicted = plan_method(config, task, method, settings, simulate=False)
+        if not predicted.applicable:  # e.g. BitFit on a model without biases: peftkit refuses it too
+            with pytest.raises(ValueError):
+                _real(family, method, task, tmp_path / method)
+            continue
+        trainable, adapter, file_bytes = _real(family, method, task, tmp_path / method)
+        assert (predicted.trainable, predicted.adapter_parameters, predicted.adapter_file_bytes) == (
+            trainable,
+            adapter,
+            file_bytes,
+        ), method
+        checked += 1
+    assert checked >= 9
+
+
+def test_safetensors_size_matches_the_writer_with_mixed_dtypes(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {
+        "b": torch.zeros(3, 5, dtype=torch.bfloat16),
+        "a": torch.zeros(7, dtype=torch.float32),
+        "c.weight": torch.zeros(2, 2, 2, dtype=torch.int64),
+        "d": torch.zeros(1, dtype=torch.uint8),
+    }
+    metadata = {"format": "pt", "note": "x" * 13}
+    save_file(tensors, tmp_path / "t.safetensors", metadata=metadata)
+    meta = {k: v.to("meta") for k, v in tensors.items()}
+    assert safetensors_file_bytes(meta, metadata) == os.path.getsize(tmp_path / "t.safetensors")
+
+
+@pytest.mark.parametrize("shape", [(32, 48), (96, 64), (256, 300)])
+def test_nf4_bytes_equal_a_real_quantized_layer(shape):
+    from peftkit.quantization import QuantizationConfig, quantize_linear
+
+    layer = quantize_linear(torch.nn.Linear(shape[1], shape[0]), QuantizationConfig())
+    state = layer.weight.quant_state
+    held = [layer.weight, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+    assert nf4_weight_bytes(shape[0] * shape[1]) == sum(t.numel() * t.element_size() for t in held)
+
+
+def test_deep_models_are_extrapolated_exactly():
+    """A 12-layer model traced at 4 and 6 layers gives the trace of all 12 layers, for every kind of method."""
+    from peftkit.planning import estimate
+
+    config = TINY_MODELS["llama"].build_model().config
+    config.num_hidden_layers = 12
+    settings = Settings(batch_size=2, max_length=8)
+    for method in ("lora", "layer_tuning", "prompt_tuning"):
+        for checkpointing in (False, True):
+            direct = estimate._trace_method(config, "causal-lm", method, settings, checkpointing)
+            extrapolated = estimate._layer_extrapolated(config, "causal-lm", method, settings, checkpointing)
+            assert extrapolated == direct, (method, checkpointing)
+
+
+def test_tracer_counts_what_autograd_keeps():
+    """y = x * w keeps x and w for the backward; z = y.sum() keeps nothing but its input's shape."""
+    from peftkit.planning.trace import LiveBytes
+
+    x = torch.empty(1000, device="meta", requires_grad=True)  # 4000 bytes
+    with LiveBytes() as tracker:
+        y = x * 2.0  # 4000 bytes, not saved by sum, x not needed (scalar multiplier)
+        z = y.sum()  # 4 bytes
+        del y
+        assert tracker.live == 4
+        z.backward()
+    assert tracker.peak >= 4004 and x.grad is not None
+
+
+def _llama_70b(tmp_path):
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_a_70b_config_plans_without_weights(tmp_path):
+    table = plan(model=str(_llama_70b(tmp_path)), methods=("lora",), batch_size=1, max_length=16)
+    h, i, layers, vocab, kv = 8192, 28672, 80, 128256, 1024
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    assert table.base_parameters == 2 * vocab * h + layers * per_layer + h  # 70.55B, counted independently
+    lora = table.row("lora")
+    r = 8  # peftkit train's default rank, on every linear layer but the head
+    assert lora.trainable == layers * r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + i))
+    assert lora.adapter_file_bytes > 4 * lora.trainable  # fp32 tensors plus the header
+    rotary = 2 * (h // 64 // 2) * 4  # inv_freq and original_inv_freq buffers: head_dim / 2 fp32 each
+    assert lora.memory.base == 4 * table.base_parameters + rotary  # fp32 weights, as stored
+
+
+def test_recommendation_follows_the_constraints(tmp_path):
+    config = TINY_MODELS["bert"].build_model().config
+    config.save_pretrained(tmp_path)
+    prompts = ("lora", "prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2")
+    small = {"batch_size": 2, "max_length": 8}
+    tagging = plan(model=str(tmp_path), task="token-classification", methods=prompts, **small)
+    assert tagging.recommendation.method == "lora"
+    for method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+        assert "tagging" in tagging.recommendation.ruled_out[method]
+    assert "tagging" not in tagging.recommendation.ruled_out["p_tuning_v2"]
+    chosen = ("lora", "bottleneck", "prompt_tuning", "p_tuning_v2", "full")
+    fast = plan(model=str(tmp_path), zero_latency=True, tasks=3, methods=chosen, **small)
+    for method in ("bottleneck", "prompt_tuning", "p_tuning_v2"):
+        assert "latency" in fast.recommendation.ruled_out[method]
+    assert "copy of the model" in fast.recommendation.ruled_out["full"]
+    starved = plan(model=str(tmp_path), memory=1024, methods=("lora", "full"), **small)
+    assert starved.recommendation.method is None
+    assert all("more than" in why for why in starved.recommendation.ruled_out.values())
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("1.5 GB") == 1_500_000_000
+    assert parse_bytes("512") == 512
+    with pytest.raises(ValueError, match="memory must be"):
+        parse_bytes("lots")
+
+
+def test_cli_json_chart_and_errors(tmp_path, capsys):
+    from peftkit.cli.main import main
+
+    config = TINY_MODELS["gpt2"].build_model().config
+    config.save_pretrained(tmp_path / "model")
+    chart = tmp_path / "plan.png"
+    args = ["plan", "--model", str(tmp_path / "model"), "--methods", "lora", "prompt_tuning"]
+    assert main([*args, "--batch-size", "2", "--max-length", "8", "--json", "--chart", str(chart)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(out[: out.rindex("}") + 1])
+    assert [m["method"] for m in data["methods"]] == ["lora", "prompt_tuning"]
+    assert data["task"] == "causal-lm" and data["methods"][0]["memory"]["logits"] > 0
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    assert main([*args, "--memory", "plenty"]) == 2
+    assert "memory must be" in capsys.readouterr().err
+    assert main(["plan", "--model", str(tmp_path / "nowhere")]) == 2
