@@ -46,14 +46,15 @@ def parse_bytes(text: str) -> int:
 def plan(settings: Settings | None = None, **fields) -> Plan:
     """Predict every method (default: all that ``peftkit train`` knows) for ``settings`` (or its fields as
     keyword arguments). Raises ConfigError for an unknown model, task, method, device or dtype."""
+    import peftkit.training.config  # noqa: F401  (declares every method peftkit train knows)
+    from peftkit.method_spec import METHOD_SPECS
     from peftkit.planning import meta_model
     from peftkit.planning.advice import recommend
     from peftkit.planning.estimate import plan_method
-    from peftkit.training.methods import METHOD_BUILDERS
 
     settings = settings or Settings(**fields)
-    methods = settings.methods or tuple(METHOD_BUILDERS)
-    _validate(settings, methods, METHOD_BUILDERS)
+    methods = settings.methods or tuple(METHOD_SPECS)
+    _validate(settings, methods, METHOD_SPECS)
     config = meta_model.load_config(settings.model)
     task = settings.task or meta_model.infer_task(config)
     settings = dataclasses.replace(settings, task=task, methods=tuple(methods))

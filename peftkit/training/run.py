@@ -7,8 +7,9 @@ saves the adapter, evaluates on the test split, plots the curves and returns the
 :func:`load_run` gives a finished run's model back for ``peftkit eval`` / ``predict`` / ``generate`` and the
 lab's latency measurement. Where the files go is :class:`~peftkit.training.layout.RunFolder`'s business.
 
-Two extension points: ``TrainingRun.loss`` (batch -> scalar loss; a fused linear cross-entropy replaces it)
-and ``TrainingRun.sampler`` (step -> row indices; a length-grouped sampler replaces it, see
+Two extension points, set in ``prepare``: ``TrainingRun.loss`` (micro-batch -> scalar loss; a fused linear
+cross-entropy replaces :meth:`TrainingRun.model_loss`) and ``TrainingRun.sampler`` (step -> row indices; a
+length-grouped :class:`~peftkit.data.batching.StepOrder` replaces the seeded one, see
 :mod:`peftkit.training.batches`).
 """
 
@@ -133,6 +134,8 @@ class TrainingRun:
             self._restore_curves()
             self.say(f"resuming from {self.checkpoint} at step {self.progress.step}")
         self.trained = DistributedDataParallel(self.model) if dist.world_size > 1 else self.model
+        # the two places a run's efficiency plugs in: which rows each step takes, and batch -> scalar loss
+        self.loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] = self.model_loss
 
     def _restore_curves(self) -> None:
         """The steps before the checkpoint, from the log (a killed run may have logged a few more)."""
@@ -142,8 +145,8 @@ class TrainingRun:
         self.step_seconds = [e.get("seconds", 0.0) for e in done]
         self.loss_curve = [(e["step"], e["loss"]) for e in done]
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The scalar training loss of one micro-batch, as the model computes it."""
+    def model_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar training loss of one micro-batch as the model computes it (the default ``loss``)."""
         return self.trained(**batch).loss
 
     def fit(self) -> None:
