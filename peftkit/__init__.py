@@ -1,6 +1,15 @@
 """peftkit: parameter-efficient fine-tuning of transformer models."""
 
 from peftkit.accounting import ParameterCount
+from peftkit.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from peftkit.checkpoint import CheckpointError
 from peftkit.config import AdapterConfig, ConfigError
 from peftkit.layer import BASE_ROW
@@ -18,9 +27,11 @@ from peftkit.quantization import (
     QuantizationConfig,
     dequantize_model,
     prepare_for_kbit_training,
+    prepare_model_for_kbit_training,
     quantize_model,
     storage_report,
 )
+from peftkit.task_type import TaskType
 
 __version__ = "0.1.0"
 
@@ -28,6 +39,13 @@ __all__ = [
     "BASE_ROW",
     "AdapterConfig",
     "AdapterError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BitFitConfig",
     "BottleneckConfig",
     "CheckpointError",
@@ -44,11 +62,13 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "QuantizationConfig",
+    "TaskType",
     "dequantize_model",
     "get_peft_model",
     "get_qlora_model",
     "paged_adamw_8bit",
     "prepare_for_kbit_training",
+    "prepare_model_for_kbit_training",
     "quantize_model",
     "storage_report",
 ]

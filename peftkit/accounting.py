@@ -45,8 +45,8 @@ def count_parameters(base_model: nn.Module, adapter_tensors: Mapping[str, torch.
     """What trains, what the base holds and what the adapter stores.
 
     ``base_model`` is the model with its adapter layers in place (``PeftModel.base_model``);
-    ``adapter_tensors`` are the active adapter's tensors as saved (``PeftModel.adapter_state_dict``; empty
-    for no adapter). Tied weights count once; a 4-bit weight counts the values it stands for. Counts are in
+    ``adapter_tensors`` are the active adapters' tensors as saved (``PeftModel.adapter_state_dict`` of each;
+    empty for none). Tied weights count once; a 4-bit weight counts the values it stands for. Counts are in
     parameters (elements), ``adapter_bytes`` in bytes at the tensors' own dtypes."""
     added = added_parameter_ids(base_model)  # trained base biases stay part of the base model
     unique = {id(p): p for p in base_model.parameters()}  # tied weights counted once

@@ -40,16 +40,28 @@ def config_text(config: dict[str, Any]) -> str:
 
 
 def write_adapter(
-    directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    directory: str | os.PathLike,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    safe_serialization: bool = True,
 ) -> Path:
-    """Write one adapter's config and tensors into ``directory`` atomically; returns the weights path."""
+    """Write one adapter's config and tensors into ``directory`` atomically; returns the weights path.
+
+    ``safe_serialization=False`` writes ``adapter_model.bin`` (``torch.save`` of plain tensors, which
+    ``torch.load(weights_only=True)`` reads back) instead of safetensors, as HF PEFT's option of that name.
+    The other format's file, left by an earlier save, is removed: it would be read instead of this one."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = config_text(config)
     metadata = {"format": "pt", CONFIG_HASH_KEY: hashlib.sha256(text.encode()).hexdigest()}
     plain = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
-    weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, lambda path: save_file(plain, path, metadata=metadata))
+    if safe_serialization:
+        weights, stale = directory / WEIGHTS_NAME, directory / LEGACY_WEIGHTS_NAME
+        _atomic_write(weights, lambda path: save_file(plain, path, metadata=metadata))
+    else:
+        weights, stale = directory / LEGACY_WEIGHTS_NAME, directory / WEIGHTS_NAME
+        _atomic_write(weights, lambda path: torch.save(plain, path))
+    stale.unlink(missing_ok=True)
     _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
     return weights
 

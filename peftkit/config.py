@@ -8,11 +8,18 @@ Every method's config is a frozen dataclass that subclasses :class:`AdapterConfi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+from peftkit.task_type import task_type_value
+
 CONFIG_REGISTRY: dict[str, type[AdapterConfig]] = {}
+
+# An alias of a config field: the field it stands for (None: accepted, checked and dropped, as for an option
+# peftkit decides by itself) and how its value translates (None: as is).
+Alias = tuple[str | None, Callable[[Any], Any] | None]
 
 
 class ConfigError(ValueError):
@@ -20,9 +27,47 @@ class ConfigError(ValueError):
 
 
 def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
-    """Class decorator: make a config loadable by its ``method`` name."""
+    """Class decorator (above ``@dataclass``): make a config loadable by its ``method`` name, and accept the
+    Hugging Face PEFT spellings listed in its ``aliases`` (and ``task_type``) as keyword arguments."""
     CONFIG_REGISTRY[cls.method] = cls
+    fields_init = cls.__init__
+
+    @functools.wraps(fields_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        fields_init(self, *args, **_resolve_aliases(cls, kwargs))
+
+    cls.__init__ = __init__
     return cls
+
+
+def _resolve_aliases(cls: type[AdapterConfig], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments with every alias replaced by its field; both spellings at once is an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    aliases = dict(cls.aliases)
+    if "task_type" not in fields:  # HF PEFT's configs all take it; peftkit reads the task from the model
+        aliases["task_type"] = (None, _checked_task_type)
+    resolved = {}
+    for name, value in kwargs.items():
+        if name not in aliases or name in fields:
+            resolved[name] = value
+            continue
+        field, translate = aliases[name]
+        value = translate(value) if translate is not None else value
+        if field is None:
+            continue
+        if field in kwargs:
+            raise ConfigError(
+                f"`{name}` is Hugging Face PEFT's name for `{field}`: give one of them, not both"
+            )
+        resolved[field] = value
+    return resolved
+
+
+def _checked_task_type(value: Any) -> str | None:
+    try:
+        return task_type_value(value)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +75,8 @@ class AdapterConfig:
     """Base of every method's config. Subclasses set ``method`` and add their own fields."""
 
     method: ClassVar[str] = ""
+    # Hugging Face PEFT spellings accepted as keyword arguments: alias -> (field or None, translation)
+    aliases: ClassVar[dict[str, Alias]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         data = {"method": self.method}

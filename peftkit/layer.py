@@ -17,6 +17,34 @@ from torch import nn
 from peftkit.module_paths import replace_module
 
 BASE_ROW = "__base__"  # in a mixed batch, a row that runs through the base model alone (as in HF PEFT)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(requested: str | torch.dtype | None, base: nn.Module) -> torch.dtype:
+    """The dtype of a new adapter's trainable tensors on the base layer ``base``: every method asks here.
+
+    ``requested`` (a config's ``adapter_dtype``: a name such as ``"bfloat16"`` or a torch dtype) wins.
+    Otherwise float32 when the base weight is half precision (fp16 / bf16) or quantized (integer codes,
+    e.g. bitsandbytes 4-bit), and the base weight's own dtype when it is float32 or float64.
+
+    Why float32: an AdamW step of lr 1e-4 is below half a unit in the last place of most bf16 values (8
+    significant bits), so a bf16 adapter rounds most of its updates away; fp16 gradients cannot be unscaled
+    by ``torch.amp.GradScaler``. Hugging Face PEFT does the same since its PR #1706 (``autocast_adapter_dtype``).
+    The base layer's output keeps its dtype: the update is computed in the adapter's dtype and the sum
+    rounded once to the output's dtype.
+    """
+    if requested is not None:
+        return getattr(torch, requested) if isinstance(requested, str) else requested
+    weight = getattr(innermost(base), "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dtype in HALF_DTYPES:
+        return torch.float32
+    if hasattr(weight, "quant_state"):  # bitsandbytes 4-bit codes stored in a float dtype (quant_storage)
+        return torch.float32
+    return weight.dtype
+
+
+class AdapterError(ValueError):
+    """An adapter operation that cannot be carried out as asked (unknown name, merged state, ...)."""
 
 
 @dataclass(frozen=True)
@@ -48,36 +76,111 @@ class Routing:
 class AdapterLayer(nn.Module):
     """Base of every module that carries named adapters around one wrapped base module.
 
-    State kept here, the same for every method: the active adapter (``None`` when adapters are disabled),
-    the adapters merged into the base weights, and the routing of a mixed batch while one runs.
+    State kept here, the same for every method: the active adapters (none when adapters are disabled; several
+    only for layers with ``combines_adapters``), the adapters merged into the base weights, the base tensors
+    as they were before merging (see :meth:`put_merged`), and the routing of a mixed batch while one runs.
     """
+
+    # Whether several adapters of this layer can be active at once, their effects combined (LoRA: the updates
+    # add up, as in HF PEFT). A layer that leaves this False is only ever given one active adapter.
+    combines_adapters = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.active_adapter: str | None = None
+        self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
         self.routing: Routing | None = None
+        # (id(owner), attribute) -> (owner, attribute, the parameter before the first merge): see put_merged
+        self._unmerged: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor]] = {}
+        self.keeps_unmerged = True  # False while merging only to unload: nothing to restore afterwards
 
-    # --- what each method implements ---------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str | None:
+        """The active adapter this layer runs (``None`` when adapters are off). When several are active, the
+        first that this layer has: a layer without ``combines_adapters`` is never given two of its own."""
+        active = self.active_adapters
+        if len(active) <= 1:
+            return active[0] if active else None
+        present = self.adapter_names()
+        return next((name for name in active if name in present), active[0])
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        self.active_adapters = () if name is None else (name,)
+
+    # --- per-adapter bookkeeping, written once from the holders a layer class declares ----------------------
+    # `adapter_holders`: attributes (nn.ModuleDict / nn.ParameterDict keyed by adapter name) whose entries are an
+    # adapter's trained tensors; the first one says which adapters the layer has. `adapter_settings`: plain
+    # dicts keyed by adapter name (scalings, flags). `base_layer_name`: the attribute holding the wrapped module.
+    # (Hugging Face PEFT's `adapter_layer_names` / `other_param_names`.)
+    adapter_holders: tuple[str, ...] = ()
+    adapter_settings: tuple[str, ...] = ()
+    base_layer_name = "base_layer"
+
     def base(self) -> nn.Module:
         """The wrapped module, untouched by adapters that are not merged."""
-        raise NotImplementedError
+        return getattr(self, self.base_layer_name)
 
     def adapter_names(self) -> list[str]:
-        raise NotImplementedError
+        return list(getattr(self, self.adapter_holders[0]).keys())
 
     def delete_adapter(self, name: str) -> None:
-        raise NotImplementedError
+        for attribute in self.adapter_holders + self.adapter_settings:
+            holder = getattr(self, attribute)
+            if name in holder:
+                del holder[name]
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        raise NotImplementedError
+        for _, entry in self._entries(name):
+            if isinstance(entry, nn.Parameter):
+                yield entry
+            else:
+                yield from entry.parameters()
+
+    def checkpoint_key(self, attribute: str, entry: nn.Module | nn.Parameter) -> str:
+        """The key prefix of a holder's tensors in a checkpoint: the holder's name (HF PEFT's layout, e.g.
+        ``lora_A.weight``); ``""`` puts the entry's own keys at the top."""
+        return attribute
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors, keyed relative to this module in the Hugging Face PEFT layout."""
-        raise NotImplementedError
+        tensors = {}
+        for attribute, entry in self._entries(name):
+            key = self.checkpoint_key(attribute, entry)
+            if isinstance(entry, nn.Parameter):
+                tensors[key] = entry
+            else:
+                for inner, tensor in entry.state_dict(keep_vars=True).items():
+                    tensors[f"{key}.{inner}" if key else inner] = tensor
+        return tensors
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Copy ``tensors`` (keys as :meth:`adapter_state_dict` gives them) into the adapter, in place.
+
+        Raises ``ValueError`` naming missing and unexpected keys (nothing is copied then) or a shape mismatch.
+        """
+        own = self.adapter_state_dict(name)
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter {name!r} of {type(self).__name__}: missing {missing}, unexpected {unexpected}"
+            )
+        wrong = [
+            f"{k}: {tuple(tensors[k].shape)} for {tuple(v.shape)}"
+            for k, v in own.items()
+            if v.shape != tensors[k].shape
+        ]
+        if wrong:
+            raise ValueError(f"adapter {name!r} of {type(self).__name__}: shape mismatch {wrong}")
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(tensors[key])
+
+    def _entries(self, name: str) -> Iterator[tuple[str, nn.Module | nn.Parameter]]:
+        for attribute in self.adapter_holders:
+            holder = getattr(self, attribute)
+            if name in holder:
+                yield attribute, holder[name]
 
     def merge(self, name: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
@@ -87,9 +190,40 @@ class AdapterLayer(nn.Module):
 
     def unloaded(self, merge: bool) -> nn.Module:
         """The module that replaces this wrapper when adapters are removed from the model."""
-        if merge and self.active_adapter is not None and self.active_adapter in self.adapter_names():
-            self.merge(self.active_adapter)
+        if merge:
+            self.keeps_unmerged = False
+            for name in self.active_adapters:
+                if name in self.adapter_names():
+                    self.merge(name)
         return self.base()
+
+    # --- merging that can be undone exactly (shared by every method that merges) ---------------------------
+    def put_merged(self, owner: nn.Module, attribute: str, value: torch.Tensor) -> None:
+        """Make ``value`` (a merged tensor) ``owner.<attribute>``, as a new frozen parameter of the old dtype.
+
+        The old tensor is never written into: a tied tensor (GPT-2's ``lm_head`` shares ``wte``'s weight)
+        keeps its value for the other modules that use it, so a merged model computes what the unmerged one
+        did. Before the first merge the old parameter is kept (unless ``keeps_unmerged`` is False), and
+        :meth:`restore_unmerged` puts it back: unmerging then restores the exact original bits, which
+        subtracting the update again cannot do in a rounding dtype (in bf16 it changes about a quarter of the
+        weights). Memory: one copy of each merged tensor while merged.
+        """
+        old = getattr(owner, attribute)
+        key = (id(owner), attribute)
+        if self.keeps_unmerged and key not in self._unmerged:
+            self._unmerged[key] = (owner, attribute, old)
+        merged = nn.Parameter(value.to(device=old.device, dtype=old.dtype), requires_grad=old.requires_grad)
+        setattr(owner, attribute, merged)
+
+    def restore_unmerged(self) -> bool:
+        """Put back every tensor :meth:`put_merged` replaced, bit for bit; False when none was kept (the
+        caller then undoes its merge by computation)."""
+        if not self._unmerged:
+            return False
+        for owner, attribute, old in self._unmerged.values():
+            setattr(owner, attribute, old)
+        self._unmerged.clear()
+        return True
 
     # --- shared behaviour --------------------------------------------------------------------------------
     # Model code reads its layers' tensors directly (T5 checks `self.wo.weight.dtype`, tied embeddings share
@@ -101,6 +235,10 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base(), "bias", None)
+
+    def running_adapters(self) -> tuple[str, ...]:
+        """The active adapters that add their update in the forward pass (present here, not merged)."""
+        return tuple(name for name in self.active_adapters if self.runs(name))
 
     def runs(self, name: str | None) -> bool:
         """Whether adapter ``name`` adds its update in the forward pass (it exists here and is not merged)."""

@@ -25,25 +25,23 @@ from torch import nn
 
 from peftkit import accounting, checkpoint
 from peftkit.config import AdapterConfig, ConfigError
-from peftkit.layer import BASE_ROW, AdapterLayer, Routing
+from peftkit.layer import BASE_ROW, AdapterError, AdapterLayer, Routing
 from peftkit.methods import method_for_config, method_for_file
 from peftkit.module_paths import replace_module
 from peftkit.modules_to_save import ModulesToSave
 from peftkit.parameter_bank import ParameterBank
+from peftkit.peft_surface import HfPeftSurface
 from peftkit.targeting import name_matches
+from peftkit.task_type import TASK_HEADS, file_task_type, with_task_heads
 
 
-class AdapterError(ValueError):
-    """An adapter operation that cannot be carried out as asked (unknown name, merged state, ...)."""
-
-
-class PeftModel(nn.Module):
+class PeftModel(HfPeftSurface, nn.Module):
     def __init__(self, model: nn.Module, config: AdapterConfig | None, adapter_name: str = "default") -> None:
         """Wrap ``model`` (frozen) and, given a ``config``, add adapter ``adapter_name`` and make it active."""
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
-        self.active_adapter: str | None = None
+        self._active: tuple[str, ...] = ()  # the active adapters (several: their effects combine)
         self._targets: dict[str, list[str]] = {}  # adapter -> wrapped module paths
         self._inference_only: set[str] = set()  # adapters loaded with is_trainable=False
         self._bank = ParameterBank()
@@ -77,11 +75,24 @@ class PeftModel(nn.Module):
 
     def _prepared(self, hook: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments as the active adapter's method wants them (most methods: unchanged)."""
-        name = self.active_adapter
-        if name is None or not self._adapters_enabled:
+        if len(self._active) != 1 or not self._adapters_enabled:  # several: only methods without hooks
             return kwargs
+        name = self._active[0]
         prepare = getattr(method_for_config(self.peft_config[name]), hook)
         return kwargs if prepare is None else prepare(self.base_model, name, kwargs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the active adapters (HF PEFT's spelling; several after ``set_adapter([...])``)."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str] | None:
+        """The active adapter's name; the list of names when several are active (as in HF PEFT); ``None``
+        when there is none."""
+        if len(self._active) > 1:
+            return list(self._active)
+        return self._active[0] if self._active else None
 
     @property
     def config(self) -> Any:
@@ -97,6 +108,7 @@ class PeftModel(nn.Module):
             raise AdapterError(
                 f"adapter {name!r} builds on {missing}, which this model does not have; add them first"
             )
+        config = with_task_heads(config, self.base_model)  # HF PEFT's meaning of a classification task_type
         method = method_for_config(config)
         saved_paths = self._resolve_modules_to_save(config)
         self._targets[name] = method.inject(self.base_model, name, config)
@@ -115,25 +127,37 @@ class PeftModel(nn.Module):
         ]
         self._bank.add(self.base_model, name, in_place)
         self.train(self.training)  # new adapter modules (dropout) take the model's current mode
-        self._apply_active(self.active_adapter)
+        self._apply_active(self._active)
 
-    def set_adapter(self, name: str) -> None:
-        self._check_exists(name)
+    def set_adapter(self, name: str | Sequence[str]) -> None:
+        """Make adapter ``name`` active, or several at once (a list): their effects then combine, as in HF
+        PEFT (LoRA: the updates add up), and all of them train.
+
+        Several adapters are refused with :class:`AdapterError` where they cannot combine: two of them on one
+        layer whose method does not combine (only LoRA does; a ``modules_to_save`` copy is one module),
+        adapters that train base parameters in place or rewrite the model's inputs (prompt methods)."""
+        names = (name,) if isinstance(name, str) else tuple(name)
+        if not names or len(set(names)) != len(names):
+            raise AdapterError(f"set_adapter needs an adapter name or a list of distinct names, got {name!r}")
+        for each in names:
+            self._check_exists(each)
         self._check_not_merged("set_adapter")
-        self.active_adapter = name
-        self._apply_active(name)
+        if len(names) > 1:
+            self._check_combinable(names)
+        self._active = names
+        self._apply_active(names)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside the block the model is the base model exactly (adapters off, base values restored)."""
         self._check_not_merged("disable_adapter")
-        self._apply_active(None)
+        self._apply_active(())
         self._adapters_enabled = False
         try:
             yield
         finally:
             self._adapters_enabled = True
-            self._apply_active(self.active_adapter)
+            self._apply_active(self._active)
 
     def delete_adapter(self, name: str) -> None:
         self._check_exists(name)
@@ -150,24 +174,33 @@ class PeftModel(nn.Module):
         self._bank.delete(name)
         del self.peft_config[name], self._targets[name]
         self._inference_only.discard(name)
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.peft_config), None)
-        self._apply_active(self.active_adapter)
+        if name in self._active:
+            rest = tuple(n for n in self._active if n != name)
+            self._active = rest or tuple(list(self.peft_config)[:1])
+        self._apply_active(self._active)
 
     def merge_adapter(self) -> None:
-        """Fold the active adapter into the base weights: inference then costs what the base model costs."""
-        name = self._require_active()
-        layers = [layer for _, layer in self.adapter_layers() if name in layer.adapter_names()]
-        unmergeable = {type(layer).__name__ for layer in layers if type(layer).merge is AdapterLayer.merge}
-        if unmergeable - {"ModulesToSave"}:
-            raise AdapterError(
-                f"adapter {name!r} ({self.peft_config[name].method}) cannot be merged: its layers "
-                f"{sorted(unmergeable - {'ModulesToSave'})} add a non-linear function of their input, which no "
-                "change of the base weights reproduces; run it unmerged"
-            )
-        for layer in layers:
-            if not isinstance(layer, ModulesToSave):
-                layer.merge(name)
+        """Fold the active adapters into the base weights: inference then costs what the base model costs.
+
+        Every merged tensor is a new one (the original is never written into, so a weight tied to another
+        module, like GPT-2's output head and input embedding, keeps its value there) and the original is kept:
+        :meth:`unmerge_adapter` restores it bit for bit, in any dtype. Memory: one copy of each merged
+        weight while merged."""
+        for name in self._require_active():
+            layers = [layer for _, layer in self.adapter_layers() if name in layer.adapter_names()]
+            unmergeable = {
+                type(layer).__name__ for layer in layers if type(layer).merge is AdapterLayer.merge
+            }
+            if unmergeable - {"ModulesToSave"}:
+                raise AdapterError(
+                    f"adapter {name!r} ({self.peft_config[name].method}) cannot be merged: its layers "
+                    f"{sorted(unmergeable - {'ModulesToSave'})} add a non-linear function of their input, which "
+                    "no change of the base weights reproduces; run it unmerged"
+                )
+        for name in self._active:
+            for _, layer in self.adapter_layers():
+                if name in layer.adapter_names() and not isinstance(layer, ModulesToSave):
+                    layer.merge(name)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
@@ -175,10 +208,19 @@ class PeftModel(nn.Module):
                 layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """The plain base model with the active adapter folded into its weights (and its trained heads)."""
+        """The plain base model with the active adapters folded into its weights (and its trained heads).
+
+        A weight the adapter changes that was tied to another one (an output head sharing the input
+        embedding) is untied, so the model computes what the adapted one did, and the transformers config
+        says so (``tie_word_embeddings=False``), so that saving and loading the merged model keeps it untied."""
         self._require_active()
+        tied = _tied_parameter_groups(self.base_model)
+        for _, layer in self.adapter_layers():
+            layer.keeps_unmerged = False  # nothing is unmerged afterwards: keep no copies
         self.merge_adapter()
-        return self._unload(merge=True)
+        model = self._unload(merge=True)
+        _record_untied(model, tied)
+        return model
 
     def unload(self) -> nn.Module:
         """The plain base model without any adapter, as it was before ``get_peft_model``."""
@@ -186,21 +228,80 @@ class PeftModel(nn.Module):
         self._bank.activate(None)
         return self._unload(merge=False)
 
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        **options: Any,
+    ) -> None:
+        """A new LoRA adapter ``adapter_name`` from a weighted combination of LoRA ``adapters``, as HF PEFT's
+        (``combination_type`` ``svd``, ``linear`` or ``cat``; ``svd_rank``, ``svd_clamp``,
+        ``svd_full_matrices``, ``svd_driver``): see :mod:`peftkit.methods.lora.weighted`."""
+        from peftkit.methods.lora.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **options)
+
     # --- checkpoints -----------------------------------------------------------------------------------
     def save_pretrained(
-        self, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
+        self,
+        directory: str | os.PathLike,
+        adapter_names: Sequence[str] | None = None,
+        *,
+        selected_adapters: Sequence[str] | None = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write each adapter (default: all) in the HF PEFT layout: ``default`` into ``directory`` itself,
-        any other adapter into ``directory/<name>``. Only adapter tensors are written, never base weights."""
-        names = list(self.peft_config) if adapter_names is None else list(adapter_names)
+        any other adapter into ``directory/<name>``. Only adapter tensors are written, never base weights.
+
+        ``adapter_config.json`` carries ``task_type`` (the config's, or what the model's class is for) and
+        ``base_model_name_or_path``, so HF PEFT's ``AutoPeftModelFor...`` and :mod:`peftkit.auto` load it.
+        HF PEFT's keywords: ``selected_adapters`` (= ``adapter_names``), ``safe_serialization=False`` (an
+        ``adapter_model.bin``), ``is_main_process=False`` (write nothing: another process saves),
+        ``state_dict`` (this model's ``state_dict()`` as gathered elsewhere, e.g. under FSDP: the adapter's
+        tensors are taken from it instead of from the live parameters)."""
+        if adapter_names is not None and selected_adapters is not None:
+            raise AdapterError("give `adapter_names` or HF PEFT's `selected_adapters`, not both")
+        chosen = adapter_names if adapter_names is not None else selected_adapters
+        names = list(self.peft_config) if chosen is None else list(chosen)
         for name in names:
             self._check_exists(name)
+        if not is_main_process:
+            return
         for name in names:
             method = method_for_config(self.peft_config[name])
             config = method.to_file(self.peft_config[name], self._targets[name], self.base_model)
             config["base_model_name_or_path"] = getattr(self.config, "_name_or_path", None) or None
+            if "task_type" in config and config["task_type"] is None:
+                config["task_type"] = file_task_type(self.base_model, config.get("modules_to_save"))
+            tensors = self.adapter_state_dict(name)
+            if state_dict is not None:
+                tensors = self._tensors_from(state_dict, tensors)
             target = Path(directory) if name == "default" else Path(directory) / name
-            checkpoint.write_adapter(target, config, self.adapter_state_dict(name))
+            checkpoint.write_adapter(target, config, tensors, safe_serialization=safe_serialization)
+
+    def _tensors_from(
+        self, state_dict: dict[str, torch.Tensor], live: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The adapter tensors ``live`` (checkpoint key -> live tensor) read from ``state_dict``, which holds
+        them under this model's own ``state_dict()`` keys (or already under the checkpoint keys)."""
+        own_keys = {id(t): k for k, t in self.state_dict(keep_vars=True).items()}
+        tensors = {}
+        for key, tensor in live.items():
+            own = own_keys.get(id(tensor))
+            if own is None and key not in state_dict:  # a value kept aside, not a tensor of the model
+                tensors[key] = tensor
+                continue
+            source = key if key in state_dict else own
+            if source not in state_dict:
+                raise checkpoint.CheckpointError(
+                    f"`state_dict` lacks the adapter tensor {own or key!r}; pass this model's state_dict()"
+                )
+            tensors[key] = state_dict[source]
+        return tensors
 
     def load_adapter(
         self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
@@ -222,7 +323,7 @@ class PeftModel(nn.Module):
             raise
         if not is_trainable:
             self._inference_only.add(adapter_name)
-        self._apply_active(self.active_adapter)
+        self._apply_active(self._active)
 
     @classmethod
     def from_pretrained(
@@ -253,7 +354,7 @@ class PeftModel(nn.Module):
 
     # --- accounting ------------------------------------------------------------------------------------
     def trainable_parameters(self) -> accounting.ParameterCount:
-        tensors = self.adapter_state_dict(self.active_adapter) if self.active_adapter else {}
+        tensors = {k: t for name in self.active_adapters for k, t in self.adapter_state_dict(name).items()}
         return accounting.count_parameters(self.base_model, tensors)
 
     def print_trainable_parameters(self) -> None:
@@ -282,18 +383,44 @@ class PeftModel(nn.Module):
                 copies.append(path)
         return found
 
-    def _apply_active(self, name: str | None) -> None:
-        """Route every layer to adapter ``name`` (None: base model) and make exactly its parameters train."""
+    def _apply_active(self, names: tuple[str, ...]) -> None:
+        """Route every layer to the adapters ``names`` (none: the base model) and make exactly the parameters
+        of the active adapters train (those loaded for inference stay frozen)."""
         for _, layer in self.adapter_layers():
-            layer.active_adapter = name
-        self._bank.activate(name)
-        active = self.active_adapter
-        training = set()
-        if active is not None and active not in self._inference_only:
-            training = {id(p) for p in self.adapter_parameters(active)}
+            layer.active_adapters = names
+        self._bank.activate(names[0] if names else None)  # several active ones have no bank values
+        training = {
+            id(p)
+            for name in self._active
+            if name not in self._inference_only
+            for p in self.adapter_parameters(name)
+        }
         for adapter in self.peft_config:  # a parameter two adapters share trains when either is active
             for parameter in self.adapter_parameters(adapter):
                 parameter.requires_grad_(id(parameter) in training)
+
+    def _check_combinable(self, names: tuple[str, ...]) -> None:
+        """Refuse, naming the reason, a set of adapters that cannot be active together."""
+        for name in names:
+            method = method_for_config(self.peft_config[name])
+            if method.prepare_inputs is not None or method.prepare_generation is not None:
+                raise AdapterError(
+                    f"adapter {name!r} ({method.name}) changes the model's inputs and cannot be active together "
+                    f"with other adapters; activate it alone. Several adapters combine for LoRA."
+                )
+            if self._bank.parameters_of(name):
+                raise AdapterError(
+                    f"adapter {name!r} trains base-model parameters in place (e.g. biases), which several active "
+                    "adapters cannot share; activate it alone"
+                )
+        for path, layer in self.adapter_layers():
+            present = [n for n in names if n in layer.adapter_names()]
+            if len(present) > 1 and not layer.combines_adapters:
+                raise AdapterError(
+                    f"adapters {present} both act on {path} ({type(layer).__name__}), which cannot combine two "
+                    "adapters (only LoRA layers add their updates; a modules_to_save copy is one module); "
+                    "activate them one at a time"
+                )
 
     def _load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         for path, layer in self.adapter_layers():
@@ -332,7 +459,7 @@ class PeftModel(nn.Module):
         for parameter_name, parameter in self.base_model.named_parameters():
             parameter.requires_grad_(self._original_requires_grad.get(parameter_name, True))
         self.peft_config.clear()
-        self.active_adapter = None
+        self._active = ()
         return self.base_model
 
     def _resolve_modules_to_save(self, config: AdapterConfig) -> list[str]:
@@ -348,7 +475,8 @@ class PeftModel(nn.Module):
             and not any(p.startswith(q + ".") for q, _ in layers)
             and (isinstance(m, ModulesToSave) or not isinstance(m, AdapterLayer))
         ]
-        missing = [n for n in names if not any(name_matches(p, [n]) for p in paths)]
+        optional = TASK_HEADS.get(getattr(config, "task_type", None), ())  # HF PEFT lists every head name
+        missing = [n for n in names if n not in optional and not any(name_matches(p, [n]) for p in paths)]
         if missing:
             raise ConfigError(
                 f"`modules_to_save` entries {missing} match no module of {type(self.base_model).__name__}"
@@ -391,10 +519,10 @@ class PeftModel(nn.Module):
                 f"no adapter named {name!r}; adapters on this model: {sorted(self.peft_config)}"
             )
 
-    def _require_active(self) -> str:
-        if self.active_adapter is None:
+    def _require_active(self) -> tuple[str, ...]:
+        if not self._active:
             raise AdapterError("no active adapter; add one and call set_adapter(name)")
-        return self.active_adapter
+        return self._active
 
     def _check_not_merged(self, action: str) -> None:
         merged = sorted({n for _, layer in self.adapter_layers() for n in layer.merged_adapters})
@@ -402,6 +530,30 @@ class PeftModel(nn.Module):
             raise AdapterError(
                 f"{action} needs unmerged adapters, but {merged} is merged; call unmerge_adapter() first"
             )
+
+
+def _tied_parameter_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the parameters that share one tensor, one list per shared tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _record_untied(model: nn.Module, tied: list[list[str]]) -> None:
+    """After merging, a weight tied before may hold its own merged tensor: say so in every transformers config
+    of the model, or transformers would tie it again when the merged model is saved and loaded."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    untied = [g for g in tied if len({id(parameters.get(n)) for n in g}) > 1]
+    if not untied:
+        return
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+        text = getattr(config, "get_text_config", None)
+        if callable(text) and getattr(text(), "tie_word_embeddings", False):
+            text().tie_word_embeddings = False
 
 
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
@@ -413,6 +565,10 @@ def _check_new_name(name: str, existing: dict[str, AdapterConfig]) -> None:
     if not isinstance(name, str) or not name or "." in name or name == BASE_ROW:
         raise AdapterError(
             f"adapter name must be a non-empty string without '.' and other than {BASE_ROW!r}, got {name!r}"
+        )
+    if hasattr(nn.ParameterDict(), name):  # adapters are keys of module dicts: `half`, `train`, ... clash
+        raise AdapterError(
+            f"adapter name {name!r} is the name of a torch module attribute; pick another name"
         )
     if name in existing:
         raise AdapterError(

@@ -8,7 +8,6 @@ stays untouched for the base model and for ``unload()``. Checkpoint keys drop th
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -17,33 +16,23 @@ from peftkit.layer import AdapterLayer
 
 
 class ModulesToSave(AdapterLayer):
+    """A module trained in full: one trained copy per adapter (``modules_to_save[name]``) beside the original."""
+
+    adapter_holders = ("modules_to_save",)
+    base_layer_name = "original_module"
+
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
 
-    def base(self) -> nn.Module:
-        return self.original_module
-
-    def adapter_names(self) -> list[str]:
-        return list(self.modules_to_save.keys())
+    def checkpoint_key(self, attribute: str, entry: nn.Module) -> str:
+        return ""  # the copy's own keys: weight, bias
 
     def add_adapter(self, name: str) -> None:
         trained = copy.deepcopy(self.original_module)
         trained.requires_grad_(True)
         self.modules_to_save[name] = trained
-
-    def delete_adapter(self, name: str) -> None:
-        del self.modules_to_save[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.modules_to_save[name].parameters()
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return dict(self.modules_to_save[name].state_dict(keep_vars=True))
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        self.modules_to_save[name].load_state_dict(tensors, strict=True)
 
     def unloaded(self, merge: bool) -> nn.Module:
         """Merging a fully trained copy means keeping it in place of the original."""

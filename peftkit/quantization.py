@@ -9,7 +9,11 @@ parameter. Compute de-quantizes on the fly to the compute dtype.
 The kernels are bitsandbytes' (``bnb.nn.Linear4bit``, ``quant_type="nf4"``, ``compress_statistics=True``),
 which run on CPU and CUDA; a model loaded by transformers with ``BitsAndBytesConfig(load_in_4bit=True, ...)``
 holds the same layers and works with everything here. The output head and the embeddings stay in full
-precision (``"all-linear"`` leaves the head out; embeddings are not linear layers).
+precision (``"all-linear"`` leaves the head out; embeddings are not linear layers), and so do the modules a
+transformers model keeps in float32 (``_keep_in_fp32_modules``: T5's ``wo``, whose forward casts its input
+to the weight's dtype). As in transformers' own bitsandbytes integration, ``Conv1D`` layers (GPT-2) are
+quantized with their weight transposed to the (out, in) layout, and so are subclasses of ``nn.Linear`` that
+compute a plain linear map (Falcon's ``FalconLinear``).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from peftkit.config import ConfigError, as_name_tuple, check_choice
 from peftkit.layer import AdapterLayer
-from peftkit.targeting import output_head_names, select_modules
+from peftkit.targeting import name_matches, output_head_names, select_modules
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -91,14 +97,18 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 # --- one layer -------------------------------------------------------------------------------------------
-def quantize_linear(linear: nn.Linear, config: QuantizationConfig) -> nn.Module:
-    """A ``bnb.nn.Linear4bit`` holding ``linear``'s weight in 4 bit (on the weight's device) and its bias as
-    is. De-quantizing gives the weight back in its original dtype."""
+def quantize_linear(linear: nn.Linear | Conv1D, config: QuantizationConfig) -> nn.Module:
+    """A ``bnb.nn.Linear4bit`` holding ``linear``'s weight (out, in) in 4 bit (on the weight's device) and its
+    bias as is; a ``Conv1D`` weight (in, out) is transposed first. De-quantizing gives the (out, in) weight
+    back in its original dtype."""
     bnb = _bnb()
     weight = linear.weight.detach()
+    if isinstance(linear, Conv1D):
+        weight = weight.T.contiguous()
+    out_features, in_features = weight.shape
     layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
+        in_features,
+        out_features,
         bias=linear.bias is not None,
         compute_dtype=config.torch_compute_dtype,
         compress_statistics=config.double_quant,
@@ -106,6 +116,7 @@ def quantize_linear(linear: nn.Linear, config: QuantizationConfig) -> nn.Module:
         device="meta",  # no full-precision copy is allocated: the weight arrives quantized below
     )
     _set_quantized_weight(layer, weight, blocksize=config.blocksize)
+    layer.source_cls = type(linear)  # as transformers' integration records it
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
     layer.train(linear.training)
@@ -165,12 +176,16 @@ def _set_quantized_weight(layer: nn.Module, weight: torch.Tensor, **settings) ->
 
 # --- a whole model ---------------------------------------------------------------------------------------
 def quantize_model(model: nn.Module, config: QuantizationConfig | None = None) -> list[str]:
-    """Replace the targeted ``nn.Linear`` layers of ``model`` in place by 4-bit ones; returns their paths.
+    """Replace the targeted linear layers of ``model`` in place by 4-bit ones; returns their paths.
 
-    The output head is never quantized (it is excluded even when named), nor are layers already 4-bit or
-    wrapped by an adapter. Quantizing a layer frees its full-precision weight once nothing else holds it."""
+    Quantized: ``nn.Linear``, transformers' ``Conv1D`` (transposed) and subclasses of ``nn.Linear`` whose
+    forward computes ``x W^T + b`` (checked on a probe input). Never quantized, even when named: the output
+    head, the modules the model keeps in float32 (:func:`kept_in_fp32`), layers already 4-bit or wrapped by
+    an adapter. Quantizing a layer frees its full-precision weight once nothing else holds it.
+
+    Raises :class:`ConfigError` when the targets leave no layer to quantize."""
     config = config or QuantizationConfig()
-    head = output_head_names(model)
+    kept = output_head_names(model) | kept_in_fp32(model)
     targets = select_modules(
         model,
         target_modules=config.target_modules,
@@ -178,22 +193,58 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | None = None) -
         supported=lambda m: True,
         supported_text="nn.Linear",
     )
-    targets = [
-        path
-        for path in targets
-        if path not in head
-        and type(model.get_submodule(path)) is nn.Linear  # not Conv1D, not already 4-bit, not a wrapper
-    ]
+    targets = [path for path in targets if path not in kept and _quantizable(model.get_submodule(path))]
     if not targets:
         raise ConfigError(
-            f"`target_modules`={config.target_modules!r} selects no full-precision nn.Linear layer "
-            f"(other than the output head) to quantize in {type(model).__name__}"
+            f"`target_modules`={config.target_modules!r} selects no full-precision linear layer to quantize in "
+            f"{type(model).__name__} (the output head and the modules it keeps in float32 stay unquantized: "
+            f"{sorted(kept - {''})[:10]})"
         )
     for path in targets:
         parent, _, child = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, quantize_linear(getattr(owner, child), config))
     return targets
+
+
+def kept_in_fp32(model: nn.Module) -> set[str]:
+    """Paths of the modules a transformers model keeps in float32 (``_keep_in_fp32_modules`` and
+    ``_keep_in_fp32_modules_strict`` of each of its pretrained submodels; T5's ``wo``). transformers'
+    bitsandbytes integration never quantizes them either; a 4-bit T5 ``wo`` makes the model cast its
+    activations to the 4-bit storage type (garbage forward, training fails)."""
+    kept: set[str] = set()
+    for prefix, module in model.named_modules():
+        names = [
+            *(getattr(module, "_keep_in_fp32_modules", None) or ()),
+            *(getattr(module, "_keep_in_fp32_modules_strict", None) or ()),
+        ]
+        if not names:
+            continue
+        for path, _ in module.named_modules():
+            if path and name_matches(path, names):
+                kept.add(f"{prefix}.{path}" if prefix else path)
+    return kept
+
+
+def _quantizable(module: nn.Module) -> bool:
+    """A full-precision layer whose computation a 4-bit ``Linear4bit`` reproduces: ``nn.Linear``, ``Conv1D``,
+    or an ``nn.Linear`` subclass that computes ``x W^T + b`` (Falcon's), checked on one probe row so that a
+    subclass computing something else stays unquantized. Not: 4-bit layers, adapter wrappers, other types."""
+    if isinstance(module, AdapterLayer) or is_quantized_linear(module):
+        return False
+    if type(module) in (nn.Linear, Conv1D):
+        return True
+    if not isinstance(module, nn.Linear) or module.weight.is_meta:
+        return False
+    if type(module).forward is nn.Linear.forward:
+        return True
+    weight = module.weight
+    probe = torch.randn(
+        2, module.in_features, generator=torch.Generator().manual_seed(0), dtype=torch.float32
+    ).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        got, expected = module(probe), F.linear(probe, weight, module.bias)
+    return got.shape == expected.shape and torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-4)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
@@ -285,4 +336,24 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
                 "gradient_checkpointing_enable()"
             )
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict | None = None,
+) -> nn.Module:
+    """Hugging Face PEFT's name and defaults for :func:`prepare_for_kbit_training`: checkpointing is on
+    unless ``use_gradient_checkpointing=False`` (non-reentrant unless ``gradient_checkpointing_kwargs`` say
+    otherwise)."""
+    prepare_for_kbit_training(model)
+    if use_gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ConfigError(
+                f"`use_gradient_checkpointing`=True needs a transformers model; {type(model).__name__} has no "
+                "gradient_checkpointing_enable(); pass use_gradient_checkpointing=False"
+            )
+        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
     return model

@@ -112,10 +112,10 @@ def select_modules(
         for n in modules
         if n and not any(n.startswith(w + ".") and not n.startswith(f"{w}.base_layer.") for w in wrappers)
     ]
-    saved = set(modules_to_save or ())
-    in_saved = {
-        n for n in names if any(n == s or n.startswith(s + ".") or n.endswith("." + s) for s in saved)
-    }
+    # A module trained in full (`modules_to_save`) and everything inside it is never an adapter target: its
+    # trained copy replaces it, so an adapter there would never get a gradient (HF PEFT's rule and pattern).
+    saved = [re.compile(rf"(^|.*\.){re.escape(s)}($|\..*)") for s in modules_to_save or ()]
+    in_saved = {n for n in names if any(pattern.match(n) for pattern in saved)}
 
     if target_modules == ALL_LINEAR:
         excluded = output_head_names(model) | in_saved
@@ -135,6 +135,14 @@ def select_modules(
             f"Module names in this model: {_sample(_leaf_names(names))}"
         )
 
+    if in_saved and target_modules != ALL_LINEAR:
+        candidates = [n for n in candidates if n not in in_saved]
+        if not candidates:
+            raise ConfigError(
+                f"`target_modules`={target_modules!r} selects only modules inside `modules_to_save`="
+                f"{list(modules_to_save)}, which are trained in full; target other modules, or leave them out "
+                "of `modules_to_save`"
+            )
     if exclude_modules is not None:
         candidates = [n for n in candidates if not name_matches(n, exclude_modules)]
     if layers_to_transform is not None:

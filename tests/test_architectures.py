@@ -275,3 +275,33 @@ def test_ia3_files_with_explicit_targets_load_in_hf_peft_with_equal_logits(
     theirs = peft.PeftModel.from_pretrained(tiny.build(), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(theirs(**tiny.batch()).logits, expected)
+
+
+def test_gemma3_multimodal_defaults_adapt_the_language_model_not_the_vision_tower():
+    text = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        head_dim=8,
+        vocab_size=300,
+    )
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    for adapter in (
+        LoraConfig(r=2),
+        IA3Config(),
+        BottleneckConfig(placement="parallel"),
+        LayerTuningConfig(),
+    ):
+        model = get_peft_model(transformers.Gemma3ForConditionalGeneration(config), adapter)
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trained and all(".language_model.layers." in n for n in trained), type(adapter).__name__

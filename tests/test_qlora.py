@@ -133,7 +133,7 @@ def test_quantize_model_keeps_head_and_embeddings_full_precision_and_is_configur
     assert type(model.model.embed_tokens) is nn.Embedding
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
     assert is_quantized_linear(model.model.layers[0].mlp.up_proj)
-    with pytest.raises(ConfigError, match="no full-precision nn\\.Linear"):
+    with pytest.raises(ConfigError, match="no full-precision linear layer"):
         quantize_model(model, QuantizationConfig(target_modules=["lm_head"]))  # the head stays full
 
 
@@ -258,10 +258,8 @@ def test_preparation_puts_norms_in_fp32_and_enables_input_gradients():
     embedded = model.get_input_embeddings()(LLAMA.batch()["input_ids"])
     assert embedded.requires_grad
     peft_model = get_qlora_model(model, LoraConfig(r=2, target_modules="all-linear"))
-    assert (
-        peft_model.base_model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype
-        == torch.bfloat16
-    )
+    # adapters on a 4-bit base train in float32 (as in HF PEFT), whatever the compute dtype
+    assert {p.dtype for p in peft_model.adapter_parameters("default")} == {torch.float32}
 
 
 def test_already_quantized_model_is_used_as_is_and_a_second_quantization_refused():

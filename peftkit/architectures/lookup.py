@@ -104,7 +104,9 @@ def block_lists(model: nn.Module) -> list[str]:
     remedy = "name it with `block_lists` (the dotted path of each nn.ModuleList of transformer blocks)"
     own = TABLE.get(_model_type(model))
     if own is not None and own.blocks is None:
-        raise ConfigError(f"{own.note}; {remedy} to train them anyway")
+        raise ConfigError(
+            f"no list of repeated blocks found in {type(model).__name__}: {own.note}; {remedy} to train them anyway"
+        )
     modules = dict(model.named_modules())
     if own is not None:
         pattern = re.compile(own.pattern("blocks"))

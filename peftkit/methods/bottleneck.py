@@ -21,7 +21,6 @@ adapter adds a non-linearity; it cannot be folded into the weights, and ``merge_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -138,6 +137,8 @@ class BottleneckLayer(AdapterLayer):
     which reads its members from the same ``adapters``. The layer itself knows no composition.
     """
 
+    adapter_holders = ("adapters",)
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -146,6 +147,9 @@ class BottleneckLayer(AdapterLayer):
         self.adapters = nn.ModuleDict()
         self._captured: torch.Tensor | None = None  # ... the sub-layer's, captured from its first layer
         self._hook = None
+
+    def checkpoint_key(self, attribute: str, entry: nn.Module) -> str:
+        return entry.file_prefix  # adapter.down.weight, fusion.query.weight, ...
 
     def read_input_of(self, module: nn.Module) -> None:
         """Parallel adapters here read ``module``'s input (the sub-layer's) instead of this module's."""
@@ -156,37 +160,16 @@ class BottleneckLayer(AdapterLayer):
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured = args[0] if args else next(iter(kwargs.values()))
 
-    def base(self) -> nn.Module:
-        return self.base_layer
-
     def unloaded(self, merge: bool) -> nn.Module:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         return super().unloaded(merge)
 
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters.keys())
-
     def add_adapter(self, name: str, config: BottleneckConfig) -> None:
         reads = self.source_features if config.placement == "parallel" else self.out_features
         like = next(self.base_layer.parameters())
         self.adapters[name] = Bottleneck(reads, self.out_features, config, like=like)
-
-    def delete_adapter(self, name: str) -> None:
-        del self.adapters[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.adapters[name].parameters()
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        module = self.adapters[name]
-        return {f"{module.file_prefix}.{k}": v for k, v in module.state_dict(keep_vars=True).items()}
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        module = self.adapters[name]
-        start = len(module.file_prefix) + 1
-        module.load_state_dict({k[start:]: v for k, v in tensors.items()}, strict=True)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)

@@ -12,7 +12,6 @@ between the two libraries.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -113,6 +112,9 @@ class IA3Linear(AdapterLayer):
     """Rescales a linear / ``Conv1D`` layer's output (``l`` shaped (out, 1)) or, for a feed-forward layer,
     its input (``l`` shaped (1, in)), per named adapter. A mixed batch gathers one vector per row."""
 
+    adapter_holders = ("ia3_l",)
+    adapter_settings = ("feedforward",)
+
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -122,12 +124,6 @@ class IA3Linear(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
 
-    def base(self) -> nn.Module:
-        return self.base_layer
-
-    def adapter_names(self) -> list[str]:
-        return list(self.ia3_l.keys())
-
     def add_adapter(self, name: str, config: IA3Config, feedforward: bool) -> None:
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         vector = self.base_layer.weight.new_ones(shape)
@@ -135,19 +131,6 @@ class IA3Linear(AdapterLayer):
             vector += 0.1 * torch.randn_like(vector)
         self.ia3_l[name] = nn.Parameter(vector)
         self.feedforward[name] = feedforward
-
-    def delete_adapter(self, name: str) -> None:
-        del self.ia3_l[name], self.feedforward[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield self.ia3_l[name]
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return {"ia3_l": self.ia3_l[name]}
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.ia3_l[name].copy_(tensors["ia3_l"])
 
     def _fold(self, name: str, inverse: bool) -> None:
         vector = self.ia3_l[name].detach().flatten()

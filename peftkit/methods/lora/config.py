@@ -15,6 +15,7 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
+from peftkit.task_type import TASK_TYPES, task_type_value
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian", "random")
@@ -22,6 +23,24 @@ ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16")
 
 # peftkit `init` <-> HF PEFT `init_lora_weights`
 _INIT_TO_HF: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "random": False}
+
+
+def _init_from_hf(value: Any) -> str:
+    for init, hf in _INIT_TO_HF.items():
+        if value is hf or (isinstance(value, str) and value == hf):
+            return init
+    raise ConfigError(
+        f"`init_lora_weights`={value!r} is not supported by peftkit; supported: True (A Kaiming-uniform, B zero), "
+        "'gaussian', False (both random)"
+    )
+
+
+def _fan_in_fan_out(value: Any) -> None:
+    """peftkit reads the weight layout from the layer type (``Conv1D`` is stored transposed), which is what
+    HF PEFT ends up doing too (it corrects a wrong setting with a warning): the value is checked and dropped."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"`fan_in_fan_out` must be true or false, got {value!r}")
+
 
 # HF PEFT fields that change what a LoRA adapter computes. peftkit does not implement them, so an adapter
 # that sets them is refused rather than loaded with the option silently ignored. Value: the neutral setting.
@@ -66,9 +85,21 @@ class LoraConfig(AdapterConfig):
             ``bfloat16`` or ``float16``; ``None`` follows the base layer (its weight's dtype, or for a 4-bit
             quantized layer its compute dtype). Not written to ``adapter_config.json`` (HF PEFT has no such
             field): a loaded adapter takes the default of the model it is loaded onto.
+        task_type: HF PEFT's :class:`~peftkit.TaskType` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), written to
+            ``adapter_config.json``; ``None``: the saved file says what the model's class is for.
+
+    Hugging Face PEFT's spellings are accepted as aliases: ``lora_alpha`` (``alpha``), ``lora_dropout``
+    (``dropout``), ``init_lora_weights`` (``init``: True, ``"gaussian"``, False) and ``fan_in_fan_out``
+    (accepted and ignored: the layout is read from the layer type).
     """
 
     method: ClassVar[str] = "lora"
+    aliases: ClassVar[dict[str, Any]] = {
+        "lora_alpha": ("alpha", None),
+        "lora_dropout": ("dropout", None),
+        "init_lora_weights": ("init", _init_from_hf),
+        "fan_in_fan_out": (None, _fan_in_fan_out),
+    }
 
     r: int = 8
     alpha: float = 8
@@ -82,6 +113,7 @@ class LoraConfig(AdapterConfig):
     modules_to_save: tuple[str, ...] | None = None
     init: str = "default"
     adapter_dtype: str | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("r", self.r)
@@ -106,6 +138,8 @@ class LoraConfig(AdapterConfig):
         check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"`use_rslora` must be true or false, got {self.use_rslora!r}")
+        check_choice("task_type", getattr(self.task_type, "value", self.task_type), (*TASK_TYPES, None))
+        self._set("task_type", task_type_value(self.task_type))  # a TaskType is kept as its string value
 
     @property
     def scaling(self) -> float:
@@ -120,7 +154,7 @@ class LoraConfig(AdapterConfig):
             targets = sorted(resolved_targets)
         return {
             "peft_type": "LORA",
-            "task_type": None,
+            "task_type": self.task_type,
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
@@ -162,6 +196,7 @@ class LoraConfig(AdapterConfig):
             use_rslora=data.get("use_rslora", False),
             modules_to_save=data.get("modules_to_save"),
             init=init or "default",
+            task_type=data.get("task_type"),
         )
 
 

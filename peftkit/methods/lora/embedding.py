@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.layer import AdapterLayer
+from peftkit.layer import AdapterLayer, adapter_dtype
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.init import EMBEDDING_INITIALISERS, initialise
 from peftkit.methods.lora.stacking import padded_stack
@@ -20,8 +20,10 @@ class LoraEmbedding(AdapterLayer):
     ``A`` is ``lora_embedding_A[name]`` (r x vocab), looked up by token like an embedding table; ``B`` is
     ``lora_embedding_B[name]`` (dim x r). ``ΔE = s · (B A)ᵀ`` (vocab x dim) merges into the table. Names and
     shapes follow HF PEFT so that checkpoints move between the two. Dropout is not applied: the input is a
-    token id, not a vector (HF PEFT does the same).
+    token id, not a vector (HF PEFT does the same). Several active adapters add their updates.
     """
+
+    combines_adapters = True
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__()
@@ -30,6 +32,7 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
+        self.configured_scaling: dict[str, float] = {}  # the config's s, which set_scale() multiplies
 
     def base(self) -> nn.Module:
         return self.base_layer
@@ -39,14 +42,14 @@ class LoraEmbedding(AdapterLayer):
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         weight = self.base_layer.weight
-        dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else weight.dtype
+        dtype = adapter_dtype(config.adapter_dtype, self.base_layer)
         self.lora_embedding_A[name] = nn.Parameter(
             weight.new_empty(config.r, self.num_embeddings, dtype=dtype)
         )
         self.lora_embedding_B[name] = nn.Parameter(
             weight.new_empty(self.embedding_dim, config.r, dtype=dtype)
         )
-        self.scaling[name] = config.scaling
+        self.scaling[name] = self.configured_scaling[name] = config.scaling
         initialise(
             EMBEDDING_INITIALISERS,
             self.lora_embedding_A[name],
@@ -58,7 +61,11 @@ class LoraEmbedding(AdapterLayer):
     def delete_adapter(self, name: str) -> None:
         del self.lora_embedding_A[name]
         del self.lora_embedding_B[name]
-        del self.scaling[name]
+        del self.scaling[name], self.configured_scaling[name]
+
+    def set_scale(self, name: str, factor: float) -> None:
+        """Adapter ``name``'s update scaled by ``factor`` times the configured ``s`` (HF PEFT's set_scale)."""
+        self.scaling[name] = factor * self.configured_scaling[name]
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         yield self.lora_embedding_A[name]
@@ -80,13 +87,20 @@ class LoraEmbedding(AdapterLayer):
         return self.scaling[name] * (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T
 
     def merge(self, name: str) -> None:
+        """``E0 + ΔE`` rounded once to the table's dtype, as a new tensor: a table tied to the output head
+        keeps its value there (the unmerged adapter changes only the lookup), and unmerging is exact."""
         if name in self.merged_adapters:
             return
         with torch.no_grad():
-            self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
+            weight = self.base_layer.weight
+            total = torch.promote_types(weight.dtype, torch.float32)
+            self.put_merged(self.base_layer, "weight", weight.to(total) + self.delta_weight(name).to(total))
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        if self.restore_unmerged():
+            self.merged_adapters.clear()
+            return
         with torch.no_grad():
             while self.merged_adapters:
                 self.base_layer.weight -= self.delta_weight(self.merged_adapters.pop()).to(
@@ -109,12 +123,18 @@ class LoraEmbedding(AdapterLayer):
         result = self.base_layer(tokens)
         if self.routing is not None:
             return self._mixed_forward(tokens, result)
-        name = self.active_adapter
-        if not self.runs(name):
-            return result
-        after_A = self._lookup(tokens, self.lora_embedding_A[name].T)  # (..., r)
-        update = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
-        return result + update.to(result.dtype)
+        out_dtype = result.dtype
+        for name in self.running_adapters():
+            after_A = self._lookup(tokens, self.lora_embedding_A[name].T)  # (..., r)
+            update = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
+            result = result + self._scaled(update)
+        return result.to(out_dtype)
+
+    def _scaled(self, update: torch.Tensor) -> torch.Tensor:
+        """Embeddings that scale their lookup (Gemma's ``embed_scale``, sqrt(dim)) scale the update alike, so
+        the unmerged adapter equals the merged table ``E0 + ΔE`` (the base forward then scales both)."""
+        embed_scale = getattr(self.base_layer, "embed_scale", None)
+        return update if embed_scale is None else update * embed_scale.to(update.dtype)
 
     def _mixed_forward(self, tokens: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         routing = self.routing
@@ -137,4 +157,4 @@ class LoraEmbedding(AdapterLayer):
         flat = tokens.reshape(tokens.shape[0], -1)  # (batch, tokens)
         after_A = stack_A.transpose(1, 2)[rows[:, None], flat]  # (batch, tokens, r_max)
         update = torch.bmm(after_A, stack_B[rows].transpose(1, 2))  # (batch, tokens, dim)
-        return result + update.reshape(result.shape).to(result.dtype)
+        return (result + self._scaled(update.reshape(result.shape))).to(result.dtype)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.layer import AdapterLayer, innermost
+from peftkit.layer import AdapterLayer, adapter_dtype, innermost
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.fused import fused_lora_linear
 from peftkit.methods.lora.init import LINEAR_INITIALISERS, initialise
@@ -33,7 +33,11 @@ class LoraLinear(AdapterLayer):
     In a mixed batch (``self.routing`` set) row ``b`` uses adapter ``names[index[b]]``: the A and B matrices
     of the batch's adapters are stacked (zero-padded to the largest rank, which adds exact zeros) and
     gathered per row, so the whole batch is two batched matmuls instead of a loop over sub-batches.
+
+    Several active adapters (``set_adapter(["a", "b"])``) add their updates: ``h = W0 x + b + Σ_i s_i B_i A_i x``.
     """
+
+    combines_adapters = True
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__()
@@ -49,6 +53,7 @@ class LoraLinear(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.configured_scaling: dict[str, float] = {}  # the config's s, which set_scale() multiplies
         self.adds_in_place = (
             True  # the update goes into the base output's own memory (see _add_scaled_product)
         )
@@ -59,17 +64,13 @@ class LoraLinear(AdapterLayer):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
-    def default_adapter_dtype(self) -> torch.dtype:
-        """The adapters' dtype when the config does not choose one: the base weight's."""
-        return self.base_layer.weight.dtype
-
     def add_adapter(self, name: str, config: LoraConfig) -> None:
-        dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else self.default_adapter_dtype()
+        dtype = adapter_dtype(config.adapter_dtype, self.base_layer)
         factory = {"device": self.base_layer.weight.device, "dtype": dtype}
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scaling[name] = config.scaling
+        self.scaling[name] = self.configured_scaling[name] = config.scaling
         initialise(
             LINEAR_INITIALISERS, self.lora_A[name].weight, self.lora_B[name].weight, config.init, config.r
         )
@@ -77,7 +78,11 @@ class LoraLinear(AdapterLayer):
     def delete_adapter(self, name: str) -> None:
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
-        del self.scaling[name]
+        del self.scaling[name], self.configured_scaling[name]
+
+    def set_scale(self, name: str, factor: float) -> None:
+        """Adapter ``name``'s update scaled by ``factor`` times the configured ``s`` (HF PEFT's set_scale)."""
+        self.scaling[name] = factor * self.configured_scaling[name]
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         yield self.lora_A[name].weight
@@ -97,23 +102,30 @@ class LoraLinear(AdapterLayer):
         return delta.T if self.transposed else delta
 
     def merge(self, name: str) -> None:
+        """``W0 + ΔW`` summed in (at least) float32 and rounded once to the weight's dtype; the original weight
+        is kept for an exact :meth:`unmerge` and never written into (it may be tied to another module)."""
         if name in self.merged_adapters:
             return
+        plain = innermost(self.base_layer)
         with torch.no_grad():
-            weight = self.base_layer.weight
-            weight += self.delta_weight(name).to(weight.dtype)
+            weight = plain.weight
+            total = torch.promote_types(weight.dtype, torch.float32)
+            self.put_merged(plain, "weight", weight.to(total) + self.delta_weight(name).to(total))
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        if self.restore_unmerged():
+            self.merged_adapters.clear()
+            return
+        plain = innermost(self.base_layer)  # merged without keeping the original: subtract (rounds)
         with torch.no_grad():
-            weight = self.base_layer.weight
             while self.merged_adapters:
-                weight -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
+                plain.weight -= self.delta_weight(self.merged_adapters.pop()).to(plain.weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self.active_adapter
-        if self.routing is None and not args and not kwargs and self._fusable(name, x):
-            base = self.base_layer
+        running = self.running_adapters() if self.routing is None else ()
+        if len(running) == 1 and not args and not kwargs and self._fusable(running[0], x):
+            name, base = running[0], self.base_layer
             return fused_lora_linear(
                 x,
                 self.lora_dropout[name](x),
@@ -127,13 +139,14 @@ class LoraLinear(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
             return self._mixed_forward(x, result)
-        if name is None or name not in self.lora_A or name in self.merged_adapters:  # the hot path: no list
-            return result
-        weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
-        if x.dtype != weight_A.dtype:
-            x = x.to(weight_A.dtype)
-        hidden = F.linear(self.lora_dropout[name](x), weight_A)  # (..., r)
-        return _add_scaled_product(result, hidden, weight_B.T, self.scaling[name], self.adds_in_place)
+        out_dtype = result.dtype
+        for name in running:  # several active adapters: their updates add up (as in HF PEFT)
+            weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
+            x_adapter = x.to(weight_A.dtype) if x.dtype != weight_A.dtype else x
+            hidden = F.linear(self.lora_dropout[name](x_adapter), weight_A)  # (..., r)
+            in_place = self.adds_in_place and len(running) == 1
+            result = _add_scaled_product(result, hidden, weight_B.T, self.scaling[name], in_place)
+        return result if result.dtype == out_dtype else result.to(out_dtype)
 
     def _fusable(self, name: str | None, x: torch.Tensor) -> bool:
         """Whether one adapter runs on a frozen plain base in a way :func:`fused_lora_linear` computes exactly:
@@ -162,7 +175,7 @@ class LoraLinear(AdapterLayer):
         hidden = torch.bmm(xb, stack_A[rows].transpose(1, 2))  # (batch, tokens, r_max)
         batched = result.reshape(x.shape[0], -1, self.out_features)  # (batch, tokens, out)
         update = _add_scaled_product(batched, hidden, stack_B[rows].transpose(1, 2), 1.0, self.adds_in_place)
-        return update.reshape(result.shape)
+        return update.reshape(result.shape).to(result.dtype)
 
     def _stacks(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The batch's adapters stacked for gathering, rebuilt only when an adapter changed (parameters'
@@ -202,6 +215,9 @@ def _add_scaled_product(
     autograd and saves a temporary and two passes over the (tokens x out) output: that is most of the cost
     of an unmerged adapter beyond its two thin matmuls. ``in_place=False`` where the base output may be a view
     that a custom autograd node returned, which autograd forbids modifying in place.
+
+    Out of place, the sum is in the promoted dtype (a bf16 output plus a float32 update is float32) and the
+    caller rounds it once to the output's dtype, as HF PEFT does.
     """
     if in_place and result.dtype == hidden.dtype == right.dtype and result.is_contiguous():
         if right.dim() == 2:  # (..., r) @ (r, out)
@@ -210,4 +226,4 @@ def _add_scaled_product(
             result.baddbmm_(hidden, right, alpha=scale)
         return result
     product = hidden @ right if right.dim() == 3 else F.linear(hidden, right.T)
-    return result + (product * scale).to(result.dtype)
+    return result + product * scale

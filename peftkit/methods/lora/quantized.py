@@ -20,8 +20,8 @@ class LoraLinear4bit(LoraLinear):
     """``h = dequant(W_nf4) x + b + s · B A dropout(x)`` (Dettmers et al. 2023, eq. 5).
 
     The base weight stays 4-bit and frozen; bitsandbytes de-quantizes it to its compute dtype for the
-    matmul. ``A`` and ``B`` live in the config's ``adapter_dtype``, by default the layer's compute dtype, and
-    the update is computed in that dtype.
+    matmul. ``A`` and ``B`` live in the config's ``adapter_dtype``, by default float32
+    (:func:`peftkit.layer.adapter_dtype`), and the update is computed in that dtype.
 
     Merging cannot add ``ΔW`` to 4-bit codes exactly, so:
 
@@ -39,11 +39,6 @@ class LoraLinear4bit(LoraLinear):
         # bitsandbytes' 4-bit matmul returns a view made inside its autograd node (3-D inputs with a bias),
         # which autograd refuses to see modified in place
         self.adds_in_place = False
-
-    def default_adapter_dtype(self) -> torch.dtype:
-        layer = innermost(self.base_layer)
-        compute = getattr(layer, "compute_dtype", None)
-        return compute if compute is not None else dequantize_weight(layer).dtype
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
@@ -70,8 +65,8 @@ class LoraLinear4bit(LoraLinear):
 
     def unloaded(self, merge: bool) -> nn.Module:
         names = list(self.merged_adapters)
-        if merge and self.runs(self.active_adapter):
-            names.append(self.active_adapter)
+        if merge:
+            names += self.running_adapters()
         self.unmerge()
         if not merge or not names:
             return self.base()

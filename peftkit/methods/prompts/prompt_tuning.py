@@ -26,7 +26,6 @@ on an encoder-decoder the prompts extend the encoder input.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -123,6 +122,8 @@ class PromptEmbedding(AdapterLayer):
     over the prompts; :func:`prepare_inputs` arms it for exactly one forward pass.
     """
 
+    adapter_holders = ("prompt_embeddings",)
+
     def __init__(self, base_layer: nn.Module, model: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -130,12 +131,6 @@ class PromptEmbedding(AdapterLayer):
         self.ensemble_pending: int | None = None  # k, armed by prepare_inputs for the next model forward
         layer = weakref.ref(self)
         self._hook = model.register_forward_hook(lambda m, a, out: _average_ensemble(layer(), m, out))
-
-    def base(self) -> nn.Module:
-        return self.base_layer
-
-    def adapter_names(self) -> list[str]:
-        return list(self.prompt_embeddings.keys())
 
     def add_adapter(self, name: str, config: PromptTuningConfig) -> None:
         weight = self.base_layer.weight  # (vocab, d)
@@ -153,19 +148,6 @@ class PromptEmbedding(AdapterLayer):
                 ids = ids[None]
             prompts = weight.detach()[ids.to(weight.device)].clone()  # (k, n, d)
         self.prompt_embeddings[name] = nn.Parameter(prompts)
-
-    def delete_adapter(self, name: str) -> None:
-        del self.prompt_embeddings[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield self.prompt_embeddings[name]
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.prompt_embeddings[name]}
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.prompt_embeddings[name].copy_(tensors["prompt_embeddings"])
 
     def unloaded(self, merge: bool) -> nn.Module:
         self._hook.remove()

@@ -22,7 +22,7 @@ is repeated ``k`` times, prompt-major (rows ``i*B .. (i+1)*B - 1`` carry prompt 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,23 +145,12 @@ class EncodersAtInputEmbedding(AdapterLayer):
     forward. Subclasses name their ``method`` (for messages) and build, save and load their encoders."""
 
     method: str
+    adapter_holders = ("encoders",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.encoders = nn.ModuleDict()
-
-    def base(self) -> nn.Module:
-        return self.base_layer
-
-    def adapter_names(self) -> list[str]:
-        return list(self.encoders.keys())
-
-    def delete_adapter(self, name: str) -> None:
-        del self.encoders[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.encoders[name].parameters()
 
     def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         refuse_mixed_batch(self, self.encoders, self.method)
