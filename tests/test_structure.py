@@ -161,3 +161,29 @@ def test_public_functions_of_the_outer_ring_have_docstrings():
                 continue
             missing.append(f"{relative}:{node.lineno} {node.name}")
     assert not missing, f"public functions without a docstring: {missing}"
+
+
+def test_only_the_run_folder_spells_a_runs_file_names():
+    names = {"config.yaml", "labels.json", "metrics.jsonl", "curves.png", "checkpoint", "checkpoint.previous"}
+    names |= {
+        "trainer_state.pt",
+        "result.json",
+        "lab_result.json",
+        "worker.log",
+    }  # ("adapter": a common word)
+    spelled = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "training" / "layout.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) and ast.get_docstring(node)
+        }
+        spelled += [
+            f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings
+        ]
+    assert not spelled, f"a run's file names outside peftkit/training/layout.py: {spelled}"
