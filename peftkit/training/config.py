@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-import peftkit.methods
+import peftkit.methods  # (importing the method modules declares them)
 import peftkit.qlora  # noqa: F401  (declares qlora)
 from peftkit.config import ConfigError
 from peftkit.method_spec import all_options, check_options, method_spec
@@ -19,6 +19,11 @@ from peftkit.method_spec import all_options, check_options, method_spec
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run. Sizes in examples or tokens, intervals in optimizer steps.
+
+    Construction fills in the method's defaults (its options, its learning rate) and raises ConfigError for
+    an unknown method or an option the method does not take; :meth:`validate` checks the ranges."""
+
     # what
     model: str = "minilm"
     dataset: str = "rotten_tomatoes"
