@@ -18,6 +18,7 @@ from peftkit.module_paths import replace_module
 
 BASE_ROW = "__base__"  # in a mixed batch, a row that runs through the base model alone (as in HF PEFT)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16")  # what a config's `adapter_dtype` may say
 
 
 def adapter_dtype(requested: str | torch.dtype | None, base: nn.Module) -> torch.dtype:

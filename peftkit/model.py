@@ -179,14 +179,18 @@ class PeftModel(HfPeftSurface, nn.Module):
             self._active = rest or tuple(list(self.peft_config)[:1])
         self._apply_active(self._active)
 
-    def merge_adapter(self) -> None:
-        """Fold the active adapters into the base weights: inference then costs what the base model costs.
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active adapters (or ``adapter_names``) into the base weights: inference then costs what
+        the base model costs.
 
         Every merged tensor is a new one (the original is never written into, so a weight tied to another
         module, like GPT-2's output head and input embedding, keeps its value there) and the original is kept:
         :meth:`unmerge_adapter` restores it bit for bit, in any dtype. Memory: one copy of each merged
-        weight while merged."""
-        for name in self._require_active():
+        weight while merged. ``safe_merge`` (HF PEFT's option): a merge that makes any weight non-finite is
+        undone and raises :class:`AdapterError` naming the layer."""
+        names = self._require_active() if adapter_names is None else tuple(adapter_names)
+        for name in names:
+            self._check_exists(name)
             layers = [layer for _, layer in self.adapter_layers() if name in layer.adapter_names()]
             unmergeable = {
                 type(layer).__name__ for layer in layers if type(layer).merge is AdapterLayer.merge
@@ -197,27 +201,39 @@ class PeftModel(HfPeftSurface, nn.Module):
                     f"{sorted(unmergeable - {'ModulesToSave'})} add a non-linear function of their input, which "
                     "no change of the base weights reproduces; run it unmerged"
                 )
-        for name in self._active:
-            for _, layer in self.adapter_layers():
+        for name in names:
+            for path, layer in self.adapter_layers():
                 if name in layer.adapter_names() and not isinstance(layer, ModulesToSave):
                     layer.merge(name)
+                    if safe_merge and not _finite(layer.base()):
+                        self.unmerge_adapter()
+                        raise AdapterError(
+                            f"merging adapter {name!r} makes weights of {path} non-finite (inf or NaN); "
+                            "nothing was merged"
+                        )
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
             if layer.merged_adapters:
                 layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """The plain base model with the active adapters folded into its weights (and its trained heads).
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """The plain base model with the active adapters (or ``adapter_names``, made active first) folded into
+        its weights (and their trained heads). ``safe_merge``: see :meth:`merge_adapter`; ``progressbar`` is
+        accepted for HF PEFT's signature and ignored.
 
         A weight the adapter changes that was tied to another one (an output head sharing the input
         embedding) is untied, so the model computes what the adapted one did, and the transformers config
         says so (``tie_word_embeddings=False``), so that saving and loading the merged model keeps it untied."""
+        if adapter_names is not None:
+            self.set_adapter(list(adapter_names))
         self._require_active()
         tied = _tied_parameter_groups(self.base_model)
         for _, layer in self.adapter_layers():
-            layer.keeps_unmerged = False  # nothing is unmerged afterwards: keep no copies
-        self.merge_adapter()
+            layer.keeps_unmerged = safe_merge  # nothing is unmerged afterwards unless a safe merge fails
+        self.merge_adapter(safe_merge=safe_merge)
         model = self._unload(merge=True)
         _record_untied(model, tied)
         return model
@@ -501,10 +517,10 @@ class PeftModel(HfPeftSurface, nn.Module):
                     f"mixed batches are for inference: adapter {name!r} has dropout and the model is in training "
                     "mode; call model.eval() first"
                 )
-        self._check_not_merged("a mixed batch (adapter_names=...)")
+        layers = [layer for _, layer in self.adapter_layers()]  # walked once: this runs every decode step
+        self._check_not_merged("a mixed batch (adapter_names=...)", layers)
         device = next(self.base_model.parameters()).device
         routing = Routing.from_row_names(list(adapter_names), device)
-        layers = [layer for _, layer in self.adapter_layers()]
         for layer in layers:
             layer.routing = routing
         try:
@@ -524,12 +540,17 @@ class PeftModel(HfPeftSurface, nn.Module):
             raise AdapterError("no active adapter; add one and call set_adapter(name)")
         return self._active
 
-    def _check_not_merged(self, action: str) -> None:
-        merged = sorted({n for _, layer in self.adapter_layers() for n in layer.merged_adapters})
+    def _check_not_merged(self, action: str, layers: list[AdapterLayer] | None = None) -> None:
+        layers = [layer for _, layer in self.adapter_layers()] if layers is None else layers
+        merged = sorted({n for layer in layers for n in layer.merged_adapters})
         if merged:
             raise AdapterError(
                 f"{action} needs unmerged adapters, but {merged} is merged; call unmerge_adapter() first"
             )
+
+
+def _finite(module: nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in module.parameters() if p.is_floating_point())
 
 
 def _tied_parameter_groups(model: nn.Module) -> list[list[str]]:

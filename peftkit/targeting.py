@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.architectures import architecture
+from peftkit.architectures import architecture, sample
 from peftkit.config import ConfigError
 from peftkit.layer import AdapterLayer, innermost, unwrap
 
@@ -103,37 +103,12 @@ def select_modules(
     if target_modules is None:
         target_modules = default_targets(model)
     modules = dict(model.named_modules())
-    # Modules inside an adapter wrapper (the wrapped layer itself, the adapter's own matrices, trained copies)
-    # are never targets: the wrapper stands for the layer it wraps, so a second adapter joins the same
-    # wrapper. Modules deeper inside a wrapped layer (a projection inside a wrapped MLP) remain targets.
-    wrappers = [n for n, m in modules.items() if isinstance(m, AdapterLayer)]
-    names = [
-        n
-        for n in modules
-        if n and not any(n.startswith(w + ".") and not n.startswith(f"{w}.base_layer.") for w in wrappers)
-    ]
+    names = _candidate_paths(modules)
     # A module trained in full (`modules_to_save`) and everything inside it is never an adapter target: its
     # trained copy replaces it, so an adapter there would never get a gradient (HF PEFT's rule and pattern).
     saved = [re.compile(rf"(^|.*\.){re.escape(s)}($|\..*)") for s in modules_to_save or ()]
     in_saved = {n for n in names if any(pattern.match(n) for pattern in saved)}
-
-    if target_modules == ALL_LINEAR:
-        excluded = output_head_names(model) | in_saved
-        candidates = [n for n in names if isinstance(unwrap(modules[n]), LINEAR_TYPES) and n not in excluded]
-    else:
-        candidates = [n for n in names if name_matches(n, target_modules)]
-        if not isinstance(target_modules, str):
-            missing = [key for key in target_modules if not any(name_matches(n, [key]) for n in names)]
-            if missing and candidates:
-                raise ConfigError(
-                    f"`target_modules` entries {missing} match no module (the others do). "
-                    f"Module names in this model: {_sample(_leaf_names(names))}"
-                )
-    if not candidates:
-        raise ConfigError(
-            f"`target_modules`={target_modules!r} matches no module in {type(model).__name__}. "
-            f"Module names in this model: {_sample(_leaf_names(names))}"
-        )
+    candidates = _matching(model, modules, names, target_modules, in_saved)
 
     if in_saved and target_modules != ALL_LINEAR:
         candidates = [n for n in candidates if n not in in_saved]
@@ -157,8 +132,49 @@ def select_modules(
     unsupported = [f"{n} ({type(modules[n]).__name__})" for n in candidates if not supported(modules[n])]
     if unsupported:
         raise ConfigError(
-            f"`target_modules` selects modules this method cannot wrap: {_sample(unsupported)}; "
+            f"`target_modules` selects modules this method cannot wrap: {sample(unsupported)}; "
             f"supported: {supported_text}"
+        )
+    return candidates
+
+
+def _candidate_paths(modules: dict[str, nn.Module]) -> list[str]:
+    """Every module path that can be a target. Modules inside an adapter wrapper (the adapter's own
+    matrices, trained copies) are not: the wrapper stands for the layer it wraps, so a second adapter joins
+    the same wrapper. Modules deeper inside a wrapped layer (a projection inside a wrapped MLP) remain."""
+    wrappers = [n for n, m in modules.items() if isinstance(m, AdapterLayer)]
+    return [
+        n
+        for n in modules
+        if n and not any(n.startswith(w + ".") and not n.startswith(f"{w}.base_layer.") for w in wrappers)
+    ]
+
+
+def _matching(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    names: list[str],
+    target_modules: str | Sequence[str],
+    in_saved: set[str],
+) -> list[str]:
+    """The paths ``target_modules`` names ("all-linear": every linear layer but the output head and the
+    modules trained in full). Raises :class:`ConfigError` when nothing matches or one list entry matches
+    nothing (a typo is never silently ignored), listing the module names that exist."""
+    if target_modules == ALL_LINEAR:
+        excluded = output_head_names(model) | in_saved
+        return [n for n in names if isinstance(unwrap(modules[n]), LINEAR_TYPES) and n not in excluded]
+    candidates = [n for n in names if name_matches(n, target_modules)]
+    if not isinstance(target_modules, str):
+        missing = [key for key in target_modules if not any(name_matches(n, [key]) for n in names)]
+        if missing and candidates:
+            raise ConfigError(
+                f"`target_modules` entries {missing} match no module (the others do). "
+                f"Module names in this model: {sample(_leaf_names(names))}"
+            )
+    if not candidates:
+        raise ConfigError(
+            f"`target_modules`={target_modules!r} matches no module in {type(model).__name__}. "
+            f"Module names in this model: {sample(_leaf_names(names))}"
         )
     return candidates
 
@@ -166,9 +182,3 @@ def select_modules(
 def _leaf_names(names: Sequence[str]) -> list[str]:
     """Distinct last path segments: the short names a user would write in `target_modules`."""
     return sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
-
-
-def _sample(items: Sequence[str], limit: int = 20) -> str:
-    items = list(items)
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

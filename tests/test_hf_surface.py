@@ -251,3 +251,21 @@ def test_add_weighted_adapter_refuses_what_it_cannot_combine():
         with pytest.raises(AdapterError, match=message):
             model.add_weighted_adapter(*args)
     assert "x" not in model.peft_config
+
+
+def test_merge_takes_hf_peft_keywords_safe_merge_and_adapter_names():
+    model = get_peft_model(LLAMA.build(), LoraConfig(r=4, target_modules=["q_proj"], init="random"), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj"], init="random"))
+    batch = LLAMA.batch()
+    base_logits = run(LLAMA.build(), LLAMA, batch)
+    with torch.no_grad():
+        model.base_model.model.layers[1].self_attn.q_proj.lora_B["a"].weight[0, 0] = float("inf")
+    with pytest.raises(AdapterError, match="non-finite"):
+        model.merge_adapter(safe_merge=True)
+    with model.disable_adapter():  # nothing stayed merged, the base is exactly as it was
+        assert torch.equal(run(model, LLAMA, batch), base_logits)
+    model.set_adapter("b")
+    expected = run(model, LLAMA, batch)
+    model.set_adapter("a")
+    merged = model.merge_and_unload(progressbar=True, adapter_names=["b"])
+    torch.testing.assert_close(run(merged, LLAMA, batch), expected, rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftkit import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from peftkit.serve import BackgroundServer, Engine, ServeConfig
+from peftkit.serve.sampling import SamplingParams
 from tests.pipeline_fixtures import tiny_llama
 
 ADAPTERS = {
@@ -303,8 +304,13 @@ def test_bad_chat_requests_and_malformed_json(server):
     assert complete(url, BASE, PROMPTS[0]).status_code == 200
 
 
-def test_stop_strings_and_seeded_sampling(server, assets):
-    url, _ = server
+def test_stop_strings_ignore_eos_and_seeded_sampling(server, assets):
+    url, engine = server
+    eos = AutoTokenizer.from_pretrained(assets["model"]).sep_token_id  # the tiny model's end of sequence
+    for ignore, expected in ((False, {eos}), (True, set())):
+        params = SamplingParams(temperature=0.0, ignore_eos=ignore)
+        assert engine.sequence(BASE, [5, 6], 4, params, emit=print).stop_ids == expected
+
     full = reference(assets, "lora_all", PROMPTS[4], 8)
     stop = full.split()[2]
     cut = complete(url, "lora_all", PROMPTS[4], 8, stop=[stop, "zzzz"]).json()["choices"][0]

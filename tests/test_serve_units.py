@@ -39,11 +39,13 @@ def _row(cache: BatchCache, row: int, layer: int = 0) -> torch.Tensor:
 def test_batch_cache_right_aligns_rows_pads_with_zeros_and_trims_when_rows_leave():
     originals = {length: _row_cache(length, length).layers[1].keys[0].clone() for length in (3, 7, 5)}
     cache = BatchCache()
-    cache.join([_row_cache(3, 3)])
-    cache.join([_row_cache(7, 7), _row_cache(5, 5)])  # wider rows join later: the old one is padded
+    cache.join(_row_cache(3, 3), [3])
+    cache.join(_row_cache(7, 7), [7])  # a wider row joins later: the old one is padded
+    cache.join(_row_cache(5, 5), [5])
     assert cache.lengths == [3, 7, 5] and cache.width == 7
     for row, length in enumerate(cache.lengths):
         assert torch.equal(_row(cache, row, layer=1), originals[length])
+        assert torch.equal(cache.cache.layers[1].values[row, :, 7 - length :], originals[length] + 100)
         padding = cache.cache.layers[1].keys[row, :, : cache.width - length]
         assert torch.count_nonzero(padding) == 0
     mask, positions = cache.step_inputs(torch.device("cpu"))
@@ -71,8 +73,8 @@ def _sequence(adapter: str, ids: list[int]) -> Sequence:
 
 
 def test_mixed_decode_steps_in_float32_equal_each_row_alone():
-    """Rows of different lengths and adapters (and the base) in one batch: each row's logits at every step
-    equal those of the same row decoded alone with its own adapter (``set_adapter``, no batch)."""
+    """Rows of different lengths and adapters (and the base) in one batch, prefilled together or alone: each
+    row's logits at every step equal those of the same row run alone with its own adapter (``set_adapter``)."""
     spec = TINY_MODELS["llama"]
     model = get_peft_model(spec.build(), LoraConfig(r=4, target_modules="all-linear"), adapter_name="a")
     model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
@@ -84,13 +86,15 @@ def test_mixed_decode_steps_in_float32_equal_each_row_alone():
     runner = Runner(model, {})
     prompts = {"a": [5, 9, 2, 7, 1], "b": [3, 4], BASE_ROW: [8, 8, 1, 2]}
     rows = [_sequence(name, ids) for name, ids in prompts.items()]
-    cache, caches = BatchCache(), []
+    cache = BatchCache()
     with torch.no_grad():
-        for row in rows:
-            logits, single = runner.prefill(row, None if row.adapter == BASE_ROW else row.adapter)
-            row.generated.append(int(logits.argmax()))
-            caches.append(single)
-        cache.join(caches)
+        # "a" and "b" prefilled together (left-padded), the base row alone, joining later
+        for group in (rows[:2], rows[2:]):
+            adapters = [None if row.adapter == BASE_ROW else row.adapter for row in group]
+            logits, prefilled = runner.prefill(group, adapters)
+            for row, row_logits in zip(group, logits, strict=True):
+                row.generated.append(int(row_logits.argmax()))
+            cache.join(prefilled, [row.length for row in group])
         batched = []
         for _ in range(4):
             batched.append(_step_logits(runner, rows, cache))
@@ -104,6 +108,7 @@ def test_mixed_decode_steps_in_float32_equal_each_row_alone():
             else:
                 model.set_adapter(row.adapter)
                 alone = model(input_ids=ids).logits[0]
+            assert row.generated[0] == int(alone[len(row.prompt_ids) - 1].argmax())
             for step, logits in enumerate(batched):
                 expected = alone[len(row.prompt_ids) + step]
                 torch.testing.assert_close(logits[index], expected, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ from peftkit.architectures.lookup import (
     block_lists,
     known_model_types,
     linear_leaf_names,
+    sample,
 )
 from peftkit.architectures.table import LAYOUTS, TABLE
 
@@ -25,4 +26,5 @@ __all__ = [
     "block_lists",
     "known_model_types",
     "linear_leaf_names",
+    "sample",
 ]

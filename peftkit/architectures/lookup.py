@@ -90,7 +90,7 @@ def architecture(model: nn.Module, needs: Sequence[str], purpose: str, remedy: s
     raise ConfigError(
         f"{purpose}: model type {model_type!r} has no entry in peftkit's architecture table and none of its "
         f"known layouts matches this model's modules (looked for the {wanted}); pass {remedy}. "
-        f"Linear layers in this model: {_sample(linear_leaf_names(model))}"
+        f"Linear layers in this model: {sample(linear_leaf_names(model))}"
     )
 
 
@@ -138,7 +138,8 @@ def known_model_types() -> list[str]:
     return sorted(TABLE)
 
 
-def _sample(items: Sequence[str], limit: int = 20) -> str:
+def sample(items: Sequence[str], limit: int = 20) -> str:
+    """The first ``limit`` items joined for an error message, and how many more there are."""
     items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -19,8 +19,8 @@ def add_parser(subparsers) -> None:
         choices=("sequence-classification", "token-classification", "causal-lm", "seq2seq"),
         help="default: from the model's architecture",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=48, help="tokens per row (T)")
+    parser.add_argument("--batch-size", type=int, help="rows per step (default: peftkit train's)")
+    parser.add_argument("--max-length", type=int, help="tokens per row, T (default: peftkit train's)")
     parser.add_argument("--memory", help="memory available for training, e.g. 24GiB or 16GB")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights' dtype")
@@ -36,11 +36,11 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from peftkit.planning import Settings, parse_bytes, plan
 
+    given = {"batch_size": args.batch_size, "max_length": args.max_length}
     settings = Settings(
+        **{name: value for name, value in given.items() if value is not None},
         model=args.model,
         task=args.task,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
         memory=parse_bytes(args.memory) if args.memory else None,
         device=args.device,
         dtype=args.dtype,

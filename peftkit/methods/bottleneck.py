@@ -37,7 +37,7 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
-from peftkit.layer import AdapterLayer, find_or_wrap, innermost
+from peftkit.layer import ADAPTER_DTYPES, AdapterLayer, adapter_dtype, find_or_wrap, innermost
 from peftkit.method_spec import Option, declare_method
 from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
 from peftkit.targeting import LINEAR_TYPES, linear_features, select_modules
@@ -59,6 +59,8 @@ class BottleneckConfig(AdapterConfig):
         positions): serial ones read the layer's output, parallel ones its input.
     modules_to_save: modules trained in full besides (a fresh task head).
     init: ``zeros`` (U = 0: the model starts unchanged) or ``random`` (for tests).
+    adapter_dtype: dtype of D and U: ``float32``, ``bfloat16`` or ``float16``; ``None``: float32 on a
+        half-precision or quantized base, else the base weight's (see :func:`peftkit.layer.adapter_dtype`).
     """
 
     method: ClassVar[str] = "bottleneck"
@@ -71,11 +73,13 @@ class BottleneckConfig(AdapterConfig):
     target_modules: str | tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
     init: str = "zeros"
+    adapter_dtype: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("placement", self.placement, PLACEMENTS)
         check_choice("non_linearity", self.non_linearity, ACTIVATIONS)
         check_choice("init", self.init, ("zeros", "random"))
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         check_number("scaling", self.scaling, low=0, high=float("inf"))
         if self.bottleneck_size is not None:
             check_positive_int("bottleneck_size", self.bottleneck_size)
@@ -101,14 +105,12 @@ class Bottleneck(nn.Module):
 
     file_prefix = "adapter"  # its tensors' keys in a checkpoint: adapter.down.weight, ...
 
-    def __init__(
-        self, in_features: int, out_features: int, config: BottleneckConfig, like: torch.Tensor
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, config: BottleneckConfig, factory: dict) -> None:
         super().__init__()
         size = config.size_for(out_features)
-        self.down = nn.Linear(in_features, size, device=like.device, dtype=like.dtype)
+        self.down = nn.Linear(in_features, size, **factory)
         self.activation = ACTIVATIONS[config.non_linearity]()
-        self.up = nn.Linear(size, out_features, device=like.device, dtype=like.dtype)
+        self.up = nn.Linear(size, out_features, **factory)
         self.scaling = config.scaling
         self.parallel = config.placement == "parallel"
         if config.init == "zeros":
@@ -168,8 +170,11 @@ class BottleneckLayer(AdapterLayer):
 
     def add_adapter(self, name: str, config: BottleneckConfig) -> None:
         reads = self.source_features if config.placement == "parallel" else self.out_features
-        like = next(self.base_layer.parameters())
-        self.adapters[name] = Bottleneck(reads, self.out_features, config, like=like)
+        self.adapters[name] = Bottleneck(reads, self.out_features, config, self.factory(config.adapter_dtype))
+
+    def factory(self, requested: str | None) -> dict:
+        """Device and dtype of a new adapter's tensors here (see :func:`peftkit.layer.adapter_dtype`)."""
+        return {"device": self.weight.device, "dtype": adapter_dtype(requested, self.base_layer)}
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.architectures import architecture
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_choice, register_config
-from peftkit.layer import AdapterLayer, find_or_wrap, innermost
+from peftkit.layer import ADAPTER_DTYPES, AdapterLayer, adapter_dtype, find_or_wrap, innermost
 from peftkit.method_spec import TARGET_MODULES, declare_method
 from peftkit.methods.registry import Method, no_base_parameters, register_method
 from peftkit.targeting import name_matches, select_modules
@@ -37,6 +37,9 @@ class IA3Config(AdapterConfig):
     feedforward_modules: those of the targets that rescale their input (the feed-forward output layer).
     modules_to_save: modules trained in full besides (a fresh task head).
     init: ``ones`` (identity at start) or ``random`` (non-identity, for tests).
+    adapter_dtype: dtype of the vectors: ``float32``, ``bfloat16`` or ``float16``; ``None``: float32 on a
+        half-precision or quantized base, else the base weight's (see :func:`peftkit.layer.adapter_dtype`).
+        Not written to ``adapter_config.json`` (HF PEFT has no such field).
     """
 
     method: ClassVar[str] = "ia3"
@@ -45,6 +48,7 @@ class IA3Config(AdapterConfig):
     feedforward_modules: str | tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
     init: str = "ones"
+    adapter_dtype: str | None = None
 
     def __post_init__(self) -> None:
         self._set("target_modules", as_name_tuple("target_modules", self.target_modules, allow_string=True))
@@ -56,6 +60,7 @@ class IA3Config(AdapterConfig):
             "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
         )
         check_choice("init", self.init, INIT_MODES)
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         if self.feedforward_modules is not None and self.target_modules is None:
             raise ConfigError(
                 "`feedforward_modules` needs explicit `target_modules` (it must be a subset of them)"
@@ -126,36 +131,55 @@ class IA3Linear(AdapterLayer):
 
     def add_adapter(self, name: str, config: IA3Config, feedforward: bool) -> None:
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        vector = self.base_layer.weight.new_ones(shape)
+        dtype = adapter_dtype(config.adapter_dtype, self.base_layer)
+        vector = torch.ones(shape, dtype=dtype, device=self.base_layer.weight.device)
         if config.init == "random":
             vector += 0.1 * torch.randn_like(vector)
         self.ia3_l[name] = nn.Parameter(vector)
         self.feedforward[name] = feedforward
 
-    def _fold(self, name: str, inverse: bool) -> None:
-        vector = self.ia3_l[name].detach().flatten()
-        if inverse and bool((vector == 0).any()):
-            raise ValueError(f"IA3 adapter {name!r} has a zero scale; it cannot be unmerged from the weights")
-        factor = 1 / vector if inverse else vector
-        # Which weight axis holds the scaled features: output rows of nn.Linear are dim 0, of Conv1D dim 1.
+    def _scale_shape(self, name: str) -> list[int]:
+        """How ``l`` broadcasts over the weight: along the scaled features' axis (outputs are dim 0 of an
+        ``nn.Linear`` weight (out, in) and dim 1 of a ``Conv1D`` weight (in, out))."""
         output_axis = 1 if self.transposed else 0
         axis = 1 - output_axis if self.feedforward[name] else output_axis
-        shape = [1, 1]
-        shape[axis] = -1
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            weight.mul_(factor.view(shape).to(weight.dtype))
-            if not self.feedforward[name] and self.base_layer.bias is not None:
-                self.base_layer.bias.mul_(factor.to(self.base_layer.bias.dtype))
+        return [-1, 1] if axis == 0 else [1, -1]
 
     def merge(self, name: str) -> None:
-        if name not in self.merged_adapters:
-            self._fold(name, inverse=False)
-            self.merged_adapters.append(name)
+        """``W ← diag(l) W`` (and ``b ← l ⊙ b``), or ``W ← W diag(l)`` for a feed-forward layer: computed in
+        float32 and rounded once; the original tensors are kept for an exact :meth:`unmerge`.
+
+        Raises ``ValueError`` on a quantized base layer (its weight holds integer codes)."""
+        if name in self.merged_adapters:
+            return
+        plain = innermost(self.base_layer)
+        if not plain.weight.is_floating_point() or hasattr(plain.weight, "quant_state"):
+            raise ValueError(
+                f"IA3 adapter {name!r} cannot be merged into the quantized layer {type(plain).__name__}; "
+                "run it unmerged"
+            )
+        vector = self.ia3_l[name].detach().flatten().float()
+        with torch.no_grad():
+            self.put_merged(plain, "weight", plain.weight.float() * vector.view(self._scale_shape(name)))
+            if not self.feedforward[name] and plain.bias is not None:
+                self.put_merged(plain, "bias", plain.bias.float() * vector)
+        self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        while self.merged_adapters:
-            self._fold(self.merged_adapters.pop(), inverse=True)
+        """The original weights back, bit for bit (or, merged only to unload, divided out again)."""
+        if self.restore_unmerged():
+            self.merged_adapters.clear()
+            return
+        plain = innermost(self.base_layer)
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                vector = self.ia3_l[name].detach().flatten()
+                if bool((vector == 0).any()):
+                    raise ValueError(f"IA3 adapter {name!r} has a zero scale; it cannot be unmerged")
+                plain.weight.div_(vector.view(self._scale_shape(name)).to(plain.weight.dtype))
+                if not self.feedforward[name] and plain.bias is not None:
+                    plain.bias.div_(vector.to(plain.bias.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:

@@ -53,7 +53,8 @@ def plan(settings: Settings | None = None, **fields) -> Plan:
     from peftkit.planning.estimate import plan_method
 
     settings = settings or Settings(**fields)
-    methods = settings.methods or tuple(METHOD_SPECS)
+    # HF PEFT's spellings too (LORA, PREFIX_TUNING, p-tuning)
+    methods = tuple(m.lower().replace("-", "_") for m in settings.methods) or tuple(METHOD_SPECS)
     _validate(settings, methods, METHOD_SPECS)
     config = meta_model.load_config(settings.model)
     task = settings.task or meta_model.infer_task(config)

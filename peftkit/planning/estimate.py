@@ -20,11 +20,19 @@ from peftkit.planning.advice import inference_overhead
 from peftkit.planning.four_bit import quantized_weight_ids, stand_in_matmuls
 from peftkit.planning.sizes import parameter_bytes, safetensors_file_bytes, tensor_bytes
 from peftkit.planning.trace import StepTrace, TraceError, trace_step
+from peftkit.training.config import TrainConfig
 
-# What the process holds before any tensor: measured as the RSS after importing torch, transformers and
-# peftkit on CPU (benchmarks/plan_accuracy.py records it); a CUDA context plus cuBLAS workspace on a GPU,
-# which torch's allocator does not count (typical for recent drivers; not measured here).
+# What the process holds besides tensors: on CPU the RSS after importing torch, transformers and peftkit
+# (419 MiB measured by benchmarks/plan_accuracy.py) plus what building a model adds beyond its tensors (its
+# code and module objects: 100-140 MiB measured); on a GPU a CUDA context plus cuBLAS workspace, which torch's
+# allocator does not count (typical for recent drivers; not measured here).
 RUNTIME_BYTES = {"cpu": 520 * 2**20, "cuda": 512 * 2**20}
+# glibc's malloc (CPU) raises its mmap threshold as large blocks are freed (up to 32 MiB), so blocks of that
+# size freed during the step stay in its heap and the peak RSS runs above the bytes alive. The term is this
+# share of the step's peak held in such blocks (trace.HEAP_BLOCK), fitted to the peak RSS of MiniLM and
+# SmolLM2 runs (benchmarks/results/plan_accuracy.md, where with MALLOC_MMAP_THRESHOLD_=131072 the RSS follows
+# the bytes alive). torch's CUDA caching allocator keeps freed blocks for reuse instead: no term there.
+ALLOCATOR_SLACK = {"cpu": 0.5}
 # The checkpoint's metadata: the format tag and the config's SHA-256 in hex (64 characters).
 FILE_METADATA = {"format": "pt", CONFIG_HASH_KEY: "0" * 64}
 TRACE_DEPTHS = (4, 6)  # layers of the reduced models a deep model's step is traced at
@@ -34,10 +42,10 @@ TRACE_DEPTHS = (4, 6)  # layers of the reduced models a deep model's step is tra
 class Settings:
     """What a plan is for: the model, the task, one training batch, and where it trains."""
 
-    model: str = "minilm"
+    model: str = TrainConfig.model
     task: str | None = None  # None: inferred from the model's architecture
-    batch_size: int = 16
-    max_length: int = 48
+    batch_size: int = TrainConfig.batch_size
+    max_length: int = TrainConfig.max_length
     memory: int | None = None  # bytes available for training; None: no limit given
     device: str = "cpu"
     dtype: str = "fp32"
@@ -55,7 +63,8 @@ class Memory:
     ``optimizer``: AdamW's two moments (in the parameters' dtype) and step counters; ``activations``: what the
     forward keeps for the backward; ``logits``: what the output head and the loss keep on top; ``backward``:
     what the backward and the optimizer step add at their peak (gradients, the logits' gradient, a
-    checkpointed layer's recomputation, AdamW's temporaries); ``runtime``: the process itself.
+    checkpointed layer's recomputation, AdamW's temporaries); ``allocator``: memory the allocator holds but
+    no tensor uses (:data:`ALLOCATOR_SLACK`); ``runtime``: the process itself.
     """
 
     base: int
@@ -64,10 +73,20 @@ class Memory:
     activations: int
     logits: int
     backward: int
+    allocator: int
     runtime: int
     gradients: int = 0  # informative: the .grad tensors alone (part of ``backward``)
 
-    COMPONENTS = ("base", "trainable", "optimizer", "activations", "logits", "backward", "runtime")
+    COMPONENTS = (
+        "base",
+        "trainable",
+        "optimizer",
+        "activations",
+        "logits",
+        "backward",
+        "allocator",
+        "runtime",
+    )
 
     @property
     def total(self) -> int:
@@ -106,11 +125,10 @@ def plan_method(config: Any, task: str, method: str, settings: Settings, simulat
     """Apply ``method`` with ``peftkit train``'s default settings to a meta model of ``config`` and predict;
     ``simulate=False`` leaves the training step out (counts and file size only, ``memory`` None)."""
     from peftkit.model import get_peft_model
-    from peftkit.training.config import TrainConfig
     from peftkit.training.methods import adapter_config_for, prepare_base
 
     model = meta_model.build_meta_model(config, task, settings.dtype, settings.num_labels)
-    train_config = TrainConfig(method=method)
+    train_config = _train_config(method, settings)
     try:
         prepare_base(train_config, model)
         peft = get_peft_model(model, adapter_config_for(train_config, meta_model.head_modules(model, task)))
@@ -127,7 +145,7 @@ def plan_method(config: Any, task: str, method: str, settings: Settings, simulat
     try:
         traced = _layer_extrapolated(config, task, method, settings, checkpointing=True)
         checkpointed = _memory(peft, traced, settings)
-    except (ConfigError, TraceError):  # e.g. prefix tuning refuses checkpointing: its row says so
+    except (ValueError, TraceError):  # prefix tuning, ALBERT refuse checkpointing: the row says n/a
         checkpointed = None
     plain = _memory(peft, plain, settings)
     overhead = inference_overhead(
@@ -167,21 +185,26 @@ def _layer_extrapolated(
 
 
 def _fields(trace: StepTrace) -> tuple[int, ...]:
-    return (trace.activations, trace.logits, trace.peak, trace.gradients)
+    return (trace.activations, trace.logits, trace.peak, trace.gradients, trace.small_at_peak)
 
 
 def _trace_method(config: Any, task: str, method: str, settings: Settings, checkpointing: bool) -> StepTrace:
     from peftkit.model import get_peft_model
-    from peftkit.training.config import TrainConfig
     from peftkit.training.methods import adapter_config_for, prepare_base
 
     model = meta_model.build_meta_model(config, task, settings.dtype, settings.num_labels)
-    train_config = TrainConfig(method=method)
+    train_config = _train_config(method, settings)
     prepare_base(train_config, model)
     peft = get_peft_model(model, adapter_config_for(train_config, meta_model.head_modules(model, task)))
     head = meta_model.output_head(model, task)
     inputs = meta_model.meta_inputs(model, task, settings.batch_size, settings.max_length)
     return _trace(peft, head, inputs, checkpointing)
+
+
+def _train_config(method: str, settings: Settings) -> TrainConfig:
+    """``peftkit train``'s defaults for ``method``; QLoRA computes in the plan's dtype (train's default,
+    float32, would turn a bf16 model's activations back to fp32)."""
+    return TrainConfig(method=method, compute_dtype=str(meta_model.DTYPES[settings.dtype]).split(".")[-1])
 
 
 def _trace(peft: nn.Module, head: nn.Module | None, inputs: dict, checkpointing: bool) -> StepTrace:
@@ -217,6 +240,7 @@ def _memory(peft: nn.Module, trace: StepTrace, settings: Settings) -> Memory:
         activations=trace.activations,
         logits=trace.logits,
         backward=dynamic - trace.activations - trace.logits,
+        allocator=round(ALLOCATOR_SLACK.get(settings.device, 0.0) * trace.small_at_peak),
         runtime=RUNTIME_BYTES.get(settings.device, 0),
         gradients=trace.gradients,
     )

@@ -76,7 +76,15 @@ def _is_decoder_type(config: Any) -> bool:
 
 
 # the config fields that count a model's layers (encoder, decoder, or both)
-DEPTH_FIELDS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layer")
+DEPTH_FIELDS = (
+    "num_hidden_layers",
+    "num_layers",
+    "num_decoder_layers",
+    "n_layer",
+    "n_layers",
+    "encoder_layers",
+    "decoder_layers",
+)
 
 
 def num_layers(config: Any) -> int | None:

@@ -18,6 +18,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.fx.experimental._config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -29,11 +30,21 @@ class TraceError(RuntimeError):
     """The model's forward asks for a value that only real data has (a data-dependent branch)."""
 
 
+# glibc's malloc serves blocks up to its largest mmap threshold (32 MiB on 64-bit) from its heap, where freed
+# ones stay resident; larger blocks get their own mapping, returned when freed
+HEAP_BLOCK = 32 * 2**20
+
+
 class LiveBytes(TorchDispatchMode):
+    """``live``: bytes of the storages alive now; ``peak``: its maximum; ``small_at_peak``: the part of the
+    peak held in storages of at most :data:`HEAP_BLOCK` bytes."""
+
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.small = 0
+        self.small_at_peak = 0
         self._counted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -56,11 +67,14 @@ class LiveBytes(TorchDispatchMode):
         size = storage.nbytes()
         self._counted[storage] = size
         self.live += size
-        self.peak = max(self.peak, self.live)
+        self.small += size if size <= HEAP_BLOCK else 0
+        if self.live > self.peak:
+            self.peak, self.small_at_peak = self.live, self.small
         weakref.finalize(storage, self._free, size)
 
     def _free(self, size: int) -> None:
         self.live -= size
+        self.small -= size if size <= HEAP_BLOCK else 0
 
     @staticmethod
     def _scalar(tensor: torch.Tensor):
@@ -89,6 +103,7 @@ class StepTrace:
     logits: int
     peak: int
     gradients: int
+    small_at_peak: int = 0  # the part of ``peak`` in storages of at most HEAP_BLOCK bytes
 
 
 def trace_step(model: nn.Module, head: nn.Module | None, inputs: dict[str, torch.Tensor]) -> StepTrace:
@@ -105,15 +120,28 @@ def trace_step(model: nn.Module, head: nn.Module | None, inputs: dict[str, torch
         marks.setdefault("body", tracker.live)  # the first call (T5 ties nothing, but stay safe)
 
     handle = head.register_forward_pre_hook(mark) if head is not None else None
+    # torch.nonzero has no size on meta tensors; with full rows every entry it is asked about is set
+    # (DeBERTa's classification loss asks which labels are >= 0)
+    nonzero = torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True)
     try:
-        with tracker:
+        with tracker, nonzero:
             output = model(**inputs)
             marks["forward"] = tracker.live
             output.loss.backward()
             del output
             gradients = tracker.live
+    except TraceError:
+        raise
+    except (NotImplementedError, RuntimeError) as error:  # an operator with no meta kernel, say
+        raise TraceError(f"{type(error).__name__}: {error}") from error
     finally:
         if handle is not None:
             handle.remove()
     body = min(marks.get("body", marks["forward"]), marks["forward"])  # the body's end can free more
-    return StepTrace(activations=body, logits=marks["forward"] - body, peak=tracker.peak, gradients=gradients)
+    return StepTrace(
+        activations=body,
+        logits=marks["forward"] - body,
+        peak=tracker.peak,
+        gradients=gradients,
+        small_at_peak=tracker.small_at_peak,
+    )

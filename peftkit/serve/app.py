@@ -146,7 +146,7 @@ async def _answer(engine: Engine, request: Request, body, prompt: tuple, max_tok
     adapter, ids, prompt_field = prompt
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
-    params = SamplingParams(body.temperature, body.top_p, body.seed, body.stop_strings())
+    params = SamplingParams(body.temperature, body.top_p, body.seed, body.stop_strings(), body.ignore_eos)
 
     def emit(event: Event) -> None:  # the scheduler's thread
         loop.call_soon_threadsafe(events.put_nowait, event)

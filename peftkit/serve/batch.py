@@ -37,24 +37,49 @@ class Runner:
         self.extra = _logits_kwargs(model.base_model)
         self.input_methods = input_methods  # adapter name -> its method, for adapters entering at the inputs
 
-    def prefill(self, sequence: Sequence, adapter: str | None) -> tuple[torch.Tensor, object]:
-        """Run the prompt alone through ``adapter`` (None: the base model); (last logits (vocab,), the
-        row's single-row cache)."""
+    def prefill(self, sequences: list[Sequence], adapters: list[str | None]) -> tuple[torch.Tensor, object]:
+        """Run the prompts, each through its adapter (None: the base model); (last logits (rows, vocab), their
+        cache, right-aligned). Prompts of adapters entering at the inputs run alone (one row each) through
+        their method; the others run together in one left-padded mixed batch."""
+        methods = [self.input_methods.get(a) if a is not None else None for a in adapters]
+        if len(sequences) == 1 and methods[0] is not None:
+            return self._prefill_virtual(sequences[0], adapters[0], methods[0])
+        if any(method is not None for method in methods):
+            raise ValueError("adapters entering at the inputs are prefilled one at a time")
+        longest = max(len(s.prompt_ids) for s in sequences)
+        ids = torch.zeros(len(sequences), longest, dtype=torch.long)  # (rows, longest), padded on the left
+        mask = torch.zeros_like(ids)
+        for row, sequence in enumerate(sequences):
+            ids[row, longest - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
+            mask[row, longest - len(sequence.prompt_ids) :] = 1
+            sequence.routing_name = BASE_ROW if adapters[row] is None else adapters[row]
+            sequence.length = len(sequence.prompt_ids)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row's real tokens at 0 .. length-1
+        output = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            adapter_names=[s.routing_name for s in sequences],
+            **self.extra,
+        )
+        check_cache(output.past_key_values)
+        return output.logits[:, -1], output.past_key_values
+
+    def _prefill_virtual(self, sequence: Sequence, adapter: str, method) -> tuple[torch.Tensor, object]:
+        """A prompt-method row: its virtual tokens put in front by the method (as ``PeftModel.generate``
+        does), after which the row is a base-model row whose cache holds them."""
         ids = torch.tensor([sequence.prompt_ids], dtype=torch.long, device=self.device)  # (1, L)
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        method = self.input_methods.get(adapter) if adapter is not None else None
-        if method is not None:
-            kwargs = method.prepare_generation(self.model.base_model, adapter, kwargs)
-            if kwargs.get("inputs_embeds") is not None:
-                kwargs.pop("input_ids", None)  # the embeddings carry the virtual tokens (P-tuning's slots)
-            sequence.routing_name = BASE_ROW
-        else:
-            sequence.routing_name = BASE_ROW if adapter is None else adapter
-        output = self.model(**kwargs, use_cache=True, adapter_names=[sequence.routing_name], **self.extra)
-        cache = output.past_key_values
-        check_cache(cache)
-        sequence.length = cache.get_seq_length()
-        return output.logits[0, -1], cache
+        kwargs = method.prepare_generation(
+            self.model.base_model, adapter, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        )
+        if kwargs.get("inputs_embeds") is not None:
+            kwargs.pop("input_ids", None)  # the embeddings carry the virtual tokens (P-tuning's slots)
+        sequence.routing_name = BASE_ROW
+        output = self.model(**kwargs, use_cache=True, adapter_names=[BASE_ROW], **self.extra)
+        check_cache(output.past_key_values)
+        sequence.length = output.past_key_values.get_seq_length()
+        return output.logits[:, -1], output.past_key_values
 
     def decode(self, rows: list[Sequence], cache: BatchCache) -> list[int]:
         """One token for every row (all rows' caches advance by one)."""

@@ -169,7 +169,7 @@ class Engine:
             params=params,
             stream=TextStream(self.tokenizer, params.stop),
             emit=emit,
-            stop_ids=self.stop_ids,
+            stop_ids=frozenset() if params.ignore_eos else self.stop_ids,
             context=self.context,
             generator=params.generator(),
         )

@@ -2,8 +2,8 @@
 
 Rows are right-aligned: the batch cache is ``width`` tokens wide and row ``i`` holds its ``length_i`` tokens
 in the last ``length_i`` columns; the columns before them are padding that the attention mask hides. A row
-joins with the cache of its own prefill (batch 1): the narrower side is padded on the left and the row is
-appended. When rows leave, the columns no remaining row uses are cut off, so the width is always the longest
+joins with the cache of its prefill (rows prefilled together come left-padded alike): the narrower side is
+padded on the left and the rows are appended. When rows leave, the columns no remaining row uses are cut off, so the width is always the longest
 remaining row. This is the per-row cache of continuous batching (Yu et al. 2022, Orca) kept in the dense
 layout transformers' models read, rather than paged blocks (vLLM): on a CPU the copies it costs when a row
 joins are small next to a decode step.
@@ -40,19 +40,16 @@ class BatchCache:
     def width(self) -> int:
         return max(self.lengths, default=0)
 
-    def join(self, caches: list[DynamicCache]) -> None:
-        """Append rows, one prefilled single-row cache each, padding on the left to a common width."""
-        if not caches:
-            return
-        lengths = [c.get_seq_length() for c in caches]  # before the first cache becomes the batch's
-        parts = ([] if self.cache is None else [self.cache]) + caches
-        width = max(self.width, *lengths)
-        base = parts[0]
-        for index, layer in enumerate(base.layers):
+    def join(self, cache: DynamicCache, lengths: list[int]) -> None:
+        """Append the rows of ``cache`` (a prefill's, right-aligned: row i's ``lengths[i]`` tokens in its last
+        columns), padding the narrower side on the left to a common width."""
+        width = max(self.width, cache.get_seq_length())
+        parts = [cache] if self.cache is None else [self.cache, cache]
+        for index, layer in enumerate(parts[0].layers):
             keys = [_pad_left(part.layers[index].keys, width) for part in parts]
             values = [_pad_left(part.layers[index].values, width) for part in parts]
             layer.keys, layer.values = torch.cat(keys), torch.cat(values)  # (rows, heads, width, head_dim)
-        self.cache = base
+        self.cache = parts[0]
         self.lengths += lengths
 
     def keep(self, rows: list[int]) -> None:

@@ -19,6 +19,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # go on past end-of-sequence tokens until max_tokens
 
     @property
     def greedy(self) -> bool:

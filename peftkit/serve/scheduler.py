@@ -109,8 +109,9 @@ class Scheduler:
                 future.set_exception(error)
 
     def _admit(self) -> None:
-        joined, caches = [], []
-        while self.waiting and len(self.rows) + len(joined) < self.max_batch_size:
+        """Prefill waiting requests while the batch has room and join them to it."""
+        admitted = []
+        while self.waiting and len(self.rows) + len(admitted) < self.max_batch_size:
             with self._wake:
                 sequence = self.waiting.popleft()
                 self.metrics.queue_length.set(len(self.waiting))
@@ -119,23 +120,42 @@ class Scheduler:
                 continue
             try:
                 self._acquire(sequence)
-                adapter = None if sequence.adapter == self.base_name else sequence.adapter
-                logits, cache = self.runner.prefill(sequence, adapter)
-                token = next_tokens(logits[None], [sequence.params], [sequence.generator])[0]
-            except Exception as error:  # unknown or busy adapter, a file that no longer loads, a model error
+            except Exception as error:  # unknown or busy adapter, a file that no longer loads
                 sequence.fail(error)
                 self._finish(sequence, "error")
                 continue
+            admitted.append(sequence)
+        together = [s for s in admitted if self._adapter(s) not in self.registry.input_methods]
+        alone = [[s] for s in admitted if self._adapter(s) in self.registry.input_methods]
+        for group in ([together] if together else []) + alone:
+            self._prefill(group)
+        self.metrics.batch_size.set(len(self.rows))
+
+    def _adapter(self, sequence: Sequence) -> str | None:
+        return None if sequence.adapter == self.base_name else sequence.adapter
+
+    def _prefill(self, group: list[Sequence]) -> None:
+        try:
+            logits, cache = self.runner.prefill(group, [self._adapter(s) for s in group])
+            tokens = next_tokens(logits, [s.params for s in group], [s.generator for s in group])
+        except Exception as error:  # a model error ends these requests, not the server
+            for sequence in group:
+                sequence.fail(error)
+                self._finish(sequence, "error")
+            return
+        first = len(self.rows)
+        self.cache.join(cache, [s.length for s in group])
+        self.rows += group
+        ended = set()
+        for index, (sequence, token) in enumerate(zip(group, tokens, strict=True)):
             self.metrics.prompt_tokens.labels(sequence.adapter).inc(len(sequence.prompt_ids))
             if sequence.add_token(token):
                 self._finish(sequence, "ok")
-            else:
-                joined.append(sequence)
-                caches.append(cache)
-        if joined:
-            self.cache.join(caches)
-            self.rows += joined
-        self.metrics.batch_size.set(len(self.rows))
+                ended.add(first + index)
+        if ended:
+            kept = [i for i in range(len(self.rows)) if i not in ended]
+            self.rows = [self.rows[i] for i in kept]
+            self.cache.keep(kept)
 
     def _step(self) -> None:
         try:

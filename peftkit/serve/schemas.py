@@ -26,6 +26,7 @@ class _Request(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence (benchmarks)
 
     @field_validator("stop")
     @classmethod

@@ -27,7 +27,7 @@ class Event:
     error: Exception | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests are never the same row
 class Sequence:
     adapter: str  # the name the client asked for (an adapter, or the base model's name)
     prompt_ids: list[int]

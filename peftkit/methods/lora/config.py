@@ -15,11 +15,11 @@ from peftkit.config import (
     check_positive_int,
     register_config,
 )
+from peftkit.layer import ADAPTER_DTYPES
 from peftkit.task_type import TASK_TYPES, task_type_value
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian", "random")
-ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16")
 
 # peftkit `init` <-> HF PEFT `init_lora_weights`
 _INIT_TO_HF: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "random": False}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +22,8 @@ class LoraEmbedding(AdapterLayer):
     """
 
     combines_adapters = True
+    adapter_holders = ("lora_embedding_A", "lora_embedding_B")  # AdapterLayer's bookkeeping reads these
+    adapter_settings = ("scaling", "configured_scaling")
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__()
@@ -33,12 +33,6 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.configured_scaling: dict[str, float] = {}  # the config's s, which set_scale() multiplies
-
-    def base(self) -> nn.Module:
-        return self.base_layer
-
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_embedding_A.keys())
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         weight = self.base_layer.weight
@@ -58,29 +52,9 @@ class LoraEmbedding(AdapterLayer):
             config.r,
         )
 
-    def delete_adapter(self, name: str) -> None:
-        del self.lora_embedding_A[name]
-        del self.lora_embedding_B[name]
-        del self.scaling[name], self.configured_scaling[name]
-
     def set_scale(self, name: str, factor: float) -> None:
         """Adapter ``name``'s update scaled by ``factor`` times the configured ``s`` (HF PEFT's set_scale)."""
         self.scaling[name] = factor * self.configured_scaling[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield self.lora_embedding_A[name]
-        yield self.lora_embedding_B[name]
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return {
-            "lora_embedding_A": self.lora_embedding_A[name],
-            "lora_embedding_B": self.lora_embedding_B[name],
-        }
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.lora_embedding_A[name].copy_(tensors["lora_embedding_A"])
-            self.lora_embedding_B[name].copy_(tensors["lora_embedding_B"])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s · (B A)ᵀ``, (vocab, dim): the update of the embedding table."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +36,8 @@ class LoraLinear(AdapterLayer):
     """
 
     combines_adapters = True
+    adapter_holders = ("lora_A", "lora_B", "lora_dropout")  # AdapterLayer's bookkeeping reads these
+    adapter_settings = ("scaling", "configured_scaling")
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__()
@@ -58,12 +58,6 @@ class LoraLinear(AdapterLayer):
             True  # the update goes into the base output's own memory (see _add_scaled_product)
         )
 
-    def base(self) -> nn.Module:
-        return self.base_layer
-
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
-
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         dtype = adapter_dtype(config.adapter_dtype, self.base_layer)
         factory = {"device": self.base_layer.weight.device, "dtype": dtype}
@@ -74,27 +68,16 @@ class LoraLinear(AdapterLayer):
         initialise(
             LINEAR_INITIALISERS, self.lora_A[name].weight, self.lora_B[name].weight, config.init, config.r
         )
+        self._forget_stacks()
 
     def delete_adapter(self, name: str) -> None:
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            del table[name]
-        del self.scaling[name], self.configured_scaling[name]
+        super().delete_adapter(name)
+        self._forget_stacks()
 
     def set_scale(self, name: str, factor: float) -> None:
         """Adapter ``name``'s update scaled by ``factor`` times the configured ``s`` (HF PEFT's set_scale)."""
         self.scaling[name] = factor * self.configured_scaling[name]
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield self.lora_A[name].weight
-        yield self.lora_B[name].weight
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.lora_A[name].weight.copy_(tensors["lora_A.weight"])
-            self.lora_B[name].weight.copy_(tensors["lora_B.weight"])
+        self._forget_stacks()  # the stacks hold s·B
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s · B A`` in the base weight's layout: (out, in) for ``nn.Linear``, (in, out) for ``Conv1D``."""
@@ -165,45 +148,72 @@ class LoraLinear(AdapterLayer):
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         routing = self.routing
-        stacks = self._stacks(routing.names)
+        stacks = self._row_stacks(routing)
         if stacks is None:
             return result
-        stack_A, stack_B = stacks  # (n, r_max, in), (n, out, r_max) with each B already scaled by its s
+        rows_A, rows_B = stacks  # (batch, in, r_max), (batch, r_max, out): row b's A^T and s·B^T
         routing.check_batch(x.shape[0], f"LoraLinear({self.in_features}->{self.out_features})")
-        rows = routing.index
-        xb = x.to(stack_A.dtype).reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
-        hidden = torch.bmm(xb, stack_A[rows].transpose(1, 2))  # (batch, tokens, r_max)
+        xb = x.to(rows_A.dtype).reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
+        hidden = torch.bmm(xb, rows_A)  # (batch, tokens, r_max)
         batched = result.reshape(x.shape[0], -1, self.out_features)  # (batch, tokens, out)
-        update = _add_scaled_product(batched, hidden, stack_B[rows].transpose(1, 2), 1.0, self.adds_in_place)
+        update = _add_scaled_product(batched, hidden, rows_B, 1.0, self.adds_in_place)
         return update.reshape(result.shape).to(result.dtype)
 
-    def _stacks(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The batch's adapters stacked for gathering, rebuilt only when an adapter changed (parameters'
-        version counters move with every in-place update: optimizer steps, loads) or while they train."""
-        present = [n for n in names if self.runs(n)]
-        if not present:
+    def _row_stacks(self, routing) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every row's adapter matrices, gathered from :meth:`_stacks` into the contiguous layouts ``bmm`` and
+        ``baddbmm_`` read fastest, and kept while the batch's rows keep their adapters (a decode loop reuses
+        them every step). At one token per row the gather and a strided ``baddbmm_`` operand cost more than
+        the adapters' products themselves; gathering once per batch composition removes both."""
+        stacks = self._stacks(routing.names)
+        if stacks is None:
             return None
-        key = tuple(
-            (n, self.lora_A[n].weight._version, self.lora_B[n].weight._version, self.scaling[n])
-            if self.runs(n)
-            else n
-            for n in names
-        )
-        cached = self.__dict__.get("_stack_cache")
-        if cached is not None and cached[0] == key:
+        stack_A, stack_B = stacks  # (n, r_max, in), (n, out, r_max) with each B already scaled by its s
+        rows = routing.index
+        kept = self.__dict__.get("_stack_cache")
+        is_kept = kept is not None and kept[2][0] is stack_A  # not kept while they train: nor is this
+        key = (stack_A, tuple(rows.tolist()))  # the kept stacks themselves (compared by `is`), the rows
+        cached = self.__dict__.get("_row_cache")
+        if is_kept and cached is not None and cached[0][0] is stack_A and cached[0][1] == key[1]:
             return cached[1]
+        gathered = (stack_A[rows].transpose(1, 2).contiguous(), stack_B[rows].transpose(1, 2).contiguous())
+        if is_kept:
+            self.__dict__["_row_cache"] = (key, gathered)
+        return gathered
+
+    def _stacks(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch's adapters stacked for gathering, rebuilt only when an adapter changed: parameters'
+        version counters move with every in-place update (optimizer steps, loads); adding or deleting an
+        adapter or changing a scale forgets the stacks; while the adapters train nothing is kept. The check is
+        a few integer comparisons per adapter: it runs in every layer at every decode step."""
+        kept = self.__dict__.get("_stack_cache")
+        merged = tuple(self.merged_adapters)
+        if (
+            kept is not None
+            and kept[0] == (names, merged)
+            and all(parameter._version == version for parameter, version in kept[1])
+        ):
+            return kept[2]
+        live = [n for n in names if n in self.lora_A and n not in merged]  # self.runs(n)
+        if not live:
+            return None
+        weights = {n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in live}
         stack_A, stack_B = padded_stack(
             names,
-            lambda n: (
-                (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) if self.runs(n) else None
-            ),
+            weights.get,
             a_shape=(self.in_features,),
             b_shape=(self.out_features,),
-            like=self.lora_A[present[0]].weight,
+            like=weights[live[0]][0],
         )
         if not (torch.is_grad_enabled() and stack_A.requires_grad):  # a graph must not outlive its step
-            self.__dict__["_stack_cache"] = (key, (stack_A, stack_B))
+            versions = [(p, p._version) for a, b, _ in weights.values() for p in (a, b)]
+            self.__dict__["_stack_cache"] = ((names, merged), versions, (stack_A, stack_B))
         return stack_A, stack_B
+
+    def _forget_stacks(self) -> None:
+        """A new adapter under an old name has fresh parameters whose version counters may equal the old
+        ones': the kept stacks must not be taken for its."""
+        self.__dict__.pop("_stack_cache", None)
+        self.__dict__.pop("_row_cache", None)
 
 
 def _add_scaled_product(

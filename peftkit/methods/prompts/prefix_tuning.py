@@ -18,13 +18,15 @@ the prefix is an MLP of a smaller matrix, ``P = W_2 tanh(W_1 P' + b_1) + b_2`` w
 Only ``P`` is needed afterwards: the checkpoint holds the folded prefix, and a loaded adapter keeps the
 prefix tensors alone (training it further trains them directly).
 
-Where the prefix goes, by architecture:
-- decoders (GPT-2, LLaMA, ...): every self-attention layer;
-- BERT-style encoders: every self-attention layer (the encoder reads a passed cache);
-- T5: the encoder's self-attention, the decoder's self-attention and the cross-attention. transformers'
-  T5 encoder drops any cache it is given ("do not pass cache object down the line for encoder stack"), so
-  the encoder is run first with its prefixes handed to each self-attention module by a pre-hook
-  (:func:`_run_encoder`), and its output is what the cross-attention prefix extends.
+Where the prefix goes, by architecture (the routes of :mod:`.prefix_layout`):
+- decoders (GPT-2, LLaMA, Falcon, ...) and BERT-style encoders: every self-attention layer, through the KV
+  cache their forward reads (``heads``: the cache's key/value heads, one with multi-query attention);
+- encoders whose forward takes no cache (DistilBERT, ALBERT, ModernBERT, DeBERTa-v2): every self-attention
+  layer, through the attention function or hooks, for the one forward pass (:mod:`.prefix_attention`);
+  their masks, positions and labels stay the user's, and the output has no virtual positions;
+- encoder-decoders (T5, BART): the encoder's self-attention, the decoder's self-attention and the
+  cross-attention. The encoder runs first, inside :func:`prepare_inputs`, with its prefixes handed to its
+  attention (:mod:`.prefix_attention`), and its output is what the cross-attention prefix extends.
 Gradient checkpointing in transformers drops ``past_key_values`` in training, which would silently drop the
 prefix: with checkpointing on, training is refused with an error.
 """
@@ -32,6 +34,7 @@ prefix: with checkpointing on, training is refused with an error.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +45,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
 from peftkit.layer import find_or_wrap
 from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
+from peftkit.methods.prompts.prefix_attention import PrefixCall
+from peftkit.methods.prompts.prefix_layout import PrefixLayout, prefix_layout
 from peftkit.methods.prompts.virtual_tokens import (
     EncodersAtInputEmbedding,
     cached_length,
@@ -77,35 +82,6 @@ class PrefixTuningConfig(AdapterConfig):
         self._set(
             "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
         )
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Shape of one layer's keys/values, and whether the model has cross-attention to prefix as well."""
-
-    layers: int
-    heads: int  # key/value heads
-    head_dim: int
-    cross: bool
-    encoder_layers: int = 0  # an encoder-decoder's encoder self-attention layers
-
-    def shape(self, n: int, layers: int | None = None) -> tuple[int, ...]:
-        return (layers or self.layers, 2, self.heads, n, self.head_dim)
-
-
-def geometry(model: nn.Module) -> Geometry:
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ConfigError(f"{type(model).__name__} has no transformers config; prefix tuning needs one")
-    if is_encoder_decoder(model):
-        layers = getattr(config, "num_decoder_layers", None) or config.num_layers
-        heads = config.num_heads
-        head_dim = getattr(config, "d_kv", None) or config.d_model // heads
-        return Geometry(layers, heads, head_dim, cross=True, encoder_layers=config.num_layers)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return Geometry(config.num_hidden_layers, kv_heads, head_dim, cross=False)
 
 
 class PrefixEncoder(nn.Module):
@@ -150,17 +126,37 @@ class PrefixEncoder(nn.Module):
         self.prompt = None
 
 
+PREFIX_KEY = "peftkit_prefix_adapter"  # forward keyword argument that opens a prefix call (see PrefixStore)
+
+
 class PrefixStore(EncodersAtInputEmbedding):
     """Each adapter's prefixes, held at the model's input embedding; they enter through :func:`prepare_inputs`
-    as a filled cache."""
+    as a filled cache, or, on an encoder whose forward reads none, through a :class:`PrefixCall` that this
+    store opens around the model's forward pass (a pre-hook takes the adapter name from the keyword arguments,
+    a hook that runs even when the pass fails closes it)."""
 
     method = "prefix-tuning"
 
-    def add_adapter(self, name: str, config: PrefixTuningConfig, shape: Geometry) -> None:
-        shapes = {"prefix": shape.shape(config.num_virtual_tokens)}
-        if shape.cross:
-            shapes["cross_prefix"] = shape.shape(config.num_virtual_tokens)
-            shapes["encoder_prefix"] = shape.shape(config.num_virtual_tokens, layers=shape.encoder_layers)
+    def __init__(self, base_layer: nn.Module, model: nn.Module, layout: PrefixLayout) -> None:
+        super().__init__(base_layer)
+        self.layout = layout
+        self._calls: list[PrefixCall | None] = []  # open calls, innermost last
+        self._hooks = []
+        if not layout.cross and layout.route != "cache":
+            store = weakref.ref(self)
+            self._hooks = [
+                model.register_forward_pre_hook(lambda m, a, k: store()._open(m, a, k), with_kwargs=True),
+                model.register_forward_hook(
+                    lambda m, a, k, out: store()._close(out), with_kwargs=True, always_call=True
+                ),
+            ]
+
+    def add_adapter(self, name: str, config: PrefixTuningConfig) -> None:
+        n = config.num_virtual_tokens
+        shapes = {"prefix": self.layout.shape(n)}
+        if self.layout.cross:
+            shapes["cross_prefix"] = self.layout.shape(n)
+            shapes["encoder_prefix"] = self.layout.shape(n, encoder=True)
         self.encoders[name] = PrefixEncoder(config, shapes, self.base_layer.weight)
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -170,16 +166,35 @@ class PrefixStore(EncodersAtInputEmbedding):
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self.encoders[name].fold({key: tensors[key] for key in self.encoders[name].shapes})
 
+    def unloaded(self, merge: bool) -> nn.Module:
+        for hook in self._hooks:
+            hook.remove()
+        return self.base_layer
+
+    def _open(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._calls.append(None)  # first, so that the closing hook always has its entry
+        name = kwargs.pop(PREFIX_KEY, None)
+        if name is not None:
+            prefix = self.encoders[name].values()["prefix"]
+            self._calls[-1] = PrefixCall(model, model, self.layout.route, prefix)
+            self._calls[-1].open()
+        return args, kwargs
+
+    def _close(self, output: Any) -> None:
+        call = self._calls.pop() if self._calls else None
+        if call is not None:
+            call.close(completed=output is not None)
+
 
 def _store(model: nn.Module) -> PrefixStore:
     return input_embedding_adapter(model, PrefixStore, "prefix-tuning")
 
 
 def inject(model: nn.Module, name: str, config: PrefixTuningConfig) -> list[str]:
-    shape = geometry(model)
+    layout = prefix_layout(model)  # refuses, before anything changes, a model prefixes cannot reach
     path = input_embedding_path(model)
-    layer = find_or_wrap(model, path, PrefixStore, PrefixStore)
-    layer.add_adapter(name, config, shape)
+    layer = find_or_wrap(model, path, PrefixStore, lambda base: PrefixStore(base, model, layout))
+    layer.add_adapter(name, config)
     return [path]
 
 
@@ -204,39 +219,18 @@ def _cache(model: nn.Module, prefixes: dict[str, torch.Tensor], rows: int, into:
 
 
 def _run_encoder(model: nn.Module, prefixes: dict[str, torch.Tensor], inputs: dict, attention_mask) -> Any:
-    """An encoder-decoder's encoder with the prefix in every self-attention layer.
-
-    transformers' T5 encoder stack drops any cache it is given, so each encoder self-attention module gets
-    a cache holding its layer's prefix through a forward pre-hook, for this call only, and the mask it is
-    handed is extended over the prefix (attended by every token). The relative position bias then places
-    the real tokens after the ``n`` prefix positions, as it does in the decoder.
-    """
+    """An encoder-decoder's encoder, run with the prefix in every self-attention layer and the user's mask
+    (the prefix is attended by every token; see :mod:`.prefix_attention`)."""
     encoder = model.get_encoder()
-    prefix = prefixes["encoder_prefix"]  # (layers, 2, heads, n, head_dim)
-    rows = next(iter(inputs.values())).shape[0]
-    cache = DynamicCache(config=model.config)
-    _fill(cache, prefix, rows)
-    n = prefix.shape[3]
-
-    def with_prefix(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs["past_key_values"] = cache
-        mask = kwargs.get("mask")
-        if mask is not None:  # (batch, 1, queries, keys): bool "may attend" or additive float
-            attend = torch.ones if mask.dtype == torch.bool else torch.zeros
-            kwargs["mask"] = torch.cat(
-                [attend(*mask.shape[:-1], n, dtype=mask.dtype, device=mask.device), mask], -1
-            )
-        return args, kwargs
-
-    attentions = [
-        m for m in encoder.modules() if getattr(m, "is_decoder", True) is False and hasattr(m, "layer_idx")
-    ]
-    handles = [m.register_forward_pre_hook(with_prefix, with_kwargs=True) for m in attentions]
+    call = PrefixCall(model, encoder, _store(model).layout.route, prefixes["encoder_prefix"])
+    call.open()
+    completed = False
     try:
-        return encoder(**inputs, attention_mask=attention_mask)
+        output = encoder(**inputs, attention_mask=attention_mask)
+        completed = True
     finally:
-        for handle in handles:
-            handle.remove()
+        call.close(completed)
+    return output
 
 
 def prepare_inputs(model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -246,9 +240,13 @@ def prepare_inputs(model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[
             "prefix tuning cannot train with gradient checkpointing: transformers drops `past_key_values` in "
             "checkpointed layers, which would drop the prefixes; call gradient_checkpointing_disable()"
         )
-    encoder = _store(model).encoders[name]
+    store = _store(model)
+    encoder = store.encoders[name]
     n = next(iter(encoder.shapes.values()))[3]
     kwargs = dict(kwargs)
+    if not store.layout.cross and store.layout.route != "cache":
+        kwargs[PREFIX_KEY] = name  # the store's pre-hook opens the call (inputs stay the user's)
+        return kwargs
     if cached_length(kwargs) > 0:  # decoding with a cache that already holds the prefixes
         return extend_over_virtual_tokens(model, kwargs, n, starts=False)
     prefixes = encoder.values()
