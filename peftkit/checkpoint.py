@@ -39,6 +39,42 @@ def config_text(config: dict[str, Any]) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
+# HF PEFT's prompt-learning files (its wrapper holds the model directly, not a tuner around it): the virtual
+# tokens are `prompt_embeddings` at the top level, trained modules `base_model.<path>` (not `base_model.model.`).
+PROMPT_LEARNING_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+PROMPT_KEY = "prompt_embeddings"
+PROMPT_PREFIX = "base_model."
+
+
+def file_keys(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` under the keys the file's ``peft_type`` uses (peftkit's own keys but for prompt learning)."""
+    if config.get("peft_type") not in PROMPT_LEARNING_TYPES:
+        return tensors
+    renamed = {}
+    for key, tensor in tensors.items():
+        if key.endswith("." + PROMPT_KEY):
+            renamed[PROMPT_KEY] = tensor
+        else:
+            renamed[PROMPT_PREFIX + key.removeprefix(KEY_PREFIX)] = tensor
+    return renamed
+
+
+def model_keys(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`file_keys`: a file's tensors under the model's ``expected`` keys."""
+    if config.get("peft_type") not in PROMPT_LEARNING_TYPES:
+        return tensors
+    prompt = [key for key in expected if key.endswith("." + PROMPT_KEY)]
+    renamed = {}
+    for key, tensor in tensors.items():
+        if key == PROMPT_KEY and len(prompt) == 1:
+            renamed[prompt[0]] = tensor
+        else:
+            renamed[KEY_PREFIX + key.removeprefix(PROMPT_PREFIX)] = tensor
+    return renamed
+
+
 def write_adapter(
     directory: str | os.PathLike,
     config: dict[str, Any],
@@ -51,6 +87,7 @@ def write_adapter(
     ``torch.load(weights_only=True)`` reads back) instead of safetensors, as HF PEFT's option of that name.
     The other format's file, left by an earlier save, is removed: it would be read instead of this one."""
     directory = Path(directory)
+    tensors = file_keys(config, tensors)
     directory.mkdir(parents=True, exist_ok=True)
     text = config_text(config)
     metadata = {"format": "pt", CONFIG_HASH_KEY: hashlib.sha256(text.encode()).hexdigest()}

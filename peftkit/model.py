@@ -331,6 +331,7 @@ class PeftModel(HfPeftSurface, nn.Module):
         self.add_adapter(adapter_name, config)
         try:
             expected = self.adapter_state_dict(adapter_name)
+            tensors = checkpoint.model_keys(file_config, tensors, expected)
             tensors = self._drop_base_copies(tensors, expected, source=str(directory))
             checkpoint.check_tensors(tensors, expected, source=str(directory))
             self._load_tensors(adapter_name, tensors)

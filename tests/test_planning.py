@@ -206,3 +206,19 @@ def test_cli_json_chart_and_errors(tmp_path, capsys):
     assert main([*args, "--memory", "plenty"]) == 2
     assert "memory must be" in capsys.readouterr().err
     assert main(["plan", "--model", str(tmp_path / "nowhere")]) == 2
+
+
+def test_predicted_peaks_for_a_training_config(tmp_path):
+    """What ``peftkit compare`` shows next to the measured peak: the plan's total for train's settings."""
+    from peftkit.planning import predicted_peaks
+
+    TINY_MODELS["bert"].build_model().config.save_pretrained(tmp_path)
+    config = TrainConfig(model=str(tmp_path), dataset="rotten_tomatoes", batch_size=2, max_length=8)
+    peaks = predicted_peaks(config, ["lora", "no_such_method"])
+    expected = plan(model=str(tmp_path), task="sequence-classification", methods=("lora",), **_SMALL)
+    assert peaks == {"lora": expected.row("lora").memory.total, "no_such_method": None}
+    missing = TrainConfig(model=str(tmp_path / "nowhere"), dataset="rotten_tomatoes")
+    assert predicted_peaks(missing, ["lora"]) == {"lora": None}
+
+
+_SMALL = {"batch_size": 2, "max_length": 8}

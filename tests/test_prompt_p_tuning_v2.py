@@ -83,10 +83,11 @@ def test_token_classification_trains_the_deep_prompts_and_the_head_only(tmp_path
     )
 
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PEFTKIT_P_TUNING_V2"
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["peft_type"] == "PREFIX_TUNING" and written["peftkit"]["method"] == "p_tuning_v2"
     with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as handle:
         shapes = sorted(tuple(handle.get_tensor(k).shape) for k in handle.keys())  # noqa: SIM118
-    assert shapes == sorted([(LABELS,), (LABELS, 32), (2, 2, 4, N, 8)])
+    assert shapes == sorted([(LABELS,), (LABELS, 32), (N, 2 * 2 * 4 * 8)])
     loaded = PeftModel.from_pretrained(_ner_model(), tmp_path)
     assert isinstance(loaded.peft_config["default"], PTuningV2Config)
     with torch.no_grad():

@@ -60,7 +60,7 @@ def test_contract(name, projection, tmp_path):
     assert {k.rsplit(".", 1)[-1]: tuple(t.shape) for k, t in stored.items()} == (
         {"prefix": expected, "cross_prefix": expected, "encoder_prefix": expected}
         if name == "t5"
-        else {"prefix": expected}
+        else {"prompt_embeddings": (N, 2 * 2 * heads * 8)}  # HF PEFT's layout: per token, every layer's k, v
     )
     count = model.trainable_parameters()
     assert count.adapter == sum(t.numel() for t in stored.values())

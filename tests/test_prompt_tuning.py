@@ -50,7 +50,9 @@ def test_contract(name, tmp_path):
     path = tmp_path / WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as handle:
         stored = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    assert [tuple(t.shape) for t in stored.values()] == [(1, N, 32)]
+    assert {k: tuple(t.shape) for k, t in stored.items()} == {
+        "prompt_embeddings": (N, 32)
+    }  # HF PEFT's layout
     count = model.trainable_parameters()
     assert count.adapter == count.trainable == N * 32
     header = struct.unpack("<Q", path.read_bytes()[:8])[0]

@@ -36,6 +36,9 @@ HELP = {
     "save_every": "optimizer steps between checkpoints",
     "output_dir": "the run's folder",
     "resume": "continue the run in --output-dir from its last checkpoint",
+    "fused_loss": "causal-LM / seq2seq loss from the hidden states in chunks, without the logits (exact)",
+    "group_by_length": "batches of similar lengths (none: on for causal-lm and seq2seq only)",
+    "packing": "causal-lm: several examples per row, each with its own positions and attention",
 }
 
 
@@ -59,7 +62,7 @@ def add_config_flags(
             name
         ) or f"{HELP.get(name, name.replace('_', ' '))} (default: {_default(field)})"
         text = argparse.SUPPRESS if name in hidden else text
-        if hints[name] is bool:
+        if hints[name] is bool or hints[name] == bool | None:  # None: the setting's automatic choice
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif name == "method":
             parser.add_argument(flag, choices=list(METHOD_SPECS), default=None, metavar="METHOD", help=text)

@@ -18,6 +18,7 @@ from peftkit.lab.records import RunRecord, read_run
 from peftkit.lab.runner import finished_result, launch
 from peftkit.lab.summary import MethodSummary, summarize
 from peftkit.lab.tables import JSON, write_tables
+from peftkit.planning import predicted_peaks
 from peftkit.training.config import TrainConfig
 
 
@@ -71,6 +72,9 @@ def run_comparison(
     finally:
         progress.close()
     rows = summarize(runs)
+    predicted = predicted_peaks(base, list(methods))
+    for row in rows:
+        row.predicted_peak_bytes = predicted.get(row.method)
     files = write_tables(rows, runs, output_dir, _describe(base, methods, seeds, context))
     files += write_charts(rows, runs, output_dir, _title(base))
     return Comparison(rows, runs, files)

@@ -30,6 +30,9 @@ class Method:
     # -> kwargs, e.g. extending the attention mask and labels over virtual tokens. None: inputs untouched.
     prepare_inputs: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
     prepare_generation: Callable[[nn.Module, str, dict[str, Any]], dict[str, Any]] | None = None
+    # further `peft_type`s whose files `from_file` reads (a method written in HF PEFT's format where it can,
+    # in peftkit's own where HF PEFT has no equivalent)
+    other_file_types: tuple[str, ...] = ()
 
 
 METHODS: dict[str, Method] = {}
@@ -51,7 +54,7 @@ def method_for_config(config: AdapterConfig) -> Method:
 def method_for_file(data: dict[str, Any]) -> Method:
     file_type = data.get("peft_type")
     for method in METHODS.values():
-        if method.file_type == file_type:
+        if file_type == method.file_type or file_type in method.other_file_types:
             return method
     known = sorted(m.file_type for m in METHODS.values())
     raise ConfigError(f"adapter_config.json has `peft_type`={file_type!r}; peftkit reads {known}")

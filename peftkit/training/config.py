@@ -46,6 +46,10 @@ class TrainConfig:
     max_length: int = 48
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # causal-LM / seq2seq training (see peftkit/training/efficiency.py)
+    fused_loss: bool = True  # the fused linear cross-entropy where it equals the model's own loss
+    group_by_length: bool | None = None  # None: on for causal-lm and seq2seq, off for classification
+    packing: bool = False  # several causal-LM examples per row, attention and positions kept apart
     seed: int = 0
     # evaluation, checkpoints, output
     eval_every: int = 100

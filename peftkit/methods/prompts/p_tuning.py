@@ -44,6 +44,7 @@ from peftkit.config import (
 )
 from peftkit.layer import find_or_wrap
 from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
+from peftkit.methods.prompts import hf_files
 from peftkit.methods.prompts.prompt_tuning import prepend_prompts, prompt_generation
 from peftkit.methods.prompts.virtual_tokens import (
     IGNORE_INDEX,
@@ -53,7 +54,8 @@ from peftkit.methods.prompts.virtual_tokens import (
     input_embedding_path,
     is_encoder_decoder,
 )
-from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
+from peftkit.methods.registry import Method, no_base_parameters, register_method
+from peftkit.task_type import task_type_value
 
 SLOT = "[P]"
 
@@ -94,6 +96,8 @@ class PTuningConfig(AdapterConfig):
     placeholder_token_id: the id :meth:`encode` puts in each slot (template only); pick one the tokenizer
         never produces from your text, e.g. BERT's ``[unused0]`` (padding may use it: padding is masked).
     modules_to_save: modules trained in full next to the prompt (a fresh classification head).
+    task_type: HF PEFT's task (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...): a classification task adds the model's
+        head to ``modules_to_save``, as in HF PEFT; written to files (None: read from the model).
     """
 
     method: ClassVar[str] = "p_tuning"
@@ -104,8 +108,10 @@ class PTuningConfig(AdapterConfig):
     template: str | None = None
     placeholder_token_id: int | None = None
     modules_to_save: tuple[str, ...] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
+        self._set("task_type", task_type_value(self.task_type))
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
         check_choice("encoder", self.encoder, tuple(ENCODERS))
         if self.encoder_hidden_size is not None:
@@ -324,7 +330,10 @@ register_method(
         trained_base_parameters=no_base_parameters,
         prepare_inputs=prepare_inputs,
         prepare_generation=prepare_generation,
-        **native_file_format("PEFTKIT_P_TUNING", PTuningConfig),
+        file_type="P_TUNING",
+        other_file_types=("PEFTKIT_P_TUNING",),
+        to_file=hf_files.p_tuning_to_file,
+        from_file=hf_files.from_file("p_tuning", "PEFTKIT_P_TUNING"),
     )
 )
 

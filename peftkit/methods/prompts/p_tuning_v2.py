@@ -19,8 +19,9 @@ from typing import ClassVar
 
 from peftkit.config import AdapterConfig, as_name_tuple, check_positive_int, register_config
 from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
-from peftkit.methods.prompts import prefix_tuning
-from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
+from peftkit.methods.prompts import hf_files, prefix_tuning
+from peftkit.methods.registry import Method, no_base_parameters, register_method
+from peftkit.task_type import task_type_value
 
 
 @register_config
@@ -29,6 +30,8 @@ class PTuningV2Config(AdapterConfig):
     """Fields:
     num_virtual_tokens: the deep prompt length ``n`` (per layer), chosen per task.
     modules_to_save: the task head trained in full next to the prompts, e.g. ``["classifier"]``.
+    task_type: HF PEFT's task (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...): a classification task adds the model's
+        head to ``modules_to_save``, as in HF PEFT; written to files (None: read from the model).
     """
 
     method: ClassVar[str] = "p_tuning_v2"
@@ -36,8 +39,10 @@ class PTuningV2Config(AdapterConfig):
 
     num_virtual_tokens: int = 20
     modules_to_save: tuple[str, ...] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
+        self._set("task_type", task_type_value(self.task_type))
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
         self._set(
             "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save, allow_string=False)
@@ -52,7 +57,9 @@ register_method(
         trained_base_parameters=no_base_parameters,
         prepare_inputs=prefix_tuning.prepare_inputs,
         prepare_generation=prefix_tuning.prepare_generation,
-        **native_file_format("PEFTKIT_P_TUNING_V2", PTuningV2Config),
+        file_type="PEFTKIT_P_TUNING_V2",  # written as PREFIX_TUNING with peftkit's config beside (hf_files)
+        to_file=hf_files.prefix_to_file("PEFTKIT_P_TUNING_V2"),
+        from_file=hf_files.from_file("prefix_tuning", "PEFTKIT_P_TUNING_V2"),
     )
 )
 

@@ -45,6 +45,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
 from peftkit.layer import find_or_wrap
 from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
+from peftkit.methods.prompts import hf_files
 from peftkit.methods.prompts.prefix_attention import PrefixCall
 from peftkit.methods.prompts.prefix_layout import PrefixLayout, prefix_layout
 from peftkit.methods.prompts.virtual_tokens import (
@@ -57,7 +58,8 @@ from peftkit.methods.prompts.virtual_tokens import (
     is_encoder_decoder,
     rows_per_input,
 )
-from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
+from peftkit.methods.registry import Method, no_base_parameters, register_method
+from peftkit.task_type import task_type_value
 
 
 @register_config
@@ -67,6 +69,8 @@ class PrefixTuningConfig(AdapterConfig):
     num_virtual_tokens: prefix length ``n`` (per layer).
     projection_size: hidden size of the reparameterization MLP (``None``: train the prefix directly).
     modules_to_save: modules trained in full next to the prefix (a fresh classification head).
+    task_type: HF PEFT's task (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...): a classification task adds the model's
+        head to ``modules_to_save``, as in HF PEFT; written to files (None: read from the model).
     """
 
     method: ClassVar[str] = "prefix_tuning"
@@ -74,8 +78,10 @@ class PrefixTuningConfig(AdapterConfig):
     num_virtual_tokens: int = 20
     projection_size: int | None = None
     modules_to_save: tuple[str, ...] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
+        self._set("task_type", task_type_value(self.task_type))
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
         if self.projection_size is not None:
             check_positive_int("projection_size", self.projection_size)
@@ -160,11 +166,21 @@ class PrefixStore(EncodersAtInputEmbedding):
         self.encoders[name] = PrefixEncoder(config, shapes, self.base_layer.weight)
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """The final prefixes (through the MLP when reparameterized): what inference needs, nothing more."""
-        return {key: value for key, value in self.encoders[name].values().items()}
+        """The final prefixes (through the MLP when reparameterized): what inference needs, nothing more.
+        Without cross-attention, as HF PEFT stores them: ``prompt_embeddings`` (n, layers·2·heads·head_dim)."""
+        values = self.encoders[name].values()
+        if self.layout.cross:
+            return values
+        prefix = values["prefix"]  # (layers, 2, heads, n, head_dim)
+        return {"prompt_embeddings": prefix.permute(3, 0, 1, 2, 4).reshape(prefix.shape[3], -1)}
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        self.encoders[name].fold({key: tensors[key] for key in self.encoders[name].shapes})
+        shapes = self.encoders[name].shapes
+        if not self.layout.cross:
+            layers, two, heads, n, head_dim = shapes["prefix"]
+            flat = tensors["prompt_embeddings"].reshape(n, layers, two, heads, head_dim)
+            tensors = {"prefix": flat.permute(1, 2, 3, 0, 4)}
+        self.encoders[name].fold({key: tensors[key] for key in shapes})
 
     def unloaded(self, merge: bool) -> nn.Module:
         for hook in self._hooks:
@@ -313,7 +329,10 @@ register_method(
         trained_base_parameters=no_base_parameters,
         prepare_inputs=prepare_inputs,
         prepare_generation=prepare_generation,
-        **native_file_format("PEFTKIT_PREFIX_TUNING", PrefixTuningConfig),
+        file_type="PREFIX_TUNING",
+        other_file_types=("PEFTKIT_PREFIX_TUNING",),
+        to_file=hf_files.prefix_to_file("PEFTKIT_PREFIX_TUNING"),
+        from_file=hf_files.from_file("prefix_tuning", "PEFTKIT_PREFIX_TUNING"),
     )
 )
 

@@ -42,6 +42,7 @@ from peftkit.config import (
 )
 from peftkit.layer import AdapterLayer, find_or_wrap
 from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
+from peftkit.methods.prompts import hf_files
 from peftkit.methods.prompts.virtual_tokens import (
     cached_length,
     extend_over_virtual_tokens,
@@ -51,7 +52,8 @@ from peftkit.methods.prompts.virtual_tokens import (
     is_encoder_decoder,
     refuse_mixed_batch,
 )
-from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
+from peftkit.methods.registry import Method, no_base_parameters, register_method
+from peftkit.task_type import task_type_value
 
 INIT_MODES = ("random", "vocab", "text")
 
@@ -67,6 +69,8 @@ class PromptTuningConfig(AdapterConfig):
     init_text: the text itself, kept for the record (the ids are what counts).
     num_prompts: ``k`` prompts trained jointly as an ensemble (1: plain prompt tuning).
     modules_to_save: modules trained in full next to the prompt (a fresh classification head).
+    task_type: HF PEFT's task (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...): a classification task adds the model's
+        head to ``modules_to_save``, as in HF PEFT; written to files (None: read from the model).
     """
 
     method: ClassVar[str] = "prompt_tuning"
@@ -77,8 +81,10 @@ class PromptTuningConfig(AdapterConfig):
     init_text: str | None = None
     num_prompts: int = 1
     modules_to_save: tuple[str, ...] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
+        self._set("task_type", task_type_value(self.task_type))
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
         check_positive_int("num_prompts", self.num_prompts)
         check_choice("init", self.init, INIT_MODES)
@@ -148,6 +154,16 @@ class PromptEmbedding(AdapterLayer):
                 ids = ids[None]
             prompts = weight.detach()[ids.to(weight.device)].clone()  # (k, n, d)
         self.prompt_embeddings[name] = nn.Parameter(prompts)
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """``prompt_embeddings``: (n, d) as HF PEFT stores a prompt; an ensemble's (k, n, d)."""
+        prompts = self.prompt_embeddings[name]
+        return {"prompt_embeddings": prompts[0] if prompts.shape[0] == 1 else prompts}
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        prompts = self.prompt_embeddings[name]
+        with torch.no_grad():
+            prompts.copy_(tensors["prompt_embeddings"].reshape(prompts.shape))
 
     def unloaded(self, merge: bool) -> nn.Module:
         self._hook.remove()
@@ -259,7 +275,10 @@ register_method(
         trained_base_parameters=no_base_parameters,
         prepare_inputs=prepare_inputs,
         prepare_generation=prepare_generation,
-        **native_file_format("PEFTKIT_PROMPT_TUNING", PromptTuningConfig),
+        file_type="PROMPT_TUNING",
+        other_file_types=("PEFTKIT_PROMPT_TUNING",),
+        to_file=hf_files.prompt_tuning_to_file,
+        from_file=hf_files.from_file("prompt_tuning", "PEFTKIT_PROMPT_TUNING"),
     )
 )
 
