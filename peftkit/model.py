@@ -407,7 +407,8 @@ class PeftModel(HfPeftSurface, nn.Module):
 
     # --- accounting ------------------------------------------------------------------------------------
     def trainable_parameters(self) -> accounting.ParameterCount:
-        return accounting.count_parameters(self)
+        tensors = {k: t for name in self.active_adapters for k, t in self.adapter_state_dict(name).items()}
+        return accounting.count_parameters(self.base_model, tensors)
 
     def print_trainable_parameters(self) -> None:
         print(self.trainable_parameters().summary())
