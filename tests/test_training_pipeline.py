@@ -175,6 +175,10 @@ def test_two_processes_match_one_process_with_twice_the_batch(assets, tmp_path):
         p.name for p in (tmp_path / "one").iterdir()
     )
     assert double.stdout.count("test accuracy") == 1, "only rank 0 reports"
+    assert "processes: 2; global batch 8 = batch size 4 x 2 processes" in double.stdout
+    assert "processes: 1; global batch 8 = batch size 8 x 1 processes" in single.stdout
+    recorded = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert (recorded["world_size"], recorded["global_batch"]) == (2, 8)
 
 
 def test_eval_and_predict_commands(assets, tmp_path, capsys):

@@ -33,6 +33,8 @@ class TrainResult:
     base_weight_bytes: int = 0  # the base's weights as held in memory (4-bit where quantized)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step, in order
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
+    world_size: int = 1  # training processes (torchrun / accelerate launch)
+    global_batch: int = 0  # examples per optimizer step: batch size x processes x accumulation steps
 
     @property
     def train_seconds(self) -> float:

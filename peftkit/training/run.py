@@ -119,6 +119,10 @@ class TrainingRun:
         self.global_batch = batches.global_batch_size(
             config.batch_size, dist.world_size, config.gradient_accumulation
         )
+        self.say(
+            f"processes: {dist.world_size}; global batch {self.global_batch} = batch size {config.batch_size}"
+            f" x {dist.world_size} processes x {config.gradient_accumulation} accumulation steps"
+        )
         self.steps_per_epoch = batches.steps_per_epoch(len(self.splits.train), self.global_batch)
         self.total_steps = batches.total_steps(config.max_steps, config.epochs, self.steps_per_epoch)
         self.sampler: batches.BatchSampler = efficiency.batch_order(
@@ -279,6 +283,8 @@ class TrainingRun:
             base_weight_bytes=base_weight_bytes(self.model),
             step_seconds=list(self.step_seconds),
             loss_curve=list(self.loss_curve),
+            world_size=self.dist.world_size,
+            global_batch=self.global_batch,
         )
 
 
