@@ -15,6 +15,7 @@ which method a layer implements.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import nn
 from peftkit import accounting, checkpoint
 from peftkit.adapter_names import check_adapter_name
 from peftkit.config import AdapterConfig, ConfigError
+from peftkit.integrations.signature import base_signature_forward
 from peftkit.layer import BASE_ROW, AdapterError, AdapterLayer, Routing
 from peftkit.methods import method_for_config, method_for_file
 from peftkit.module_paths import replace_module
@@ -57,6 +59,7 @@ class PeftModel(HfPeftSurface, nn.Module):
             self.set_adapter(adapter_name)
 
     # --- forward --------------------------------------------------------------------------------------
+    @base_signature_forward  # inspect.signature(model.forward) is the base model's (Trainer keeps its columns)
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. With ``adapter_names`` (one per row; ``"__base__"`` for the base model
         alone) every row runs through its own adapter in a single pass."""
@@ -95,6 +98,24 @@ class PeftModel(HfPeftSurface, nn.Module):
         if len(self._active) > 1:
             return list(self._active)
         return self._active[0] if self._active else None
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the base model's loss takes ``num_items_in_batch`` (transformers' ``Trainer`` asks, to
+        normalise a gradient-accumulated loss by the tokens of all micro-batches): the base model's own
+        answer, else whether its ``forward`` takes ``**kwargs``, as ``Trainer`` decides for the model HF
+        PEFT's ``get_base_model()`` returns."""
+        answer = getattr(self.base_model, "accepts_loss_kwargs", None)
+        if answer is not None:
+            return bool(answer)
+        parameters = inspect.signature(self.base_model.forward).parameters.values()
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+    @property
+    def loss_type(self) -> str | None:
+        """The base model's ``loss_type`` (``"ForCausalLM"``, ...): ``Trainer`` counts a causal LM's
+        tokens over the shifted labels when it is one."""
+        return getattr(self.base_model, "loss_type", None)
 
     @property
     def config(self) -> Any:
@@ -351,18 +372,35 @@ class PeftModel(HfPeftSurface, nn.Module):
         except ConfigError as error:  # a size bound or a target the model lacks: say which file asked for it
             raise ConfigError(f"{Path(directory) / checkpoint.CONFIG_NAME}: {error}") from error
         try:
-            expected = self.adapter_state_dict(adapter_name)
-            base = {f"{checkpoint.KEY_PREFIX}{n}": p for n, p in self.base_model.named_parameters()}
-            tensors = checkpoint.read_for_model(files, expected, base, str(directory), check_finite)
-            tensors = self._drop_base_copies(tensors, expected, source=str(directory))
-            checkpoint.check_tensors(tensors, expected, source=str(directory))
-            self._load_tensors(adapter_name, tensors)
+            self._load_checked(files, adapter_name, str(directory), check_finite)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
         if not is_trainable:
             self._inference_only.add(adapter_name)
         self._apply_active(self._active)
+
+    def load_adapter_weights(
+        self, directory: str | os.PathLike, adapter_name: str = "default", check_finite: bool = True
+    ) -> None:
+        """Overwrite existing adapter ``adapter_name``'s tensors, in place, with those saved in ``directory``
+        (a checkpoint of the same adapter: what ``Trainer``'s ``resume_from_checkpoint`` needs, the optimizer
+        keeps pointing at the same parameters). Keys, shapes and dtypes are checked from the file's header
+        before any tensor is read, and nothing is written before all of them passed (``check_finite``: as
+        :meth:`load_adapter`)."""
+        self._check_exists(adapter_name)
+        self._load_checked(checkpoint.open_adapter(directory), adapter_name, str(directory), check_finite)
+
+    def _load_checked(
+        self, files: checkpoint.AdapterFiles, name: str, source: str, check_finite: bool
+    ) -> None:
+        expected = self.adapter_state_dict(name)
+        base = {f"{checkpoint.KEY_PREFIX}{n}": p for n, p in self.base_model.named_parameters()}
+        tensors = checkpoint.read_for_model(files, expected, base, source, check_finite)
+        tensors = self._drop_base_copies(tensors, expected, source=source)
+        checkpoint.check_tensors(tensors, expected, source=source)
+        with torch.no_grad():
+            self._load_tensors(name, tensors)
 
     @classmethod
     def from_pretrained(

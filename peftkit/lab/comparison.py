@@ -18,6 +18,7 @@ from peftkit.lab.records import RunRecord, read_run
 from peftkit.lab.runner import finished_result, launch
 from peftkit.lab.summary import MethodSummary, summarize
 from peftkit.lab.tables import JSON, write_tables
+from peftkit.planning import predicted_peaks
 from peftkit.training.config import TrainConfig
 
 
@@ -89,6 +90,9 @@ def run_comparison(
         progress.close()
 
     rows = summarize(runs)
+    predicted = predicted_peaks(base, list(methods))
+    for row in rows:
+        row.predicted_peak_bytes = predicted.get(row.method)
     length = f"{base.max_steps} steps" if base.max_steps else f"{base.epochs:g} epochs"
     described = {
         "model": base.model,

@@ -47,6 +47,7 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
         "% of base",
         "adapter file",
         "peak memory",
+        "predicted peak",
         "base weights",
         "step (ms)",
         "training (s)",
@@ -70,6 +71,7 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
             _number(r.trainable_percent, "{:.3f}%"),
             format_bytes(r.adapter_bytes) if r.adapter_bytes is not None else "",
             format_bytes(r.peak_memory_bytes) if r.peak_memory_bytes is not None else "",
+            format_bytes(r.predicted_peak_bytes) if r.predicted_peak_bytes is not None else "",
             format_bytes(r.base_weight_bytes) if r.base_weight_bytes is not None else "",
             _number(r.step_ms, "{:.1f}"),
             _number(r.train_seconds, "{:.1f}"),
@@ -86,7 +88,9 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
         "",
         "Step: median optimizer step after the first few (warm-up); training: all optimizer steps; run: the "
         "whole process (loading, training, evaluations, saving). Peak memory: the peak resident set size of "
-        "the run's own process. Base weights: what the frozen base model's weights hold in memory, from "
+        "the run's own process; predicted peak: what `peftkit plan` predicts before training for the method's "
+        "default adapter config at the comparison's batch size and full max length (shorter rows need less). "
+        "Base weights: what the frozen base model's weights hold in memory, from "
         "its tensors (QLoRA: 4-bit codes and their scales; the adapters not included). Latency: median no-grad forward pass of one fixed batch, the base model, "
         "the adapter unmerged and merged into the weights (n/a: the method cannot merge). With several seeds "
         "the metric is mean ± sample standard deviation. Load: the machine's mean 1-minute load average "
