@@ -372,7 +372,7 @@ class PeftModel(HfPeftSurface, nn.Module):
         except ConfigError as error:  # a size bound or a target the model lacks: say which file asked for it
             raise ConfigError(f"{Path(directory) / checkpoint.CONFIG_NAME}: {error}") from error
         try:
-            self._load_checked(files, adapter_name, str(directory), check_finite)
+            self._load_checked(files, adapter_name, str(files.weights), check_finite)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -389,7 +389,8 @@ class PeftModel(HfPeftSurface, nn.Module):
         before any tensor is read, and nothing is written before all of them passed (``check_finite``: as
         :meth:`load_adapter`)."""
         self._check_exists(adapter_name)
-        self._load_checked(checkpoint.open_adapter(directory), adapter_name, str(directory), check_finite)
+        files = checkpoint.open_adapter(directory)
+        self._load_checked(files, adapter_name, str(files.weights), check_finite)
 
     def _load_checked(
         self, files: checkpoint.AdapterFiles, name: str, source: str, check_finite: bool
