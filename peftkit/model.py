@@ -34,7 +34,7 @@ from peftkit.module_paths import replace_module
 from peftkit.modules_to_save import ModulesToSave
 from peftkit.parameter_bank import ParameterBank
 from peftkit.peft_surface import HfPeftSurface
-from peftkit.size_bounds import check_virtual_tokens
+from peftkit.size_bounds import check_virtual_tokens, check_widths
 from peftkit.targeting import name_matches
 from peftkit.task_type import TASK_HEADS, file_task_type, with_task_heads
 
@@ -133,6 +133,7 @@ class PeftModel(HfPeftSurface, nn.Module):
             )
         config = with_task_heads(config, self.base_model)  # HF PEFT's meaning of a classification task_type
         check_virtual_tokens(self.base_model, config)  # prompt methods: within the model's positions
+        check_widths(self.base_model, config)  # widths a method adds: within a multiple of the model's
         method = method_for_config(config)
         saved_paths = self._resolve_modules_to_save(config)
         self._targets[name] = method.inject(self.base_model, name, config)

@@ -5,6 +5,9 @@ naming the layer and the bound instead of an attempt to allocate terabytes.
   expressive power (``B A`` has rank at most ``min(d_in, d_out)``; Hu et al. 2021, arXiv:2106.09685, Sec. 4).
 - Virtual tokens of prompt methods: at most the model's positions (``max_position_embeddings`` /
   ``n_positions``); a model without such a limit gets :data:`MAX_VIRTUAL_TOKENS`.
+- Hidden widths a method adds (a bottleneck adapter's ``bottleneck_size``, P-tuning's
+  ``encoder_hidden_size``, prefix tuning's ``projection_size``): at most :data:`WIDTH_FACTOR` times the
+  model's hidden size (the papers use widths at or below it), or :data:`MAX_WIDTH` without a known one.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from peftkit.layer import innermost
 
 MAX_VIRTUAL_TOKENS = 8192  # without a position limit: already far beyond the prompt lengths of the papers
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+WIDTH_FIELDS = ("bottleneck_size", "encoder_hidden_size", "projection_size")
+WIDTH_FACTOR = 16
+MAX_WIDTH = 65536
+_HIDDEN_FIELDS = ("hidden_size", "n_embd", "d_model", "dim")
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -44,14 +51,30 @@ def check_rank(model: nn.Module, paths: list[str], r: int) -> None:
             )
 
 
-def max_positions(model: nn.Module) -> int | None:
+def _model_field(model: nn.Module, fields: tuple[str, ...]) -> int | None:
     config = getattr(model, "config", None)
     text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
-    for field in _POSITION_FIELDS:
+    for field in fields:
         value = getattr(text, field, None)
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def max_positions(model: nn.Module) -> int | None:
+    return _model_field(model, _POSITION_FIELDS)
+
+
+def check_widths(model: nn.Module, config: Any) -> None:
+    """Raise :class:`ConfigError` if a hidden width the method adds (:data:`WIDTH_FIELDS`) is beyond
+    ``WIDTH_FACTOR`` times the model's hidden size (or :data:`MAX_WIDTH` without a known one)."""
+    hidden = _model_field(model, _HIDDEN_FIELDS)
+    limit = WIDTH_FACTOR * hidden if hidden is not None else MAX_WIDTH
+    for field in WIDTH_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > limit:
+            where = f"{WIDTH_FACTOR} x the hidden size {hidden}" if hidden is not None else "peftkit's cap"
+            raise ConfigError(f"`{field}`={value} is beyond {where}; allowed: 1 to {limit}")
 
 
 def check_virtual_tokens(model: nn.Module, config: Any) -> None:

@@ -9,7 +9,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from peftkit import CheckpointError, ConfigError, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peftkit import (
+    BottleneckConfig,
+    CheckpointError,
+    ConfigError,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+    get_peft_model,
+)
 from peftkit import checkpoint as ckpt
 from peftkit.adapter_names import MAX_NAME_LENGTH
 from tests.tiny_models import TINY_MODELS, run
@@ -125,6 +135,25 @@ def test_virtual_tokens_are_bounded_by_the_model_positions():
     with pytest.raises(ConfigError, match="`num_virtual_tokens`=33"):
         get_peft_model(gpt2.build(), PromptTuningConfig(num_virtual_tokens=33))
     get_peft_model(gpt2.build(), PromptTuningConfig(num_virtual_tokens=32))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda n: BottleneckConfig(bottleneck_size=n),
+        lambda n: PTuningConfig(encoder_hidden_size=n),
+        lambda n: PrefixTuningConfig(projection_size=n),
+    ],
+)
+def test_widths_a_method_adds_are_bounded_by_the_hidden_size(config):
+    gpt2 = TINY_MODELS["gpt2"]  # hidden size 32: up to 16 x 32 = 512
+    with pytest.raises(
+        ConfigError, match=r"=1000000000 is beyond 16 x the hidden size 32; allowed: 1 to 512"
+    ):
+        get_peft_model(gpt2.build(), config(10**9))
+    with pytest.raises(ConfigError, match=r"=513 is beyond"):
+        get_peft_model(gpt2.build(), config(513))
+    get_peft_model(gpt2.build(), config(512))
 
 
 def test_a_config_file_with_a_huge_rank_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
