@@ -120,6 +120,8 @@ def write_adapter(
         else:
             torch.save(plain, path)
 
+    if directory.is_symlink():  # save into the folder the link names; the link itself stays as it is
+        directory = directory.resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     if directory.is_dir() and not _holds_only_adapters(directory):
         _write_in_place(directory, name, stale, write_weights, text)

@@ -106,3 +106,14 @@ def test_two_saves_of_one_adapter_are_byte_identical(tmp_path):
         model.save_pretrained(tmp_path / str(i))
     snapshots = [_snapshot(tmp_path / str(i)) for i in range(4)]
     assert all(s == snapshots[0] for s in snapshots)
+
+
+def test_a_save_into_a_linked_folder_writes_where_the_link_points(tmp_path):
+    _model(seed=0).save_pretrained(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    new = _model(seed=1, alpha=16)
+    new.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    loaded = PeftModel.from_pretrained(MLP.build(), tmp_path / "real")
+    assert torch.equal(run(loaded, MLP, MLP.batch()), run(new, MLP, MLP.batch()))
