@@ -13,8 +13,10 @@ from typing import Any
 
 from torch import nn
 
+from peftkit import checkpoint
 from peftkit.checkpoint import CONFIG_HASH_KEY
 from peftkit.config import ConfigError
+from peftkit.methods import method_for_config
 from peftkit.planning import meta_model
 from peftkit.planning.advice import inference_overhead
 from peftkit.planning.four_bit import quantized_weight_ids, stand_in_matmuls
@@ -135,7 +137,10 @@ def plan_method(config: Any, task: str, method: str, settings: Settings, simulat
     except ConfigError as error:
         return MethodPlan(method, error=str(error))
     count = peft.trainable_parameters()
-    file_bytes = safetensors_file_bytes(peft.adapter_state_dict("default"), FILE_METADATA)
+    method_entry = method_for_config(peft.peft_config["default"])
+    file_config = method_entry.to_file(peft.peft_config["default"], peft._targets["default"], peft.base_model)
+    tensors = checkpoint.file_keys(file_config, peft.adapter_state_dict("default"))  # the keys the file uses
+    file_bytes = safetensors_file_bytes(tensors, FILE_METADATA)
     if not simulate:
         return MethodPlan(method, None, count.trainable, count.base, count.adapter, file_bytes)
     try:
