@@ -65,15 +65,16 @@ class Method:
             base = base.to(getattr(torch, self.precision))
         return self.apply(base) if self.apply else get_peft_model(base, self.config())
 
-    def frozen_base(self, family: str) -> nn.Module:
-        """The family's base model in this column's precision, without an adapter."""
-        if self.precision == "nf4":
-            return quantized(fresh(family))
-        return fresh(family).to(getattr(torch, self.precision))
-
     def reload(self, family: str, directory: Path) -> PeftModel:
-        base = self.frozen_base(family)
+        base = frozen_base(family, self.precision)
         return self.load(base, directory) if self.load else PeftModel.from_pretrained(base, directory)
+
+
+def frozen_base(family: str, precision: str) -> nn.Module:
+    """The family's base model in ``precision``, without an adapter."""
+    if precision == "nf4":
+        return quantized(fresh(family))
+    return fresh(family).to(getattr(torch, precision))
 
 
 def quantized(base: nn.Module) -> nn.Module:
@@ -196,13 +197,13 @@ def fresh(family: str) -> nn.Module:
 
 
 @functools.cache
-def _reference(family: str, method_name: str) -> torch.Tensor:
-    """The base model's output in the column's precision (a 4-bit base is checked against its own weights
-    dequantized first)."""
-    tiny, method = FAMILIES[family], METHODS[method_name]
-    if method.precision == "nf4":
+def _reference(family: str, precision: str) -> torch.Tensor:
+    """The base model's output in ``precision``, computed once per family (a 4-bit base is checked against
+    its own weights dequantized first)."""
+    if precision == "nf4":
         return _quantized_reference(family)
-    return run(method.frozen_base(family), tiny, tiny.batch())
+    tiny = FAMILIES[family]
+    return run(frozen_base(family, precision), tiny, tiny.batch())
 
 
 def _real_positions(output: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -250,7 +251,7 @@ def check_cell(family: str, method_name: str, directory: Path) -> None:
     """Every check of the issue, in the order a user meets them, on the method's default config."""
     tiny, method = FAMILIES[family], METHODS[method_name]
     batch = tiny.batch()
-    reference = _reference(family, method_name)
+    reference = _reference(family, method.precision)
     model = method.build(family)
     if method.identity_at_init:
         assert torch.equal(run(model, tiny, batch), reference), "a fresh adapter must change nothing"
@@ -332,7 +333,7 @@ def _check_save_load(model: PeftModel, family: str, method: Method, directory: P
         import peft
 
         full = method.precision == "nf4"  # a QLoRA file is an ordinary LoRA file: compared on the fp32 base
-        base = fresh(family) if full else method.frozen_base(family)
+        base = fresh(family) if full else frozen_base(family, method.precision)
         theirs = peft.PeftModel.from_pretrained(base, str(directory)).eval()
         ours = PeftModel.from_pretrained(fresh(family), directory) if full else loaded
         assert torch.equal(run(theirs, tiny, tiny.batch()), run(ours, tiny, tiny.batch())), (

@@ -29,6 +29,8 @@ def render(refusals: dict[tuple[str, str], str], faults: dict[tuple[str, str], s
         "`generate()` equals greedy decoding by hand; LoRA, QLoRA and IA3 files load in Hugging Face PEFT",
         "with the same logits. On a bf16, fp16 or 4-bit base the adapters are fp32 (half-precision updates",
         "of a learning-rate-sized step mostly round away), and unmerging restores the base's exact bits.",
+        "A prompt ensemble's `generate()` is refused with a message (the average of k prompts' logits has no",
+        "single next token to feed back); its forward pass averages them.",
         "",
         f"{PASSES}: passes every check. {REFUSED}: refused when applied, with a peftkit `ConfigError` that",
         f"names the reason (listed below) and what to use instead. {FAULT}: a known fault being fixed (below).",
