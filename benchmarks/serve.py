@@ -95,8 +95,12 @@ def prompts(rows: int, vocab: int) -> torch.Tensor:
     return torch.randint(100, vocab, (rows, PROMPT), generator=generator)  # (rows, PROMPT)
 
 
-def decode_steps(model, names: list[str], vocab: int, rounds: int, steps: int) -> dict:
-    """Median seconds of one decode step: every row on ``names[0]`` (ordinary path) vs row i on names[i]."""
+def decode_steps(
+    model, names: list[str], vocab: int, rounds: int, steps: int, cpu_time: bool = False
+) -> dict:
+    """Median seconds of one decode step: every row on ``names[0]`` (ordinary path) vs row i on names[i].
+    ``cpu_time``: the process's CPU seconds instead of wall seconds (on a machine other processes load, the
+    time this process waits for a core is then not counted; with one thread no spinning is counted either)."""
     ids = prompts(len(names), vocab)
     with torch.no_grad():
         prefilled = model(input_ids=ids, use_cache=True, adapter_names=names).past_key_values
@@ -105,14 +109,15 @@ def decode_steps(model, names: list[str], vocab: int, rounds: int, steps: int) -
     def run(kwargs) -> float:
         cache = copy.deepcopy(prefilled)
         token = ids[:, -1:]
-        start = time.perf_counter()
+        clock = time.process_time if cpu_time else time.perf_counter
+        start = clock()
         with torch.no_grad():
             for _ in range(steps):
                 out = model(
                     input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs
                 )
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return (time.perf_counter() - start) / steps
+        return (clock() - start) / steps
 
     variants = {"one adapter": {}, "16 adapters": {"adapter_names": names}}
     times = {name: [] for name in variants}
@@ -169,10 +174,16 @@ def throughput(url: str, hf, vocab: int, rounds: int) -> dict:
             "baseline server": lambda: run_load(baseline, work, stream=False).tokens_per_s,
             "HF PEFT mixed generate": lambda: tokens / hf_mixed_generate(hf, ids, names, NEW, 0),
         }
-        for index in range(rounds + 1):  # round 0 warms up
+        one = work[:1]
+        warm = {
+            "peftkit serve": lambda: run_load(url, one, stream=False),
+            "baseline server": lambda: run_load(baseline, one, stream=False),
+            "HF PEFT mixed generate": lambda: hf_mixed_generate(hf, ids[:1], names[:1], NEW, 0),
+        }
+        for index in range(rounds + 1):  # round 0 warms each peer up on one request
             order = list(runs) if index % 2 == 0 else list(runs)[::-1]
             for name in order:
-                value = runs[name]()
+                value = runs[name]() if index else warm[name]()
                 if index:
                     results[name].append(value)
     medians = {name: statistics.median(values) for name, values in results.items()}
@@ -234,9 +245,7 @@ def verdict(value: float, goal: float, higher: bool, others: float) -> str:
 
 
 def report(args, ctx: dict, res: dict) -> str:
-    d, t = res["decode"], res["throughput"]
-    tps = t["tokens_per_s"]
-    lines = [
+    head = [
         f"# `peftkit serve`: 16 LoRA adapters on {args.model}",
         "",
         f"- command: `{ctx['command']}` (from the repository root, with `.venv/bin/python`)",
@@ -244,38 +253,56 @@ def report(args, ctx: dict, res: dict) -> str:
         f"- machine: {ctx['cpu']}, {ctx['cores']} cores shared with other sessions; other processes used "
         + ", ".join(f"{k} {v:.0%}" for k, v in res["others"].items())
         + f" of the machine; load average {ctx['load_before']:.1f} before, {ctx['load_after']:.1f} after",
-        f"- software: {ctx['versions']}; peftkit at commit {ctx['commit']}; {common.THREADS} torch threads",
+        f"- software: {ctx['versions']}; peftkit at commit {ctx['commit']}; {torch.get_num_threads()} torch threads",
         f"- model: {MODEL_TEXT[args.model]}; {ADAPTERS} LoRA adapters r={RANK} alpha={ALPHA} on all linear layers; "
         f"requests of {PROMPT} prompt tokens and {NEW} new tokens (greedy, ignore_eos)",
         "",
         "| target | goal | measured | result |",
         "|---|---|---|---|",
-        f"| decode step, 16 adapters / one adapter | <= 1.10x | **{d['ratio']:.3f}x** | "
-        f"{verdict(d['ratio'], 1.10, False, res['others']['decode'])} |",
-        f"| tokens/s, peftkit serve / one-at-a-time HF PEFT server | >= 3x | **{t['vs baseline']:.2f}x** | "
-        f"{verdict(t['vs baseline'], 3.0, True, res['others']['throughput'])} |",
-        f"| tokens/s, peftkit serve / HF PEFT mixed-batch generate | >= 1.7x | **{t['vs HF mixed']:.2f}x** | "
-        f"{verdict(t['vs HF mixed'], 1.7, True, res['others']['throughput'])} |",
-        "",
-        "## Decode step (16 rows, 32 cached tokens each; medians of alternating rounds)",
-        "",
-        f"- one adapter (`set_adapter`): {d['one adapter'] * 1e3:.1f} ms; 16 adapters (`adapter_names=`): "
-        f"{d['16 adapters'] * 1e3:.1f} ms: **{d['ratio']:.3f}x**",
-        "",
-        "## Throughput (the same 16 requests, 16 x 32 tokens)",
-        "",
-        *[f"- {name}: {value:.1f} tokens/s" for name, value in tps.items()],
-        "",
-        "## Latency under load (streaming clients, each sending its requests one after another)",
-        "",
-        "| clients | requests | tokens/s | TTFT p50 | TTFT p99 | inter-token p50 | inter-token p99 |",
-        "|---|---|---|---|---|---|---|",
-        *[
-            f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | {_ms(r['ttft_p50'])} | "
-            f"{_ms(r['ttft_p99'])} | {_ms(r['itl_p50'])} | {_ms(r['itl_p99'])} |"
-            for r in res["latency"]
-        ],
-        "",
+    ]
+    targets, body = [], []
+    if "decode" in res:
+        d = res["decode"]
+        targets.append(
+            f"| decode step, 16 adapters / one adapter | <= 1.10x | **{d['ratio']:.3f}x** | "
+            f"{verdict(d['ratio'], 1.10, False, res['others']['decode'])} |"
+        )
+        body += [
+            f"## Decode step (16 rows, 32 cached tokens each; medians of alternating rounds; "
+            f"{'CPU' if args.cpu_time else 'wall'} time)",
+            "",
+            f"- one adapter (`set_adapter`): {d['one adapter'] * 1e3:.1f} ms; 16 adapters (`adapter_names=`): "
+            f"{d['16 adapters'] * 1e3:.1f} ms: **{d['ratio']:.3f}x**",
+            "",
+        ]
+    if "throughput" in res:
+        t, other = res["throughput"], res["others"]["throughput"]
+        targets += [
+            f"| tokens/s, peftkit serve / one-at-a-time HF PEFT server | >= 3x | **{t['vs baseline']:.2f}x** | "
+            f"{verdict(t['vs baseline'], 3.0, True, other)} |",
+            f"| tokens/s, peftkit serve / HF PEFT mixed-batch generate | >= 1.7x | **{t['vs HF mixed']:.2f}x** | "
+            f"{verdict(t['vs HF mixed'], 1.7, True, other)} |",
+        ]
+        body += [
+            "## Throughput (the same 16 requests, 16 x 32 tokens)",
+            "",
+            *[f"- {name}: {value:.1f} tokens/s" for name, value in t["tokens_per_s"].items()],
+            "",
+        ]
+    if "latency" in res:
+        body += [
+            "## Latency under load (streaming clients, each sending its requests one after another)",
+            "",
+            "| clients | requests | tokens/s | TTFT p50 | TTFT p99 | inter-token p50 | inter-token p99 |",
+            "|---|---|---|---|---|---|---|",
+            *[
+                f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | {_ms(r['ttft_p50'])} | "
+                f"{_ms(r['ttft_p99'])} | {_ms(r['itl_p50'])} | {_ms(r['itl_p99'])} |"
+                for r in res["latency"]
+            ],
+            "",
+        ]
+    body += [
         "## Memory",
         "",
         "| resident adapters | adapter tensors | process RSS | RSS growth since the base model loaded |",
@@ -286,7 +313,7 @@ def report(args, ctx: dict, res: dict) -> str:
         ],
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join([*head, *targets, "", *body])
 
 
 def _ms(seconds: float | None) -> str:
@@ -316,18 +343,26 @@ def measure(args, root: Path) -> dict:
     quick = args.quick
     with BackgroundServer(engine) as url:
         res["memory"] = memory_with(engine, folders, rss_base, 16)
-        res["decode"], res["others"]["decode"] = others_share(
-            lambda: decode_steps(
-                engine.model, list(first), vocab, rounds=1 if quick else args.rounds, steps=2 if quick else 16
+        if "decode" in args.parts:
+            res["decode"], res["others"]["decode"] = others_share(
+                lambda: decode_steps(
+                    engine.model,
+                    list(first),
+                    vocab,
+                    rounds=1 if quick else args.rounds,
+                    steps=2 if quick else 16,
+                    cpu_time=args.cpu_time,
+                )
             )
-        )
         res["memory"] += memory_with(engine, folders, rss_base, 64)
-        res["throughput"], res["others"]["throughput"] = others_share(
-            lambda: throughput(url, hf_model(model_dir, first), vocab, rounds=1 if quick else args.rounds)
-        )
-        res["latency"], res["others"]["latency"] = others_share(
-            lambda: latency(url, vocab, 1 if quick else 3)
-        )
+        if "throughput" in args.parts:
+            res["throughput"], res["others"]["throughput"] = others_share(
+                lambda: throughput(url, hf_model(model_dir, first), vocab, rounds=1 if quick else args.rounds)
+            )
+        if "latency" in args.parts:
+            res["latency"], res["others"]["latency"] = others_share(
+                lambda: latency(url, vocab, 1 if quick else args.latency_requests)
+            )
     return res
 
 
@@ -345,8 +380,20 @@ def main() -> None:
         "--output", type=Path, help="write the Markdown results here (and the raw .json beside)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny rounds: checks the script runs")
+    parser.add_argument("--threads", type=int, default=common.THREADS, help="torch threads")
+    parser.add_argument("--cpu-time", action="store_true", help="decode steps timed in CPU seconds, not wall")
+    parser.add_argument(
+        "--latency-requests", type=int, default=3, help="requests per client in the latency runs"
+    )
+    parser.add_argument(
+        "--parts",
+        default="decode,throughput,latency",
+        type=lambda text: set(text.split(",")),
+        help="comma-separated: decode, throughput, latency (memory is always measured)",
+    )
     args = parser.parse_args()
     common.setup()
+    torch.set_num_threads(args.threads)
     start, load_before = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         res = measure(args, Path(tmp))

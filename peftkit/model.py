@@ -15,6 +15,7 @@ which method a layer implements.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import nn
 
 from peftkit import accounting, checkpoint
 from peftkit.config import AdapterConfig, ConfigError
+from peftkit.integrations.signature import base_signature_forward
 from peftkit.layer import BASE_ROW, AdapterError, AdapterLayer, Routing
 from peftkit.methods import method_for_config, method_for_file
 from peftkit.module_paths import replace_module
@@ -55,6 +57,7 @@ class PeftModel(HfPeftSurface, nn.Module):
             self.set_adapter(adapter_name)
 
     # --- forward --------------------------------------------------------------------------------------
+    @base_signature_forward  # inspect.signature(model.forward) is the base model's (Trainer keeps its columns)
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. With ``adapter_names`` (one per row; ``"__base__"`` for the base model
         alone) every row runs through its own adapter in a single pass."""
@@ -93,6 +96,30 @@ class PeftModel(HfPeftSurface, nn.Module):
         if len(self._active) > 1:
             return list(self._active)
         return self._active[0] if self._active else None
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the base model's loss takes ``num_items_in_batch`` (transformers' ``Trainer`` asks, to
+        normalise a gradient-accumulated loss by the tokens of all micro-batches): the base model's own
+        answer, else whether its ``forward`` takes ``**kwargs``, as ``Trainer`` decides for the model HF
+        PEFT's ``get_base_model()`` returns."""
+        answer = getattr(self.base_model, "accepts_loss_kwargs", None)
+        if answer is not None:
+            return bool(answer)
+        parameters = inspect.signature(self.base_model.forward).parameters.values()
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+    @property
+    def loss_type(self) -> str | None:
+        """The base model's ``loss_type`` (``"ForCausalLM"``, ...): ``Trainer`` counts a causal LM's
+        tokens over the shifted labels when it is one."""
+        return getattr(self.base_model, "loss_type", None)
+
+    def add_model_tags(self, tags: str | list[str]) -> None:
+        """Tag the base model's model card (TRL's trainers call this; HF PEFT reaches it by delegation)."""
+        add = getattr(self.base_model, "add_model_tags", None)
+        if add is not None:
+            add(tags)
 
     @property
     def config(self) -> Any:
@@ -326,21 +353,30 @@ class PeftModel(HfPeftSurface, nn.Module):
 
         Shapes and keys are checked against the model before anything is kept: a mismatch raises an error
         naming the key and both shapes, and the model is left without the half-loaded adapter."""
-        file_config, tensors = checkpoint.read_adapter(directory)
+        file_config, _ = checkpoint.read_adapter(directory)
         config = method_for_file(file_config).from_file(file_config)
         self.add_adapter(adapter_name, config)
         try:
-            expected = self.adapter_state_dict(adapter_name)
-            tensors = checkpoint.model_keys(file_config, tensors, expected)
-            tensors = self._drop_base_copies(tensors, expected, source=str(directory))
-            checkpoint.check_tensors(tensors, expected, source=str(directory))
-            self._load_tensors(adapter_name, tensors)
+            self.load_adapter_weights(directory, adapter_name)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
         if not is_trainable:
             self._inference_only.add(adapter_name)
         self._apply_active(self._active)
+
+    def load_adapter_weights(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Overwrite existing adapter ``adapter_name``'s tensors, in place, with those saved in ``directory``
+        (a checkpoint of the same adapter: what ``Trainer``'s ``resume_from_checkpoint`` needs, the optimizer
+        keeps pointing at the same parameters). Keys and shapes are checked before anything is written."""
+        self._check_exists(adapter_name)
+        file_config, tensors = checkpoint.read_adapter(directory)
+        expected = self.adapter_state_dict(adapter_name)
+        tensors = checkpoint.model_keys(file_config, tensors, expected)
+        tensors = self._drop_base_copies(tensors, expected, source=str(directory))
+        checkpoint.check_tensors(tensors, expected, source=str(directory))
+        with torch.no_grad():
+            self._load_tensors(adapter_name, tensors)
 
     @classmethod
     def from_pretrained(
@@ -371,7 +407,8 @@ class PeftModel(HfPeftSurface, nn.Module):
 
     # --- accounting ------------------------------------------------------------------------------------
     def trainable_parameters(self) -> accounting.ParameterCount:
-        return accounting.count_parameters(self)
+        tensors = {k: t for name in self.active_adapters for k, t in self.adapter_state_dict(name).items()}
+        return accounting.count_parameters(self.base_model, tensors)
 
     def print_trainable_parameters(self) -> None:
         print(self.trainable_parameters().summary())

@@ -63,7 +63,7 @@ class HfPeftSurface:
         self.base_model.disable_input_require_grads()
 
     def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
     ) -> None:
         """The base model's activation checkpointing (transformers' ``Trainer`` calls this with
         ``gradient_checkpointing=True``); the base is frozen, so its input embeddings' output is also made to
@@ -73,9 +73,23 @@ class HfPeftSurface:
             raise AttributeError(
                 f"{type(self.base_model).__name__} has no gradient_checkpointing_enable() (not a transformers model)"
             )
-        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **options
+        )  # Trainer: every_n_layers
         if hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """transformers 5's name for :meth:`gradient_checkpointing_enable` (what ``Trainer`` calls first;
+        ``options``: ``every_n_layers``, ``offload``), with the same input-gradient fix."""
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is None:
+            return self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **options)
+        enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **options)
+        self.base_model.enable_input_require_grads()
+        return None
 
     def gradient_checkpointing_disable(self) -> None:
         self.base_model.gradient_checkpointing_disable()

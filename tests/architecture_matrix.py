@@ -2,8 +2,8 @@
 placement, each with its DEFAULT config, and the checks every cell must pass.
 
 The cells, their expected refusals and the faults still known live in ``tests/test_architecture_matrix.py``;
-this module holds the methods, the checks and the rendering of ``docs/architecture_matrix.md``
-(``python -m tests.architecture_matrix`` rewrites it from those tables).
+this module holds the methods and the checks; ``tests/architecture_matrix_doc.py`` renders the tables into
+``docs/architecture_matrix.md``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import functools
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,7 +40,6 @@ from peftkit import (
 from peftkit.quantization import dequantize_model, prepare_for_kbit_training, quantize_model
 from tests.tiny_models import FAMILIES, TinyModel, manual_greedy, run
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture_matrix.md"
 PEFTKIT_ERRORS = (ConfigError, AdapterError)  # what a refusal raises: peftkit's own errors, never torch's
 NEW_TOKENS = 3  # generate() vs manual greedy decoding
 
@@ -57,30 +56,41 @@ class Method:
     apply: Callable[[nn.Module], PeftModel] | None = None  # how a user applies it (default: get_peft_model)
     load: Callable[[nn.Module, Path], PeftModel] | None = None  # from a saved folder onto a fresh base
     hf_peft: bool = False  # its files load in Hugging Face PEFT with the same logits
-    precision: str = "float32"  # the base's: "float32", "bfloat16", or "nf4" (4-bit, quantized by `apply`)
+    precision: str = "float32"  # the base's: float32, bfloat16, float16, or nf4 (4-bit, by `apply`)
     tolerance: float = 1e-5  # of outputs that are equal in exact arithmetic (a padded row and the row alone)
 
     def build(self, family: str) -> PeftModel:
         base = fresh(family)
-        if self.precision == "bfloat16":
-            base = base.to(torch.bfloat16)
+        if self.precision in ("bfloat16", "float16"):
+            base = base.to(getattr(torch, self.precision))
         return self.apply(base) if self.apply else get_peft_model(base, self.config())
 
-    def frozen_base(self, family: str) -> nn.Module:
-        """The family's base model in this column's precision, without an adapter."""
-        if self.precision == "nf4":
-            return quantized(fresh(family))
-        return fresh(family).to(getattr(torch, self.precision))
-
     def reload(self, family: str, directory: Path) -> PeftModel:
-        base = self.frozen_base(family)
+        base = frozen_base(family, self.precision)
         return self.load(base, directory) if self.load else PeftModel.from_pretrained(base, directory)
+
+
+def frozen_base(family: str, precision: str) -> nn.Module:
+    """The family's base model in ``precision``, without an adapter."""
+    if precision == "nf4":
+        return quantized(fresh(family))
+    return fresh(family).to(getattr(torch, precision))
 
 
 def quantized(base: nn.Module) -> nn.Module:
     """The base with its linear layers in 4-bit NF4 and prepared for training, as get_qlora_model does."""
     quantize_model(base)
     return prepare_for_kbit_training(base)
+
+
+class Refusal(NamedTuple):
+    """Why a cell is refused on purpose: texts the peftkit error raised at apply time must both contain."""
+
+    reason: str  # what about the model makes the method pointless or impossible
+    instead: str  # what to use instead
+
+    def __str__(self) -> str:
+        return f"{self.reason}; instead: {self.instead}"
 
 
 def _marker(*markers: str) -> Callable[[str, nn.Module], bool]:
@@ -141,6 +151,16 @@ METHODS: dict[str, Method] = {
         precision="bfloat16",
         tolerance=2e-2,
     ),
+    "lora_fp16": Method(
+        "LoRA, fp16 base",
+        _marker(".lora_"),
+        True,
+        2e-3,  # of the largest logit: W0 + ΔW rounded once to fp16 (3 more mantissa bits than bf16)
+        LoraConfig,
+        hf_peft=True,
+        precision="float16",
+        tolerance=3e-3,
+    ),
     "ia3": Method("IA3", _marker(".ia3_l."), True, 1e-5, IA3Config, hf_peft=True),
     "bitfit": Method("BitFit", lambda name, base: name.endswith(".bias"), True, 0.0, BitFitConfig),
     "layer_tuning": Method("layer tuning", _in_top_block, True, 0.0, LayerTuningConfig),
@@ -167,23 +187,23 @@ METHODS: dict[str, Method] = {
 
 # --- the model of each family, built once --------------------------------------------------------------
 @functools.cache
-def _pristine(family: str) -> nn.Module:
+def pristine(family: str) -> nn.Module:
     return FAMILIES[family].build()
 
 
 def fresh(family: str) -> nn.Module:
     """A copy of the family's tiny model (built once: copying costs a millisecond, building ten)."""
-    return copy.deepcopy(_pristine(family))
+    return copy.deepcopy(pristine(family))
 
 
 @functools.cache
-def _reference(family: str, method_name: str) -> torch.Tensor:
-    """The base model's output in the column's precision (a 4-bit base is checked against its own weights
-    dequantized first)."""
-    tiny, method = FAMILIES[family], METHODS[method_name]
-    if method.precision == "nf4":
+def _reference(family: str, precision: str) -> torch.Tensor:
+    """The base model's output in ``precision``, computed once per family (a 4-bit base is checked against
+    its own weights dequantized first)."""
+    if precision == "nf4":
         return _quantized_reference(family)
-    return run(method.frozen_base(family), tiny, tiny.batch())
+    tiny = FAMILIES[family]
+    return run(frozen_base(family, precision), tiny, tiny.batch())
 
 
 def _real_positions(output: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -217,19 +237,21 @@ def _train(model: PeftModel, tiny: TinyModel, steps: int = 2) -> dict[str, torch
 
 
 # --- the checks of one cell ----------------------------------------------------------------------------
-def check_refused(family: str, method_name: str, reason: str) -> None:
-    """The cell is refused when the adapter is applied, by a peftkit error naming ``reason``."""
+def check_refused(family: str, method_name: str, refusal: Refusal) -> None:
+    """The cell is refused when the adapter is applied, by a peftkit error naming the reason and what to use
+    instead (never an error from inside torch or transformers, never later)."""
     import pytest
 
-    with pytest.raises(PEFTKIT_ERRORS, match=re.escape(reason)):
+    with pytest.raises(PEFTKIT_ERRORS, match=re.escape(refusal.reason)) as error:
         METHODS[method_name].build(family)
+    assert refusal.instead in str(error.value), f"the refusal names no alternative: {error.value}"
 
 
 def check_cell(family: str, method_name: str, directory: Path) -> None:
     """Every check of the issue, in the order a user meets them, on the method's default config."""
     tiny, method = FAMILIES[family], METHODS[method_name]
     batch = tiny.batch()
-    reference = _reference(family, method_name)
+    reference = _reference(family, method.precision)
     model = method.build(family)
     if method.identity_at_init:
         assert torch.equal(run(model, tiny, batch), reference), "a fresh adapter must change nothing"
@@ -311,7 +333,7 @@ def _check_save_load(model: PeftModel, family: str, method: Method, directory: P
         import peft
 
         full = method.precision == "nf4"  # a QLoRA file is an ordinary LoRA file: compared on the fp32 base
-        base = fresh(family) if full else method.frozen_base(family)
+        base = fresh(family) if full else frozen_base(family, method.precision)
         theirs = peft.PeftModel.from_pretrained(base, str(directory)).eval()
         ours = PeftModel.from_pretrained(fresh(family), directory) if full else loaded
         assert torch.equal(run(theirs, tiny, tiny.batch()), run(ours, tiny, tiny.batch())), (
@@ -338,72 +360,3 @@ def _check_merge(model: PeftModel, tiny: TinyModel, method: Method, adapted, ref
         assert torch.equal(run(model, tiny, tiny.batch()), reference), "unmerge must restore the base exactly"
     merged = run(model.merge_and_unload(), tiny, tiny.batch())
     torch.testing.assert_close(merged, adapted, rtol=tolerance, atol=atol)
-
-
-# --- the user-facing table -------------------------------------------------------------------------------
-KINDS = {"encoder": "Encoders", "decoder": "Decoders", "seq2seq": "Encoder-decoders"}
-PASSES, REFUSED, FAULT = "✓", "refused", "fault"
-
-
-def render(refusals: dict[tuple[str, str], str], faults: dict[tuple[str, str], str]) -> str:
-    """docs/architecture_matrix.md from the matrix's tables: one row per family, one column per method."""
-    lines = [
-        "# What runs on your model",
-        "",
-        "Generated from `tests/test_architecture_matrix.py` by `python -m tests.architecture_matrix`; the test",
-        "`test_docs_table_is_the_matrix` keeps the two equal. Each cell is a tiny model of the family (random",
-        "weights, transformers' own classes) with the method's **default** config, and passes every check:",
-        "the adapter applies; a training step changes only the adapter and every trainable tensor gets a",
-        "gradient; a fresh adapter is the identity where the method promises it; `disable_adapter()` is the",
-        "base exactly; merging gives the unmerged outputs (methods that merge); save then load is exact; the",
-        "trained adapter moves the output; for decoders a left-padded row equals the row alone and",
-        "`generate()` equals greedy decoding by hand; LoRA, QLoRA and IA3 files load in Hugging Face PEFT",
-        "with the same logits. On a bf16 or 4-bit base the adapters are fp32, and unmerging restores the",
-        "base's exact bits.",
-        "",
-        f"{PASSES}: passes every check. {REFUSED}: refused when applied, with a peftkit `ConfigError` that",
-        f"names the reason (listed below) and what to use instead. {FAULT}: a known fault being fixed (below).",
-        "",
-    ]
-    header = ["family", "model class", *(m.label for m in METHODS.values())]
-    for kind, title in KINDS.items():
-        lines += [f"## {title}", "", _row(header), _row(["---"] * len(header))]
-        for family, tiny in FAMILIES.items():
-            if tiny.kind == kind:
-                cells = [_mark((family, m), refusals, faults) for m in METHODS]
-                lines.append(_row([f"`{family}`", f"`{type(_pristine(family)).__name__}`", *cells]))
-        lines.append("")
-    lines += _grouped("Refused on purpose, and why", refusals)
-    lines += _grouped("Known faults (being fixed)", faults)
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def _mark(cell: tuple[str, str], refusals: dict, faults: dict) -> str:
-    return REFUSED if cell in refusals else FAULT if cell in faults else PASSES
-
-
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _grouped(title: str, table: dict[tuple[str, str], str]) -> list[str]:
-    """One line per (method, reason) with the families it concerns."""
-    if not table:
-        return [f"## {title}", "", "None.", ""]
-    groups: dict[tuple[str, str], list[str]] = {}
-    for (family, method), reason in table.items():
-        groups.setdefault((method, reason), []).append(family)
-    lines = [f"## {title}", ""]
-    for (method, reason), families in sorted(
-        groups.items(), key=lambda g: (list(METHODS).index(g[0][0]), g[0][1])
-    ):
-        names = ", ".join(f"`{f}`" for f in sorted(families, key=list(FAMILIES).index))
-        lines.append(f"- **{METHODS[method].label}** on {names}: {reason}")
-    return [*lines, ""]
-
-
-if __name__ == "__main__":
-    from tests.test_architecture_matrix import EXPECTED_REFUSALS, KNOWN_FAULTS
-
-    DOC.write_text(render(EXPECTED_REFUSALS, KNOWN_FAULTS))
-    sys.stdout.write(f"wrote {DOC}\n")

@@ -3,23 +3,24 @@
 A cell passes every check of ``tests.architecture_matrix.check_cell``, or it is refused on purpose when the
 adapter is applied (EXPECTED_REFUSALS: a peftkit error naming the reason), or it fails today in a way being
 fixed (KNOWN_FAULTS: a strict xfail, so a fixed cell fails until its entry is deleted). The user-facing table
-docs/architecture_matrix.md is rendered from these tables: ``python -m tests.architecture_matrix``.
+docs/architecture_matrix.md is rendered from these tables: ``python -m tests.architecture_matrix_doc``.
 """
 
 import pytest
 import torch
 
-from tests.architecture_matrix import DOC, METHODS, check_cell, check_refused, render
+from tests.architecture_matrix import METHODS, Refusal, check_cell, check_refused
+from tests.architecture_matrix_doc import DOC, render
 from tests.tiny_models import FAMILIES
 
-# Why a cell is refused: text the peftkit error raised at apply time must contain; the docs quote it.
-NO_BIAS = "has no bias parameters (LLaMA- and T5-style models are built without them), so BitFit would train nothing"
-NO_BLOCK_LIST = (
-    "shares one block's weights across all its layers"  # ALBERT: one layer, shared by every position
-)
+# Why a cell is refused, and what to use instead: texts the peftkit error raised at apply time must contain.
+NO_BIAS = Refusal("has no bias parameters", "use LoRA or IA3")  # LLaMA- and T5-style models
+NO_BLOCK_LIST = Refusal(
+    "shares one block's weights across all its layers", "name it with `block_lists`"
+)  # ALBERT
 
 # (family, method) -> why it is refused, on purpose, when the adapter is applied. One line each, sorted.
-EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
+EXPECTED_REFUSALS: dict[tuple[str, str], Refusal] = {
     ("albert", "layer_tuning"): NO_BLOCK_LIST,
     ("albert-token", "layer_tuning"): NO_BLOCK_LIST,
     ("gemma2", "bitfit"): NO_BIAS,
@@ -75,5 +76,5 @@ def test_tables_name_only_real_cells():
 
 def test_docs_table_is_the_matrix():
     assert DOC.read_text() == render(EXPECTED_REFUSALS, KNOWN_FAULTS), (
-        "docs/architecture_matrix.md is out of date: run `python -m tests.architecture_matrix`"
+        "docs/architecture_matrix.md is out of date: run `python -m tests.architecture_matrix_doc`"
     )

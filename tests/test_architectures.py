@@ -9,7 +9,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 
 from peftkit import BottleneckConfig, ConfigError, IA3Config, LayerTuningConfig, LoraConfig, get_peft_model
-from peftkit.architectures import TABLE, attention_layout, block_lists
+from peftkit.architectures import TABLE, architecture, attention_layout, block_lists
 from peftkit.methods.bottleneck import BottleneckLayer
 from peftkit.methods.ia3 import IA3Linear
 from tests.tiny_models import TINY_MODELS
@@ -102,6 +102,12 @@ def test_albert_refuses_top_layer_tuning_and_says_how_to_train_its_shared_block(
     albert = transformers.AlbertForSequenceClassification(config)
     with pytest.raises(ConfigError, match=r"ALBERT shares one block's weights .*name it with `block_lists`"):
         get_peft_model(albert, LayerTuningConfig())
+    with pytest.raises(
+        ConfigError, match=r"layer tuning: ALBERT shares one block's weights .*; pass `block_lists`"
+    ):
+        architecture(
+            albert, ("blocks",), purpose="layer tuning", remedy="`block_lists`"
+        )  # no stand-in layout
     shared = "albert.encoder.albert_layer_groups.0.albert_layers"
     model = get_peft_model(albert, LayerTuningConfig(block_lists=[shared]))
     assert model.trainable_parameters().trainable == sum(

@@ -369,3 +369,60 @@ def test_peak_memory_stays_below_the_full_logits():
     logits = fused["logits"]  # 64 MiB of fp32 logits for 1,024 tokens x 16,384 classes
     assert ordinary["peak"] > logits  # the measurement sees the logits when they exist
     assert fused["peak"] < logits / 4, (fused, ordinary)  # one 4 MiB chunk, not the logits
+
+
+def test_qlora_gradients_equal_the_ordinary_loss():
+    from peftkit import get_qlora_model
+
+    model = get_qlora_model(_llama(), LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random"))
+    grads = _compare_model_losses(model, _causal_batch())
+    assert all("lora_" in name for name in grads)
+
+
+# --- peftkit train ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def causal_run_assets(tmp_path_factory):
+    from tests import pipeline_fixtures as fx
+
+    root = tmp_path_factory.mktemp("causal")
+    return fx.tiny_llama(root / "llama"), fx.qa_jsonl(root / "qa.jsonl", rows=80)
+
+
+def _train_causal(assets, out, **overrides):
+    from peftkit.training.config import TrainConfig
+    from peftkit.training.loop import train
+
+    model, data = assets
+    settings = dict(
+        model=str(model),
+        dataset=str(data),
+        task="causal-lm",
+        max_steps=4,
+        batch_size=8,
+        learning_rate=1e-2,
+        dropout=0.0,
+        eval_every=4,
+        save_every=4,
+        eval_limit=8,
+        max_length=24,
+        output_dir=str(out),
+        **overrides,
+    )
+    said = []
+    result = train(TrainConfig.from_sources(None, settings), log=said.append)
+    return [loss for _, loss in result.loss_curve], said
+
+
+@pytest.mark.slow  # four short runs: ~30 s on a loaded 2-core machine
+def test_peftkit_train_fused_and_packed_losses_equal_the_ordinary_ones(causal_run_assets, tmp_path):
+    ordinary, _ = _train_causal(causal_run_assets, tmp_path / "a", fused_loss=False, group_by_length=False)
+    fused, said = _train_causal(causal_run_assets, tmp_path / "b", group_by_length=False)
+    packed, _ = _train_causal(causal_run_assets, tmp_path / "c", group_by_length=False, packing=True)
+    assert not any("fused loss off" in line for line in said)
+    assert len(ordinary) == 4
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(ordinary), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(packed), torch.tensor(ordinary), rtol=1e-4, atol=1e-5)
+    grouped, _ = _train_causal(causal_run_assets, tmp_path / "d")  # the default: length-grouped batches
+    assert grouped != fused  # other batches, same data

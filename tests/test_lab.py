@@ -122,6 +122,7 @@ def test_numbers_are_consistent_with_the_runs(comparison):
             assert run.peak_memory_bytes > 0
         for key in (
             "peak_memory_bytes",
+            "predicted_peak_bytes",  # peftkit plan's, next to the measured one
             "base_weight_bytes",
             "step_ms",
             "latency_base_ms",

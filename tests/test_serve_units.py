@@ -156,6 +156,32 @@ def test_text_stream_holds_back_possible_stops_and_pieces_join_to_the_final_text
     assert stream.stopped == bool(stop)
 
 
+class _Bytes:
+    """A byte-level tokenizer: token i is byte i; a character may span several tokens."""
+
+    def decode(self, ids, **_) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_waits_for_split_characters_and_matches_a_real_tokenizer():
+    text = "naïve ✓ café, ok"
+    ids = list(text.encode())
+    stream = TextStream(_Bytes(), ())
+    pieces = [stream.push(ids[:end], final=end == len(ids)) for end in range(1, len(ids) + 1)]
+    assert "".join(pieces) == text and all("\ufffd" not in piece for piece in pieces)
+
+    from transformers import AutoTokenizer
+
+    from peftkit.assets import resolve_model
+
+    wordpiece = AutoTokenizer.from_pretrained(resolve_model("minilm"))  # "##" pieces join the word before
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (200,), generator=generator).tolist()
+    stream = TextStream(wordpiece, ())
+    pieces = [stream.push(ids[:end], final=end == len(ids)) for end in range(1, len(ids) + 1)]
+    assert "".join(pieces) == stream.decode(ids)
+
+
 def test_sampling_greedy_top_p_and_seeds():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]]))
     greedy = SamplingParams(temperature=0.0)

@@ -79,8 +79,9 @@ def architecture(model: nn.Module, needs: Sequence[str], purpose: str, remedy: s
     own = TABLE.get(model_type)
     if own is not None and _has(own, needs, names):
         return own
-    if own is not None and own.note and not _has(own, needs, names):
-        raise ConfigError(f"{purpose}: {own.note}; pass {remedy}")
+    if own is not None and any(need not in ("lora", "kv") and own.pattern(need) is None for need in needs):
+        # the architecture has no such position (its note says why): no other layout may stand in for it
+        raise ConfigError(f"{purpose}: {own.note or f'{model_type!r} has no such layers'}; pass {remedy}")
     for candidate in LAYOUTS:
         if _has(candidate, needs, names):
             return candidate

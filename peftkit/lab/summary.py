@@ -21,6 +21,7 @@ class MethodSummary:
     adapter_params: int | None
     adapter_bytes: int | None
     peak_memory_bytes: int | None  # the largest over seeds
+    predicted_peak_bytes: int | None  # what `peftkit plan` predicts for the run's settings (None: no plan)
     base_weight_bytes: int | None  # the base's weights in memory (4-bit where quantized)
     step_ms: float | None  # median over seeds of each run's median step
     train_seconds: float | None  # mean over seeds; optimizer steps only
@@ -71,6 +72,7 @@ def _summarize_method(method: str, runs: list[RunRecord]) -> MethodSummary:
         adapter_params=first.adapter_params if first else None,
         adapter_bytes=first.adapter_bytes if first else None,
         peak_memory_bytes=max((r.peak_memory_bytes for r in good if r.peak_memory_bytes), default=None),
+        predicted_peak_bytes=None,  # set by the comparison, which knows the settings
         base_weight_bytes=first.base_weight_bytes if first else None,
         step_ms=_median(r.step_ms for r in good),
         train_seconds=_mean(r.train_seconds for r in good),

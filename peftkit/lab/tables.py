@@ -22,6 +22,7 @@ MARKDOWN, CSV, JSON = "results.md", "results.csv", "results.json"
 def write_tables(
     rows: list[MethodSummary], runs: list[RunRecord], directory: Path, context: dict[str, Any]
 ) -> list[Path]:
+    """``results.md``, ``results.csv`` and ``results.json`` in ``directory``; their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / CSV).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -39,6 +40,15 @@ def write_tables(
 
 
 def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
+    """``results.md``: a title, the setting (``context``), the table and what its columns mean."""
+    model, dataset = (Path(str(context.get(k))).name for k in ("model", "dataset"))
+    lines = [f"# peftkit compare: {model} on {dataset}", ""]
+    lines += [f"- {k}: {v}" for k, v in context.items()]
+    return "\n".join(lines) + "\n\n" + markdown_table(rows)
+
+
+def markdown_table(rows: list[MethodSummary]) -> str:
+    """The table, one row per method, and the paragraph saying what its columns mean."""
     metric = next((r.metric for r in rows if r.metric), "metric")
     header = [
         "method",
@@ -47,6 +57,7 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
         "% of base",
         "adapter file",
         "peak memory",
+        "predicted peak",
         "base weights",
         "step (ms)",
         "training (s)",
@@ -58,10 +69,7 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
         "load",
         "status",
     ]
-    model, dataset = (Path(str(context.get(k))).name for k in ("model", "dataset"))
-    lines = [f"# peftkit compare: {model} on {dataset}", ""]
-    lines += [f"- {k}: {v}" for k, v in context.items()]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
             r.method,
@@ -70,6 +78,7 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
             _number(r.trainable_percent, "{:.3f}%"),
             format_bytes(r.adapter_bytes) if r.adapter_bytes is not None else "",
             format_bytes(r.peak_memory_bytes) if r.peak_memory_bytes is not None else "",
+            format_bytes(r.predicted_peak_bytes) if r.predicted_peak_bytes is not None else "",
             format_bytes(r.base_weight_bytes) if r.base_weight_bytes is not None else "",
             _number(r.step_ms, "{:.1f}"),
             _number(r.train_seconds, "{:.1f}"),
@@ -86,7 +95,9 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
         "",
         "Step: median optimizer step after the first few (warm-up); training: all optimizer steps; run: the "
         "whole process (loading, training, evaluations, saving). Peak memory: the peak resident set size of "
-        "the run's own process. Base weights: what the frozen base model's weights hold in memory, from "
+        "the run's own process; predicted peak: what `peftkit plan` predicts before training for the method's "
+        "default adapter config at the comparison's batch size and full max length (shorter rows need less). "
+        "Base weights: what the frozen base model's weights hold in memory, from "
         "its tensors (QLoRA: 4-bit codes and their scales; the adapters not included). Latency: median no-grad forward pass of one fixed batch, the base model, "
         "the adapter unmerged and merged into the weights (n/a: the method cannot merge). With several seeds "
         "the metric is mean ± sample standard deviation. Load: the machine's mean 1-minute load average "

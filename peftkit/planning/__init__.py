@@ -15,7 +15,7 @@ from peftkit.config import ConfigError
 from peftkit.planning.estimate import Memory, MethodPlan, Settings
 from peftkit.planning.report import Plan
 
-__all__ = ["Memory", "MethodPlan", "Plan", "Settings", "parse_bytes", "plan"]
+__all__ = ["Memory", "MethodPlan", "Plan", "Settings", "parse_bytes", "plan", "predicted_peaks"]
 
 _UNITS = {
     "": 1,
@@ -46,15 +46,16 @@ def parse_bytes(text: str) -> int:
 def plan(settings: Settings | None = None, **fields) -> Plan:
     """Predict every method (default: all that ``peftkit train`` knows) for ``settings`` (or its fields as
     keyword arguments). Raises ConfigError for an unknown model, task, method, device or dtype."""
+    import peftkit.training.config  # noqa: F401  (declares every method peftkit train knows)
+    from peftkit.method_spec import METHOD_SPECS
     from peftkit.planning import meta_model
     from peftkit.planning.advice import recommend
     from peftkit.planning.estimate import plan_method
-    from peftkit.training.methods import METHOD_BUILDERS
 
     settings = settings or Settings(**fields)
     # HF PEFT's spellings too (LORA, PREFIX_TUNING, p-tuning)
-    methods = tuple(m.lower().replace("-", "_") for m in settings.methods) or tuple(METHOD_BUILDERS)
-    _validate(settings, methods, METHOD_BUILDERS)
+    methods = tuple(m.lower().replace("-", "_") for m in settings.methods) or tuple(METHOD_SPECS)
+    _validate(settings, methods, METHOD_SPECS)
     config = meta_model.load_config(settings.model)
     task = settings.task or meta_model.infer_task(config)
     settings = dataclasses.replace(settings, task=task, methods=tuple(methods))
@@ -83,3 +84,32 @@ def _validate(settings: Settings, methods, known) -> None:
         raise ConfigError(f"`device` must be one of {list(DEVICES)}, got {settings.device!r}")
     if settings.memory is not None and settings.memory <= 0:
         raise ConfigError(f"`memory` must be a positive number of bytes, got {settings.memory!r}")
+
+
+def predicted_peaks(config, methods) -> dict[str, int | None]:
+    """Predicted peak training memory in bytes of each of ``methods`` for a ``peftkit train`` config (its
+    model, task, batch size, max length, gradient checkpointing; CPU, fp32 weights as train keeps them), or
+    None where the plan cannot say (an unknown method, a model whose step cannot be simulated). Never raises:
+    ``peftkit compare`` shows it next to the measured peak and goes on without it."""
+    import peftkit.training.config  # noqa: F401  (declares every method peftkit train knows)
+    from peftkit.data.builtin import BUILTIN_DATASETS
+    from peftkit.method_spec import METHOD_SPECS
+
+    builtin = BUILTIN_DATASETS.get(config.dataset)
+    task = config.task or (builtin.tasks[0] if builtin is not None else None)
+    known = tuple(m for m in methods if m in METHOD_SPECS)
+    peaks: dict[str, int | None] = dict.fromkeys(methods)
+    try:
+        table = plan(
+            model=config.model,
+            task=task,
+            batch_size=config.batch_size,
+            max_length=config.max_length,
+            methods=known,
+        )
+    except (ValueError, RuntimeError, OSError, ImportError):  # an extra: the measurements stand alone
+        return peaks
+    for row in table.rows:
+        memory = row.memory_checkpointed if config.gradient_checkpointing else row.memory
+        peaks[row.method] = memory.total if memory is not None else None
+    return peaks

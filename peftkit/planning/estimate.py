@@ -13,10 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from peftkit import checkpoint
 from peftkit.checkpoint import CONFIG_HASH_KEY
 from peftkit.config import ConfigError
-from peftkit.methods import method_for_config
 from peftkit.planning import meta_model
 from peftkit.planning.advice import inference_overhead
 from peftkit.planning.four_bit import quantized_weight_ids, stand_in_matmuls
@@ -137,10 +135,7 @@ def plan_method(config: Any, task: str, method: str, settings: Settings, simulat
     except ConfigError as error:
         return MethodPlan(method, error=str(error))
     count = peft.trainable_parameters()
-    method_entry = method_for_config(peft.peft_config["default"])
-    file_config = method_entry.to_file(peft.peft_config["default"], peft._targets["default"], peft.base_model)
-    tensors = checkpoint.file_keys(file_config, peft.adapter_state_dict("default"))  # the keys the file uses
-    file_bytes = safetensors_file_bytes(tensors, FILE_METADATA)
+    file_bytes = safetensors_file_bytes(_file_tensors(peft), FILE_METADATA)
     if not simulate:
         return MethodPlan(method, None, count.trainable, count.base, count.adapter, file_bytes)
     try:
@@ -169,6 +164,17 @@ def plan_method(config: Any, task: str, method: str, settings: Settings, simulat
         memory_checkpointed=checkpointed,
         overhead=overhead,
     )
+
+
+def _file_tensors(peft: nn.Module) -> dict:
+    """The adapter's tensors under the keys ``save_pretrained`` writes them with (HF PEFT's prompt-learning
+    layout for prompt methods), from the same file config it writes."""
+    from peftkit.checkpoint import file_keys
+    from peftkit.methods import method_for_config
+
+    config = peft.peft_config["default"]
+    file_config = method_for_config(config).to_file(config, peft._targets["default"], peft.base_model)
+    return file_keys(file_config, peft.adapter_state_dict("default"))
 
 
 def _layer_extrapolated(
@@ -209,7 +215,11 @@ def _trace_method(config: Any, task: str, method: str, settings: Settings, check
 def _train_config(method: str, settings: Settings) -> TrainConfig:
     """``peftkit train``'s defaults for ``method``; QLoRA computes in the plan's dtype (train's default,
     float32, would turn a bf16 model's activations back to fp32)."""
-    return TrainConfig(method=method, compute_dtype=str(meta_model.DTYPES[settings.dtype]).split(".")[-1])
+    from peftkit.method_spec import method_spec
+
+    dtype = str(meta_model.DTYPES[settings.dtype]).split(".")[-1]
+    takes_dtype = "compute_dtype" in method_spec(method).option_names  # a method option: QLoRA's only
+    return TrainConfig(method=method, options={"compute_dtype": dtype} if takes_dtype else {})
 
 
 def _trace(peft: nn.Module, head: nn.Module | None, inputs: dict, checkpointing: bool) -> StepTrace:

@@ -86,7 +86,7 @@ class Plan:
         import matplotlib.pyplot as plt
 
         rows = [r for r in self.rows if r.applicable]
-        figure, axes = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+        figure, axes = plt.subplots(figsize=(max(7, 0.9 * len(rows) + 3.5), 4.5))
         bottoms = [0.0] * len(rows)
         for name in Memory.COMPONENTS:
             values = [getattr(r.memory, name) / 2**30 for r in rows]
@@ -98,7 +98,7 @@ class Plan:
         axes.set_title(
             f"{self.settings.model}: batch {self.settings.batch_size} x {self.settings.max_length}"
         )
-        axes.legend(fontsize=8)
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
         axes.tick_params(axis="x", rotation=45)
         figure.tight_layout()
         path = Path(path)

@@ -2,7 +2,7 @@
 scheduler and the metrics; and the translation of a request (prompt or chat messages, limits, sampling) into
 a :class:`~peftkit.serve.sequence.Sequence`.
 
-    engine = Engine.start(ServeConfig(model="smollm2", adapters={"qa": "runs/qa"}))
+    engine = Engine.load(ServeConfig(model="smollm2", adapters={"qa": "runs/qa"}))  # then serve(engine)
 """
 
 from __future__ import annotations

@@ -94,8 +94,13 @@ class Registry:
     # --- known adapters (any thread: only dict updates) ---------------------------------------------------
     def add(self, name: str, path: str | os.PathLike, *, trusted: bool) -> Adapter:
         """Know adapter ``name`` from ``path``; a client's path (``trusted`` False) must lie under a root."""
-        if name in self.known and not self.known[name].removing:
-            raise AdapterError(f"an adapter named {name!r} is already served; DELETE it first")
+        if name in self.known:
+            state = (
+                "is being removed (its running requests finish first)"
+                if self.known[name].removing
+                else ("is already served; DELETE it first")
+            )
+            raise AdapterError(f"an adapter named {name!r} {state}")
         directory = adapter_directory(self.allowed(path) if not trusted else Path(path))
         adapter = Adapter(name, directory, _chat_template(directory))
         self.known[name] = adapter
@@ -123,7 +128,8 @@ class Registry:
         return adapter
 
     def names(self) -> list[str]:
-        return sorted(name for name, adapter in self.known.items() if not adapter.removing)
+        known = list(self.known.items())  # a snapshot: the scheduler's thread may change the dict meanwhile
+        return sorted(name for name, adapter in known if not adapter.removing)
 
     # --- residency (the scheduler's thread only) ----------------------------------------------------------
     def acquire(self, name: str) -> None:

@@ -63,35 +63,53 @@ class TextStream:
     """A request's generated text, decoded incrementally, cut at the first stop string (not included).
 
     ``push(ids)`` gives the text that became final: whatever could still be the start of a stop string, or an
-    incomplete UTF-8 character, is held back until the next token decides it. Decoding runs on the whole id
-    list each time without clean-up of tokenization spaces, so the pieces joined equal the final text."""
+    incomplete UTF-8 character, is held back until the next token decides it. Only the newest tokens are
+    decoded, in a window that starts one step back (as Hugging Face's ``TextStreamer`` and vLLM do: a
+    tokenizer may render a window's first token differently, so the text a token adds is the window's text
+    beyond what the window decoded without it); no clean-up of tokenization spaces, so the pieces joined
+    equal the decoding of all ids at once."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
-        self.sent = ""
+        self.text = ""  # the text of ids[:read]
+        self.sent = 0  # characters of it already given out
         self.stopped = False
+        self._start = 0  # the decoding window: ids[start:read] gave the last piece
+        self._read = 0
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, ids: list[int], final: bool = False) -> str:
         """The newly final text after ``ids`` (all generated ids so far); sets ``stopped`` at a stop string."""
-        text = self.decode(ids)
+        self._extend(ids, final)
+        text = self.text
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, self.stopped, final = text[:cut], True, True
         if not final:
             text = text[: len(text) - self._held_back(text)]
-        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+        if len(text) <= self.sent:
             return ""
-        delta, self.sent = text[len(self.sent) :], text
+        delta, self.sent = text[self.sent :], len(text)
         return delta
 
+    def _extend(self, ids: list[int], final: bool) -> None:
+        if len(ids) <= self._read:
+            return
+        before = self.decode(ids[self._start : self._read])
+        after = self.decode(ids[self._start :])
+        if after.endswith("\ufffd") and not final:  # a character split across tokens: wait for the rest
+            return
+        if after.startswith(before):
+            self.text += after[len(before) :]
+        else:  # a tokenizer whose decoding is not prefix-stable: decode everything (the text sent stays sent)
+            self.text = self.decode(ids)
+        self._start, self._read = self._read, len(ids)
+
     def _held_back(self, text: str) -> int:
-        """How many trailing characters might still change: a partial character, a stop string's start."""
-        if text.endswith("\ufffd"):
-            return len(text) - len(text.rstrip("\ufffd"))
+        """How many trailing characters might still change: a stop string's start."""
         longest = 0
         for stop in self.stop:
             for size in range(min(len(stop) - 1, len(text)), longest, -1):

@@ -7,9 +7,9 @@ saves the adapter, evaluates on the test split, plots the curves and returns the
 :func:`load_run` gives a finished run's model back for ``peftkit eval`` / ``predict`` / ``generate`` and the
 lab's latency measurement. Where the files go is :class:`~peftkit.training.layout.RunFolder`'s business.
 
-Two extension points: ``TrainingRun.loss`` (batch -> scalar loss; a fused linear cross-entropy replaces it)
-and ``TrainingRun.sampler`` (step -> row indices; a length-grouped sampler replaces it, see
-:mod:`peftkit.training.batches`).
+Two extension points, set in ``prepare`` (see :mod:`peftkit.training.efficiency`): ``TrainingRun.loss``
+(micro-batch -> scalar loss: the model's own or the fused linear cross-entropy) and ``TrainingRun.sampler``
+(step -> row indices: a seeded or length-grouped :class:`~peftkit.data.batching.StepOrder`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 from peftkit.accounting import base_weight_bytes
 from peftkit.checkpoint import WEIGHTS_NAME
 from peftkit.config import ConfigError
-from peftkit.data.batching import StepOrder
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.tasks import TASKS
-from peftkit.training import batches
+from peftkit.training import batches, efficiency
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Distributed
@@ -122,7 +121,9 @@ class TrainingRun:
         )
         self.steps_per_epoch = batches.steps_per_epoch(len(self.splits.train), self.global_batch)
         self.total_steps = batches.total_steps(config.max_steps, config.epochs, self.steps_per_epoch)
-        self.sampler: batches.BatchSampler = StepOrder(len(self.splits.train), self.global_batch, config.seed)
+        self.sampler: batches.BatchSampler = efficiency.batch_order(
+            config, self.task, self.splits.train, self.tokenizer, self.global_batch
+        )
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
         self.scheduler = linear_schedule(
             self.optimizer, self.total_steps, warmup_steps=round(config.warmup_ratio * self.total_steps)
@@ -133,6 +134,9 @@ class TrainingRun:
             self._restore_curves()
             self.say(f"resuming from {self.checkpoint} at step {self.progress.step}")
         self.trained = DistributedDataParallel(self.model) if dist.world_size > 1 else self.model
+        self.loss_function = efficiency.loss_function(
+            config, self.task.name, self.trained, self.model, self.tokenizer, self.say
+        )
 
     def _restore_curves(self) -> None:
         """The steps before the checkpoint, from the log (a killed run may have logged a few more)."""
@@ -143,8 +147,9 @@ class TrainingRun:
         self.loss_curve = [(e["step"], e["loss"]) for e in done]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The scalar training loss of one micro-batch, as the model computes it."""
-        return self.trained(**batch).loss
+        """The scalar training loss of one micro-batch: the model's own, or the fused linear cross-entropy
+        (equal, without the logits), see :mod:`peftkit.training.efficiency`."""
+        return self.loss_function(batch)
 
     def fit(self) -> None:
         """Optimizer steps until ``total_steps`` or early stopping, with evaluations and checkpoints."""
