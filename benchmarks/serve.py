@@ -95,8 +95,12 @@ def prompts(rows: int, vocab: int) -> torch.Tensor:
     return torch.randint(100, vocab, (rows, PROMPT), generator=generator)  # (rows, PROMPT)
 
 
-def decode_steps(model, names: list[str], vocab: int, rounds: int, steps: int) -> dict:
-    """Median seconds of one decode step: every row on ``names[0]`` (ordinary path) vs row i on names[i]."""
+def decode_steps(
+    model, names: list[str], vocab: int, rounds: int, steps: int, cpu_time: bool = False
+) -> dict:
+    """Median seconds of one decode step: every row on ``names[0]`` (ordinary path) vs row i on names[i].
+    ``cpu_time``: the process's CPU seconds instead of wall seconds (on a machine other processes load, the
+    time this process waits for a core is then not counted; with one thread no spinning is counted either)."""
     ids = prompts(len(names), vocab)
     with torch.no_grad():
         prefilled = model(input_ids=ids, use_cache=True, adapter_names=names).past_key_values
@@ -105,14 +109,15 @@ def decode_steps(model, names: list[str], vocab: int, rounds: int, steps: int) -
     def run(kwargs) -> float:
         cache = copy.deepcopy(prefilled)
         token = ids[:, -1:]
-        start = time.perf_counter()
+        clock = time.process_time if cpu_time else time.perf_counter
+        start = clock()
         with torch.no_grad():
             for _ in range(steps):
                 out = model(
                     input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs
                 )
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return (time.perf_counter() - start) / steps
+        return (clock() - start) / steps
 
     variants = {"one adapter": {}, "16 adapters": {"adapter_names": names}}
     times = {name: [] for name in variants}
@@ -248,7 +253,7 @@ def report(args, ctx: dict, res: dict) -> str:
         f"- machine: {ctx['cpu']}, {ctx['cores']} cores shared with other sessions; other processes used "
         + ", ".join(f"{k} {v:.0%}" for k, v in res["others"].items())
         + f" of the machine; load average {ctx['load_before']:.1f} before, {ctx['load_after']:.1f} after",
-        f"- software: {ctx['versions']}; peftkit at commit {ctx['commit']}; {common.THREADS} torch threads",
+        f"- software: {ctx['versions']}; peftkit at commit {ctx['commit']}; {torch.get_num_threads()} torch threads",
         f"- model: {MODEL_TEXT[args.model]}; {ADAPTERS} LoRA adapters r={RANK} alpha={ALPHA} on all linear layers; "
         f"requests of {PROMPT} prompt tokens and {NEW} new tokens (greedy, ignore_eos)",
         "",
@@ -263,7 +268,8 @@ def report(args, ctx: dict, res: dict) -> str:
             f"{verdict(d['ratio'], 1.10, False, res['others']['decode'])} |"
         )
         body += [
-            "## Decode step (16 rows, 32 cached tokens each; medians of alternating rounds)",
+            f"## Decode step (16 rows, 32 cached tokens each; medians of alternating rounds; "
+            f"{'CPU' if args.cpu_time else 'wall'} time)",
             "",
             f"- one adapter (`set_adapter`): {d['one adapter'] * 1e3:.1f} ms; 16 adapters (`adapter_names=`): "
             f"{d['16 adapters'] * 1e3:.1f} ms: **{d['ratio']:.3f}x**",
@@ -345,6 +351,7 @@ def measure(args, root: Path) -> dict:
                     vocab,
                     rounds=1 if quick else args.rounds,
                     steps=2 if quick else 16,
+                    cpu_time=args.cpu_time,
                 )
             )
         res["memory"] += memory_with(engine, folders, rss_base, 64)
@@ -373,6 +380,8 @@ def main() -> None:
         "--output", type=Path, help="write the Markdown results here (and the raw .json beside)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny rounds: checks the script runs")
+    parser.add_argument("--threads", type=int, default=common.THREADS, help="torch threads")
+    parser.add_argument("--cpu-time", action="store_true", help="decode steps timed in CPU seconds, not wall")
     parser.add_argument(
         "--latency-requests", type=int, default=3, help="requests per client in the latency runs"
     )
@@ -384,6 +393,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     common.setup()
+    torch.set_num_threads(args.threads)
     start, load_before = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         res = measure(args, Path(tmp))

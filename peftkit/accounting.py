@@ -10,15 +10,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from peftkit.layer import added_parameter_ids
-
-if TYPE_CHECKING:
-    from peftkit.model import PeftModel
+from peftkit.quantization import storage_report
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,7 @@ class ParameterCount:
         return 100.0 * self.trainable / self.base if self.base else 0.0
 
     def summary(self) -> str:
+        """One line in Hugging Face PEFT's ``print_trainable_parameters`` form, with the adapter's size."""
         return (
             f"trainable params: {self.trainable:,} || base params: {self.base:,} || "
             f"trainable%: {self.trainable_percent:.4f} || adapter: {self.adapter:,} params, "
@@ -41,25 +41,28 @@ class ParameterCount:
         )
 
 
-def count_parameters(model: PeftModel) -> ParameterCount:
-    added = added_parameter_ids(model.base_model)  # trained base biases stay part of the base model
-    unique = {id(p): p for p in model.base_model.parameters()}  # tied weights counted once
+def count_parameters(base_model: nn.Module, adapter_tensors: Mapping[str, torch.Tensor]) -> ParameterCount:
+    """What trains, what the base holds and what the adapter stores.
+
+    ``base_model`` is the model with its adapter layers in place (``PeftModel.base_model``);
+    ``adapter_tensors`` are the active adapters' tensors as saved (``PeftModel.adapter_state_dict`` of each;
+    empty for none). Tied weights count once; a 4-bit weight counts the values it stands for. Counts are in
+    parameters (elements), ``adapter_bytes`` in bytes at the tensors' own dtypes."""
+    added = added_parameter_ids(base_model)  # trained base biases stay part of the base model
+    unique = {id(p): p for p in base_model.parameters()}  # tied weights counted once
     base = sum(logical_numel(p) for i, p in unique.items() if i not in added)
     trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
-    tensors = {k: t for name in model.active_adapters for k, t in model.adapter_state_dict(name).items()}
     return ParameterCount(
         trainable=trainable,
         base=base,
-        adapter=sum(t.numel() for t in tensors.values()),
-        adapter_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+        adapter=sum(t.numel() for t in adapter_tensors.values()),
+        adapter_bytes=sum(t.numel() * t.element_size() for t in adapter_tensors.values()),
     )
 
 
 def base_weight_bytes(model: nn.Module) -> int:
     """Bytes the base model's own weights hold in memory, from its actual tensors (packed 4-bit codes and
     their scales for a quantized layer), without the adapters' tensors and trained module copies."""
-    from peftkit.quantization import storage_report
-
     added = added_parameter_ids(model)
     added_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) in added)
     return storage_report(model).total_bytes - added_bytes
@@ -73,6 +76,7 @@ def logical_numel(parameter) -> int:
 
 
 def format_bytes(size: int) -> str:
+    """``size`` bytes in binary units, e.g. 1.3 MiB (B below 1 KiB, then KiB, MiB, GiB)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

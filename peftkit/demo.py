@@ -67,6 +67,9 @@ def accuracy(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor)
 
 
 def run_demo(output_dir: str | Path, steps: int = 600, seed: int = 0, log=print) -> DemoResult:
+    """LoRA end to end on a tiny BERT-style classifier built locally (no download): train ``steps`` steps,
+    save into ``output_dir``, reload, mix adapters in one batch, merge; each step checked and logged.
+    Times in seconds, sizes in bytes. LoRA: Hu et al. 2021 (arXiv:2106.09685)."""
     start = time.perf_counter()
     output_dir = Path(output_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -81,17 +84,7 @@ def run_demo(output_dir: str | Path, steps: int = 600, seed: int = 0, log=print)
     log(f"LoRA on a tiny BERT-style classifier: {count.summary()}")
     accuracy_before = accuracy(model, test_x, test_y)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    progress = tqdm(range(steps), desc="training", unit="step", mininterval=0.5)
-    for step in progress:
-        rows = torch.randint(0, len(train_x), (64,), generator=generator)
-        loss = model(input_ids=train_x[rows], labels=train_y[rows]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0:
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+    _train(model, train_x, train_y, steps, generator)
     accuracy_after = accuracy(model, test_x, test_y)
     log(f"test accuracy: {accuracy_before:.3f} before -> {accuracy_after:.3f} after training the adapter")
 
@@ -99,28 +92,7 @@ def run_demo(output_dir: str | Path, steps: int = 600, seed: int = 0, log=print)
     file_bytes = (output_dir / WEIGHTS_NAME).stat().st_size
     log(f"saved the adapter to {output_dir} ({format_bytes(file_bytes)}; the base model is not in it)")
 
-    with torch.no_grad():
-        expected = model(input_ids=test_x).logits
-        reloaded = PeftModel.from_pretrained(build_model(seed), output_dir)
-        reload_diff = (reloaded(input_ids=test_x).logits - expected).abs().max().item()
-        log(f"reloaded onto a fresh base model: max |logit difference| = {reload_diff:.2e}")
-
-        # a second adapter that starts at zero: its rows give the base model's answer
-        reloaded.add_adapter("fresh", LoraConfig(r=4, target_modules=["query", "value"]))
-        rows = ["default", "fresh"] * 4
-        mixed = reloaded(input_ids=test_x[:8], adapter_names=rows).logits
-        with reloaded.disable_adapter():
-            base_logits = reloaded(input_ids=test_x[:8]).logits
-        reference = torch.where(
-            torch.tensor([r == "default" for r in rows])[:, None], expected[:8], base_logits
-        )
-        mixed_diff = (mixed - reference).abs().max().item()
-        log(f"mixed batch, one adapter per row: max |difference| from each adapter alone = {mixed_diff:.2e}")
-
-        reloaded.delete_adapter("fresh")
-        merged = reloaded.merge_and_unload()
-        merge_diff = (merged(input_ids=test_x).logits - expected).abs().max().item()
-        log(f"merged into a plain {type(merged).__name__}: max |logit difference| = {merge_diff:.2e}")
+    reload_diff, mixed_diff, merge_diff = _round_trips(model, output_dir, test_x, seed, log)
 
     return DemoResult(
         accuracy_before=accuracy_before,
@@ -133,3 +105,46 @@ def run_demo(output_dir: str | Path, steps: int = 600, seed: int = 0, log=print)
         mixed_batch_max_diff=mixed_diff,
         seconds=time.perf_counter() - start,
     )
+
+
+def _train(model: PeftModel, tokens: torch.Tensor, labels: torch.Tensor, steps: int, generator) -> None:
+    """``steps`` AdamW steps on random batches of 64 rows drawn with ``generator``."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    progress = tqdm(range(steps), desc="training", unit="step", mininterval=0.5)
+    for step in progress:
+        rows = torch.randint(0, len(tokens), (64,), generator=generator)
+        loss = model(input_ids=tokens[rows], labels=labels[rows]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+
+
+@torch.no_grad()
+def _round_trips(
+    model: PeftModel, output_dir: Path, test_x: torch.Tensor, seed: int, log
+) -> tuple[float, float, float]:
+    """Max |logit difference| after reloading the saved adapter onto a fresh base, in a mixed batch (one
+    adapter per row) against each adapter alone, and after merging into a plain model."""
+    expected = model(input_ids=test_x).logits
+    reloaded = PeftModel.from_pretrained(build_model(seed), output_dir)
+    reload_diff = (reloaded(input_ids=test_x).logits - expected).abs().max().item()
+    log(f"reloaded onto a fresh base model: max |logit difference| = {reload_diff:.2e}")
+
+    # a second adapter that starts at zero: its rows give the base model's answer
+    reloaded.add_adapter("fresh", LoraConfig(r=4, target_modules=["query", "value"]))
+    rows = ["default", "fresh"] * 4
+    mixed = reloaded(input_ids=test_x[:8], adapter_names=rows).logits
+    with reloaded.disable_adapter():
+        base_logits = reloaded(input_ids=test_x[:8]).logits
+    reference = torch.where(torch.tensor([r == "default" for r in rows])[:, None], expected[:8], base_logits)
+    mixed_diff = (mixed - reference).abs().max().item()
+    log(f"mixed batch, one adapter per row: max |difference| from each adapter alone = {mixed_diff:.2e}")
+
+    reloaded.delete_adapter("fresh")
+    merged = reloaded.merge_and_unload()
+    merge_diff = (merged(input_ids=test_x).logits - expected).abs().max().item()
+    log(f"merged into a plain {type(merged).__name__}: max |logit difference| = {merge_diff:.2e}")
+    return reload_diff, mixed_diff, merge_diff

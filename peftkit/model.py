@@ -117,6 +117,12 @@ class PeftModel(HfPeftSurface, nn.Module):
         tokens over the shifted labels when it is one."""
         return getattr(self.base_model, "loss_type", None)
 
+    def add_model_tags(self, tags: str | list[str]) -> None:
+        """Tag the base model's model card (TRL's trainers call this; HF PEFT reaches it by delegation)."""
+        add = getattr(self.base_model, "add_model_tags", None)
+        if add is not None:
+            add(tags)
+
     @property
     def config(self) -> Any:
         """The base model's config (``transformers`` models), so generation utilities find it."""
@@ -435,7 +441,8 @@ class PeftModel(HfPeftSurface, nn.Module):
 
     # --- accounting ------------------------------------------------------------------------------------
     def trainable_parameters(self) -> accounting.ParameterCount:
-        return accounting.count_parameters(self)
+        tensors = {k: t for name in self.active_adapters for k, t in self.adapter_state_dict(name).items()}
+        return accounting.count_parameters(self.base_model, tensors)
 
     def print_trainable_parameters(self) -> None:
         print(self.trainable_parameters().summary())

@@ -18,9 +18,12 @@ import torch
 from torch import nn
 
 from peftkit.config import ConfigError
+from peftkit.method_spec import Option, declare_method
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora.method import LORA_OPTIONS
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.quantization import (
+    COMPUTE_DTYPES,
     QuantizationConfig,
     is_quantized,
     prepare_for_kbit_training,
@@ -68,3 +71,38 @@ def paged_adamw_8bit(params: Iterable[nn.Parameter], lr: float = 2e-4, **kwargs)
     import bitsandbytes as bnb
 
     return bnb.optim.PagedAdamW8bit(params, lr=lr, **kwargs)
+
+
+def _quantize_base(base: nn.Module, options, gradient_checkpointing: bool) -> None:
+    """Linear layers to 4-bit NF4 with double quantization (the output head and embeddings stay in full
+    precision), then norms in fp32 and input gradients on for checkpointing (Dettmers et al. 2023)."""
+    if not is_quantized(base):  # a model saved already quantized is used as it is
+        quantize_model(base, QuantizationConfig(compute_dtype=options["compute_dtype"]))
+    prepare_for_kbit_training(base, gradient_checkpointing=gradient_checkpointing)
+
+
+# `peftkit train --method qlora`: an ordinary LoRA adapter (its compute in `compute_dtype`) on a 4-bit base
+declare_method(
+    "qlora",
+    "LoRA on a base whose linear layers are quantized to 4-bit NF4 (Dettmers et al. 2023)",
+    learning_rate=2e-3,
+    options=(
+        *LORA_OPTIONS,
+        Option(
+            "compute_dtype",
+            str,
+            "float32",
+            "dtype the 4-bit weights are de-quantized to for the matmul, and the adapter's",
+            choices=COMPUTE_DTYPES,
+        ),
+    ),
+    build=lambda o, heads: LoraConfig(
+        r=o["r"],
+        alpha=o["alpha"],
+        dropout=o["dropout"],
+        target_modules=o["target_modules"],
+        modules_to_save=heads or None,
+        adapter_dtype=o["compute_dtype"],
+    ),
+    prepare_base=_quantize_base,
+)

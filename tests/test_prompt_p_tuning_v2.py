@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache
 
 from peftkit import PeftModel, PTuningV2Config, get_peft_model
 from peftkit.checkpoint import WEIGHTS_NAME
-from peftkit.training.methods import METHOD_BUILDERS
+from peftkit.method_spec import method_spec
 from tests.tiny_models import TINY_MODELS, run
 
 N = 4
@@ -102,12 +102,10 @@ def test_sequence_classification_reads_the_first_token_and_the_method_is_asked_f
     assert run(model, tiny, tiny.batch()).shape == (3, 3)
     assert not torch.equal(run(model, tiny, tiny.batch()), run(tiny.build(), tiny, tiny.batch()))
 
-    class Train:
-        num_virtual_tokens = 7
-
-    built = METHOD_BUILDERS["p_tuning_v2"](Train(), ["classifier"])
+    options = {"num_virtual_tokens": 7}
+    built = method_spec("p_tuning_v2").build(options, ["classifier"])
     assert built == PTuningV2Config(num_virtual_tokens=7, modules_to_save=("classifier",))
-    assert METHOD_BUILDERS["p_tuning"](Train(), []).num_virtual_tokens == 7
+    assert method_spec("p_tuning").build(options, []).num_virtual_tokens == 7
 
 
 def test_no_reparameterization_field():

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from peftkit.method_spec import method_spec
 from peftkit.tasks import TASKS
 from peftkit.tasks.generation import prompt_text
 from peftkit.training.config import TrainConfig
@@ -36,6 +37,8 @@ def _run(root, name, model, dataset, task, **overrides):
         max_length=32,
     )
     settings.update(overrides)
+    taken = method_spec(settings.get("method", "lora")).option_names  # LoRA's options only where they apply
+    settings = {k: v for k, v in settings.items() if k not in ("target_modules", "dropout") or k in taken}
     return train(TrainConfig.from_sources(None, settings), log=QUIET)
 
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import typing
-from pathlib import Path
 
-import yaml
-
-from peftkit.cli.train import _parser_for, add_config_flags, config_from_args
+from peftkit.cli.flags import add_config_flags, overrides_from_args
 from peftkit.config import ConfigError
-from peftkit.training.config import TrainConfig
+from peftkit.method_spec import METHOD_SPECS, all_options, check_options
+from peftkit.training.config import TrainConfig, parse_setting, split_settings
 
 DEFAULT_OUTPUT = "runs/compare"
 PER_RUN = {"method": "--methods", "seed": "--seeds"}  # set by the lab for each run
@@ -30,7 +27,7 @@ def add_parser(subparsers) -> None:
         "--methods",
         nargs="+",
         default=list(DEFAULT_METHODS),
-        help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)})",
+        help=f"methods to compare, from {', '.join(METHOD_SPECS)} (default: {' '.join(DEFAULT_METHODS)})",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[0], help="seeds; each method runs once per seed (default: 0)"
@@ -58,19 +55,21 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--config", help="a YAML file of training settings for every method (flags override it)"
     )
-    add_config_flags(parser, exclude=frozenset({"resume"}))  # the lab's --resume reuses finished runs
-    for action in parser._actions:  # per-run settings: the lab sets them
-        if action.dest in PER_RUN:
-            action.help = argparse.SUPPRESS
-        elif action.dest == "output_dir":
-            action.help = f"the comparison's folder: tables, charts, runs/ (default: {DEFAULT_OUTPUT})"
+    add_config_flags(
+        parser,
+        exclude=frozenset({"resume"}),  # the lab's --resume reuses finished runs
+        hidden=frozenset(PER_RUN),  # per-run settings: the lab sets them
+        help_for={
+            "output_dir": f"the comparison's folder: tables, charts, runs/ (default: {DEFAULT_OUTPUT})"
+        },
+    )
     parser.set_defaults(run=run)
 
 
 def parse_method_settings(items: list[str], methods: list[str]) -> dict[str, dict]:
     """``["full.learning_rate=3e-5", "lora.r=16"]`` -> ``{"full": {"learning_rate": 3e-5}, "lora": {"r": 16}}``
-    (each value read as the setting's type, as its own flag would read it)."""
-    kinds = typing.get_type_hints(TrainConfig)
+    (each value read as the setting's type, as its own flag would read it). Raises ConfigError for a malformed
+    item, a method not compared, an unknown setting, or an option the method does not take."""
     settings: dict[str, dict] = {}
     for item in items:
         key, equals, value = item.partition("=")
@@ -80,45 +79,47 @@ def parse_method_settings(items: list[str], methods: list[str]) -> dict[str, dic
         if method not in methods:
             raise ConfigError(f"--method-setting {item!r}: {method!r} is not one of --methods {methods}")
         name = name.replace("-", "_")
-        if name not in kinds or name in PER_RUN or name == "columns":
-            allowed = sorted(set(kinds) - set(PER_RUN) - {"columns"})
-            raise ConfigError(f"--method-setting {item!r}: unknown setting {name!r}; known: {allowed}")
-        if kinds[name] is bool:
-            settings.setdefault(method, {})[name] = _boolean(item, value)
-        else:
-            try:
-                settings.setdefault(method, {})[name] = _parser_for(kinds[name])(value)
-            except ValueError as error:
-                raise ConfigError(f"--method-setting {item!r}: {error}") from None
+        if name in PER_RUN:
+            raise ConfigError(f"--method-setting {item!r}: the lab sets {name!r} for each run")
+        try:
+            parsed = parse_setting(name, value)
+            if name in all_options() and method in METHOD_SPECS:
+                check_options(method, {name: parsed})
+        except ConfigError as error:
+            raise ConfigError(f"--method-setting {item!r}: {error}") from None
+        settings.setdefault(method, {})[name] = parsed
     return settings
-
-
-def _boolean(item: str, value: str) -> bool:
-    if value.lower() not in ("true", "false"):
-        raise ConfigError(f"--method-setting {item!r}: expected true or false")
-    return value.lower() == "true"
 
 
 def run(args: argparse.Namespace) -> int:
     from peftkit.lab import default_method_settings, run_comparison
+    from peftkit.lab.tables import markdown_table
 
     for name, instead in PER_RUN.items():
         if getattr(args, name) is not None:
             raise ConfigError(f"`peftkit compare` sets {name} for each run; use {instead}")
     methods = [m for item in args.methods for m in item.split(",") if m]
-    base = config_from_args(args)
-    chosen = {k for k, v in vars(args).items() if v is not None}  # flags given for every method
-    if args.config:
-        chosen |= set(yaml.safe_load(Path(args.config).read_text()) or {})
-    settings = default_method_settings(methods, keep=chosen, dataset=base.dataset)
+    given = TrainConfig.read_settings(args.config) if args.config else {}
+    given.update({k: v for k, v in overrides_from_args(args).items() if v is not None})
+    general, options = split_settings(given)
+    base = TrainConfig.from_dict(general)
+    settings = default_method_settings(methods, keep=set(given), dataset=base.dataset)
+    for name, value in options.items():  # a method option applies to the compared methods that take it
+        takers = [m for m in methods if m in METHOD_SPECS and name in METHOD_SPECS[m].option_names]
+        if not takers:
+            owners = ", ".join(all_options()[name][1])
+            raise ConfigError(
+                f"`{name}` is an option of {owners}, none of which is among --methods {methods}"
+            )
+        for method in takers:
+            settings[method][name] = value
     for method, values in parse_method_settings(args.method_setting, methods).items():
         settings[method].update(values)
-    output_dir = args.output_dir or DEFAULT_OUTPUT
     comparison = run_comparison(
         base,
         methods,
         args.seeds,
-        output_dir,
+        args.output_dir or DEFAULT_OUTPUT,
         settings,
         overwrite=args.overwrite,
         resume=args.resume_comparison,
@@ -127,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         context={"command": "peftkit " + shlex.join(sys.argv[1:])} if sys.argv[1:2] == ["compare"] else None,
     )
-    table = (Path(output_dir) / "results.md").read_text()
-    print("\n" + table[table.index("| method") :])
+    print("\n" + markdown_table(comparison.rows))
     print("written:", ", ".join(str(p) for p in comparison.files))
     failed = [r for r in comparison.rows if r.status != "ok"]
     for row in failed:

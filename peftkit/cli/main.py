@@ -12,6 +12,7 @@ SUBCOMMANDS = [train, evaluate, predict, demo, compare, serve, plan]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``peftkit`` parser, one subparser per module in :data:`SUBCOMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="peftkit", description="Parameter-efficient fine-tuning of transformer models."
     )
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv``; the exit status (2: bad input, reported without a traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,7 +1,8 @@
 """peftkit inside transformers' ``Trainer`` and TRL.
 
 ``from peftkit.integrations import PeftkitTrainer`` (``Trainer`` that saves and resumes only the adapter),
-``PeftkitTrainerMixin`` and ``peftkit_trainer_class(SFTTrainer)`` for other ``Trainer`` subclasses. Imported
+``PeftkitTrainerMixin`` and ``peftkit_trainer_class(MyTrainer)`` for other ``Trainer`` subclasses;
+``peftkit.integrations.trl.PeftkitSFTTrainer`` for TRL. Imported
 lazily: ``peftkit`` itself does not import ``transformers.Trainer``.
 """
 

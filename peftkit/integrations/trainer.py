@@ -27,7 +27,7 @@ from peftkit.model import PeftModel
 
 
 class PeftkitTrainerMixin:
-    """Put before a ``Trainer`` class: ``class MyTrainer(PeftkitTrainerMixin, SFTTrainer)``."""
+    """Put before a ``Trainer`` class: ``class T(PeftkitTrainerMixin, MyTrainer)`` (TRL: :mod:`peftkit.integrations.trl`)."""
 
     def _peftkit_model(self) -> PeftModel | None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -66,5 +66,5 @@ class PeftkitTrainer(PeftkitTrainerMixin, Trainer):
 
 
 def peftkit_trainer_class(trainer_class: type[Trainer]) -> type[Trainer]:
-    """``trainer_class`` (e.g. TRL's ``SFTTrainer``) with :class:`PeftkitTrainerMixin` in front."""
+    """``trainer_class`` with :class:`PeftkitTrainerMixin` in front."""
     return type(f"Peftkit{trainer_class.__name__}", (PeftkitTrainerMixin, trainer_class), {})

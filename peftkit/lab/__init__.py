@@ -1,8 +1,8 @@
 """The comparison lab: several methods on the same model, data, budget and seeds, side by side.
 
 ``run_comparison`` trains each (method, seed) in a process of its own (``peftkit.lab.worker``), then writes
-one table (Markdown, CSV, JSON) and PNG charts. A method is a name in
-:data:`peftkit.training.methods.METHOD_BUILDERS`; a new method needs nothing here.
+one table (Markdown, CSV, JSON) and PNG charts. A method is any name declared with ``declare_method``
+(:mod:`peftkit.method_spec`); a new method needs nothing here.
 """
 
 from peftkit.lab.comparison import Comparison, run_comparison

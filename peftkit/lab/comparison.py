@@ -53,6 +53,36 @@ def run_comparison(
     if not methods or not seeds:
         raise ConfigError("a comparison needs at least one method and one seed")
     output_dir = Path(output_dir)
+    _claim(output_dir, overwrite, resume)
+    specs = plan_runs(base, methods, seeds, output_dir, method_settings)
+    progress = ComparisonProgress(specs, disable=not show_progress)
+    runs = []
+    try:
+        for index, spec in enumerate(specs):
+            progress.start(index, spec)
+            result = finished_result(spec) if resume else None
+            if result is not None:
+                progress.reused(index)
+            else:
+                on_steps = lambda steps, i=index: progress.steps_done(i, steps)  # noqa: E731
+                result = launch(spec, on_steps, latency_batch, latency_repeats, timeout)
+            record = read_run(spec.method, spec.seed, result)
+            runs.append(record)
+            progress.finish(index, record.ok)
+    finally:
+        progress.close()
+    rows = summarize(runs)
+    predicted = predicted_peaks(base, list(methods))
+    for row in rows:
+        row.predicted_peak_bytes = predicted.get(row.method)
+    files = write_tables(rows, runs, output_dir, _describe(base, methods, seeds, context))
+    files += write_charts(rows, runs, output_dir, _title(base))
+    return Comparison(rows, runs, files)
+
+
+def _claim(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Make ``output_dir`` ready: an earlier comparison there is replaced (``overwrite``) or reused
+    (``resume``), never overwritten by accident (ConfigError)."""
     if overwrite and resume:
         raise ConfigError(
             "--overwrite and --resume exclude each other: replace the earlier runs, or reuse them"
@@ -65,36 +95,22 @@ def run_comparison(
                 "--overwrite to replace it, or another --output-dir"
             )
         shutil.rmtree(output_dir / RUNS_DIR, ignore_errors=True)
-    specs = plan_runs(base, methods, seeds, output_dir, method_settings)
 
-    progress = ComparisonProgress(specs, disable=not show_progress)
-    runs = []
-    try:
-        for index, spec in enumerate(specs):
-            progress.start(index, spec)
-            result = finished_result(spec) if resume else None
-            if result is not None:
-                progress.reused(index)
-            else:
-                result = launch(
-                    spec,
-                    on_steps=lambda steps, i=index: progress.steps_done(i, steps),
-                    latency_batch=latency_batch,
-                    latency_repeats=latency_repeats,
-                    timeout=timeout,
-                )
-            record = read_run(spec.method, spec.seed, result)
-            runs.append(record)
-            progress.finish(index, record.ok)
-    finally:
-        progress.close()
 
-    rows = summarize(runs)
-    predicted = predicted_peaks(base, list(methods))
-    for row in rows:
-        row.predicted_peak_bytes = predicted.get(row.method)
-    length = f"{base.max_steps} steps" if base.max_steps else f"{base.epochs:g} epochs"
-    described = {
+def _length(base: TrainConfig) -> str:
+    """The training budget in words: steps, or epochs when the steps are not capped."""
+    return f"{base.max_steps} steps" if base.max_steps else f"{base.epochs:g} epochs"
+
+
+def _title(base: TrainConfig) -> str:
+    """The setting under every chart's title: a folder's name, not its path."""
+    return f"{Path(base.model).name} on {Path(base.dataset).name}, {_length(base)}"
+
+
+def _describe(base, methods, seeds, context) -> dict[str, Any]:
+    """The context lines of ``results.md``: model, data, methods, seeds, budget, date, machine."""
+    length = _length(base)
+    return {
         "model": base.model,
         "dataset": base.dataset,
         "task": base.task or "inferred from the dataset",
@@ -106,7 +122,3 @@ def run_comparison(
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine.describe(),
     }
-    title = f"{Path(base.model).name} on {Path(base.dataset).name}, {length}"  # a folder's name, not its path
-    files = write_tables(rows, runs, output_dir, described)
-    files += write_charts(rows, runs, output_dir, title)
-    return Comparison(rows, runs, files)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor elsewhere)."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
@@ -17,6 +18,7 @@ def cpu_model() -> str:
 
 
 def describe() -> str:
+    """Cores, CPU, GPU if any, OS and torch version, in one line for a comparison's record."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

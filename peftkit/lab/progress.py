@@ -34,10 +34,12 @@ class ComparisonProgress:
         self.failed = 0
 
     def start(self, index: int, spec: RunSpec) -> None:
+        """Run ``index`` (``spec``) begins: named on the bar."""
         self.bar.set_description(f"compare [{index + 1}/{self.count}] {spec.method} seed {spec.seed}")
         self._refresh_postfix()
 
     def steps_done(self, index: int, steps: int) -> None:
+        """Run ``index`` has logged ``steps`` optimizer steps so far."""
         if self.by_steps:
             self._move_to(self.done_before + min(steps, self.sizes[index]))
 
@@ -49,12 +51,14 @@ class ComparisonProgress:
         self.bar.refresh()
 
     def finish(self, index: int, ok: bool) -> None:
+        """Run ``index`` ended (``ok``: succeeded); its whole share of the bar is done."""
         self.done_before += self.sizes[index]
         self._move_to(self.done_before)
         self.failed += not ok
         self._refresh_postfix()
 
     def close(self) -> None:
+        """Close the bar."""
         self.bar.close()
 
     def _move_to(self, position: int) -> None:

@@ -47,6 +47,7 @@ class RunRecord:
 
 
 def median_after_warmup(values: list[float], warmup: int = WARMUP_STEPS) -> float | None:
+    """Median of ``values`` without the first ``warmup`` (at least one value kept); None for none."""
     if not values:
         return None
     kept = values[min(warmup, len(values) - 1) :]  # at least one value, however short the run

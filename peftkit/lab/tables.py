@@ -22,6 +22,7 @@ MARKDOWN, CSV, JSON = "results.md", "results.csv", "results.json"
 def write_tables(
     rows: list[MethodSummary], runs: list[RunRecord], directory: Path, context: dict[str, Any]
 ) -> list[Path]:
+    """``results.md``, ``results.csv`` and ``results.json`` in ``directory``; their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / CSV).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -39,6 +40,15 @@ def write_tables(
 
 
 def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
+    """``results.md``: a title, the setting (``context``), the table and what its columns mean."""
+    model, dataset = (Path(str(context.get(k))).name for k in ("model", "dataset"))
+    lines = [f"# peftkit compare: {model} on {dataset}", ""]
+    lines += [f"- {k}: {v}" for k, v in context.items()]
+    return "\n".join(lines) + "\n\n" + markdown_table(rows)
+
+
+def markdown_table(rows: list[MethodSummary]) -> str:
+    """The table, one row per method, and the paragraph saying what its columns mean."""
     metric = next((r.metric for r in rows if r.metric), "metric")
     header = [
         "method",
@@ -59,10 +69,7 @@ def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
         "load",
         "status",
     ]
-    model, dataset = (Path(str(context.get(k))).name for k in ("model", "dataset"))
-    lines = [f"# peftkit compare: {model} on {dataset}", ""]
-    lines += [f"- {k}: {v}" for k, v in context.items()]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
             r.method,

@@ -46,6 +46,7 @@ def run(run_dir: Path, latency_batch: int, latency_repeats: int) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The worker's command line; exit status 0 when the run succeeded, 1 when its error was recorded."""
     parser = argparse.ArgumentParser(prog="python -m peftkit.lab.worker", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--latency-batch", type=int, default=16, help="rows of the timed inference batch")

@@ -21,7 +21,8 @@ from torch import nn
 from peftkit.architectures import architecture
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, register_config
 from peftkit.layer import base_parameter_names
-from peftkit.methods import in_place_method
+from peftkit.method_spec import declare_method
+from peftkit.methods.registry import in_place_method
 
 # Role -> the architecture position whose biases it names (see peftkit.architectures); the norms are found
 # by their class, on every model.
@@ -109,3 +110,11 @@ def _role_matchers(model: nn.Module, roles: tuple[str, ...]) -> dict[str, Callab
 
 
 in_place_method("bitfit", BitFitConfig, bias_names, "PEFTKIT_BITFIT")
+
+
+declare_method(
+    "bitfit",
+    "only the bias terms train (Ben Zaken et al. 2021)",
+    learning_rate=2e-3,
+    build=lambda o, heads: BitFitConfig(modules_to_save=heads or None),
+)

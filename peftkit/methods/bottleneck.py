@@ -38,7 +38,8 @@ from peftkit.config import (
     register_config,
 )
 from peftkit.layer import ADAPTER_DTYPES, AdapterLayer, adapter_dtype, find_or_wrap, innermost
-from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
+from peftkit.method_spec import Option, declare_method
+from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
 from peftkit.targeting import LINEAR_TYPES, linear_features, select_modules
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -264,4 +265,18 @@ register_method(
         trained_base_parameters=no_base_parameters,
         **native_file_format("PEFTKIT_BOTTLENECK", BottleneckConfig),
     )
+)
+
+
+declare_method(
+    "bottleneck",
+    "small bottleneck MLPs inserted after attention and / or feed-forward (Houlsby et al. 2019)",
+    learning_rate=1e-3,
+    options=(
+        Option("placement", str, "pfeiffer", "where the adapters sit", choices=PLACEMENTS),
+        Option("bottleneck_size", int, 32, "hidden width m of each adapter (d -> m -> d)"),
+    ),
+    build=lambda o, heads: BottleneckConfig(
+        placement=o["placement"], bottleneck_size=o["bottleneck_size"], modules_to_save=heads or None
+    ),
 )

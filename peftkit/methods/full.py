@@ -13,7 +13,8 @@ from typing import ClassVar
 
 from peftkit.config import AdapterConfig, register_config
 from peftkit.layer import base_parameter_names
-from peftkit.methods import in_place_method
+from peftkit.method_spec import declare_method
+from peftkit.methods.registry import in_place_method
 
 
 @register_config
@@ -26,4 +27,12 @@ class FullFineTuningConfig(AdapterConfig):
 
 in_place_method(
     "full", FullFineTuningConfig, lambda model, config: base_parameter_names(model), "PEFTKIT_FULL"
+)
+
+
+declare_method(
+    "full",
+    "every parameter trains (the baseline the methods are measured against)",
+    learning_rate=5e-5,
+    build=lambda o, heads: FullFineTuningConfig(),
 )

@@ -29,8 +29,8 @@ from peftkit.config import (
     register_config,
 )
 from peftkit.layer import ADAPTER_DTYPES
-from peftkit.methods import Method, native_file_format, no_base_parameters, register_method
 from peftkit.methods.bottleneck import Bottleneck, BottleneckLayer
+from peftkit.methods.registry import Method, native_file_format, no_base_parameters, register_method
 
 
 @register_config

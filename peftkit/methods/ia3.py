@@ -22,7 +22,8 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.architectures import architecture
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_choice, register_config
 from peftkit.layer import ADAPTER_DTYPES, AdapterLayer, adapter_dtype, find_or_wrap, innermost
-from peftkit.methods import Method, no_base_parameters, register_method
+from peftkit.method_spec import TARGET_MODULES, declare_method
+from peftkit.methods.registry import Method, no_base_parameters, register_method
 from peftkit.targeting import name_matches, select_modules
 
 INIT_MODES = ("ones", "random")
@@ -243,4 +244,13 @@ register_method(
         to_file=lambda config, targets, model: config.to_hf_dict(targets, model),
         from_file=IA3Config.from_hf_dict,
     )
+)
+
+
+declare_method(
+    "ia3",
+    "learned scaling vectors on keys, values and feed-forward activations ((IA)³, Liu et al. 2022)",
+    learning_rate=5e-3,
+    options=(TARGET_MODULES,),
+    build=lambda o, heads: IA3Config(target_modules=o["target_modules"], modules_to_save=heads or None),
 )

@@ -17,7 +17,8 @@ from torch import nn
 from peftkit.architectures import block_lists
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
 from peftkit.layer import base_parameter_names
-from peftkit.methods import in_place_method
+from peftkit.method_spec import Option, declare_method
+from peftkit.methods.registry import in_place_method
 
 
 @register_config
@@ -101,3 +102,12 @@ def _final_norm_paths(model: nn.Module, lists: list[str]) -> list[str]:
 
 
 in_place_method("layer_tuning", LayerTuningConfig, trained_parameter_names, "PEFTKIT_LAYER_TUNING")
+
+
+declare_method(
+    "layer_tuning",
+    "the last blocks train in full, the others stay frozen",
+    learning_rate=1e-4,
+    options=(Option("top_k", int, 2, "how many of the last transformer blocks train"),),
+    build=lambda o, heads: LayerTuningConfig(top_k=o["top_k"], modules_to_save=heads or None),
+)

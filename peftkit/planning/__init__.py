@@ -46,15 +46,16 @@ def parse_bytes(text: str) -> int:
 def plan(settings: Settings | None = None, **fields) -> Plan:
     """Predict every method (default: all that ``peftkit train`` knows) for ``settings`` (or its fields as
     keyword arguments). Raises ConfigError for an unknown model, task, method, device or dtype."""
+    import peftkit.training.config  # noqa: F401  (declares every method peftkit train knows)
+    from peftkit.method_spec import METHOD_SPECS
     from peftkit.planning import meta_model
     from peftkit.planning.advice import recommend
     from peftkit.planning.estimate import plan_method
-    from peftkit.training.methods import METHOD_BUILDERS
 
     settings = settings or Settings(**fields)
     # HF PEFT's spellings too (LORA, PREFIX_TUNING, p-tuning)
-    methods = tuple(m.lower().replace("-", "_") for m in settings.methods) or tuple(METHOD_BUILDERS)
-    _validate(settings, methods, METHOD_BUILDERS)
+    methods = tuple(m.lower().replace("-", "_") for m in settings.methods) or tuple(METHOD_SPECS)
+    _validate(settings, methods, METHOD_SPECS)
     config = meta_model.load_config(settings.model)
     task = settings.task or meta_model.infer_task(config)
     settings = dataclasses.replace(settings, task=task, methods=tuple(methods))
@@ -90,12 +91,13 @@ def predicted_peaks(config, methods) -> dict[str, int | None]:
     model, task, batch size, max length, gradient checkpointing; CPU, fp32 weights as train keeps them), or
     None where the plan cannot say (an unknown method, a model whose step cannot be simulated). Never raises:
     ``peftkit compare`` shows it next to the measured peak and goes on without it."""
+    import peftkit.training.config  # noqa: F401  (declares every method peftkit train knows)
     from peftkit.data.builtin import BUILTIN_DATASETS
-    from peftkit.training.methods import METHOD_BUILDERS
+    from peftkit.method_spec import METHOD_SPECS
 
     builtin = BUILTIN_DATASETS.get(config.dataset)
     task = config.task or (builtin.tasks[0] if builtin is not None else None)
-    known = tuple(m for m in methods if m in METHOD_BUILDERS)
+    known = tuple(m for m in methods if m in METHOD_SPECS)
     peaks: dict[str, int | None] = dict.fromkeys(methods)
     try:
         table = plan(

@@ -215,7 +215,11 @@ def _trace_method(config: Any, task: str, method: str, settings: Settings, check
 def _train_config(method: str, settings: Settings) -> TrainConfig:
     """``peftkit train``'s defaults for ``method``; QLoRA computes in the plan's dtype (train's default,
     float32, would turn a bf16 model's activations back to fp32)."""
-    return TrainConfig(method=method, compute_dtype=str(meta_model.DTYPES[settings.dtype]).split(".")[-1])
+    from peftkit.method_spec import method_spec
+
+    dtype = str(meta_model.DTYPES[settings.dtype]).split(".")[-1]
+    takes_dtype = "compute_dtype" in method_spec(method).option_names  # a method option: QLoRA's only
+    return TrainConfig(method=method, options={"compute_dtype": dtype} if takes_dtype else {})
 
 
 def _trace(peft: nn.Module, head: nn.Module | None, inputs: dict, checkpointing: bool) -> StepTrace:

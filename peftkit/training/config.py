@@ -4,17 +4,26 @@ the run so that it can be repeated and resumed."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import peftkit.methods  # (importing the method modules declares them)
+import peftkit.qlora  # noqa: F401  (declares qlora)
 from peftkit.config import ConfigError
+from peftkit.method_spec import all_options, check_options, method_spec
 
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run. Sizes in examples or tokens, intervals in optimizer steps.
+
+    Construction fills in the method's defaults (its options, its learning rate) and raises ConfigError for
+    an unknown method or an option the method does not take; :meth:`validate` checks the ranges."""
+
     # what
     model: str = "minilm"
     dataset: str = "rotten_tomatoes"
@@ -22,22 +31,15 @@ class TrainConfig:
     method: str = "lora"
     columns: dict[str, str] = field(default_factory=dict)  # e.g. {"text": "review", "label": "sentiment"}
     limit: int | None = None  # records read before splitting (None: all)
-    # method options (each method reads those it understands; see peftkit/training/methods.py)
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    target_modules: str | list[str] | None = "all-linear"  # None: the architecture's default
-    top_k: int = 2
-    placement: str = "pfeiffer"
-    bottleneck_size: int = 32
-    num_virtual_tokens: int = 20  # prompt_tuning, prefix_tuning, p_tuning, p_tuning_v2
-    compute_dtype: str = "float32"  # qlora: the dtype 4-bit weights are de-quantized to, and the adapter's
+    # the method's own settings (declared with the method, see peftkit/method_spec.py); the missing ones
+    # take the method's defaults, and one the method does not take is refused
+    options: dict[str, Any] = field(default_factory=dict)
     # optimisation
     epochs: float = 1.0
     max_steps: int | None = 400
     batch_size: int = 16
     gradient_accumulation: int = 1
-    learning_rate: float = 2e-3
+    learning_rate: float | None = None  # None: the method's own, see default_learning_rate()
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
@@ -58,30 +60,53 @@ class TrainConfig:
     output_dir: str = "runs/train"
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        """Fill in the method's defaults: its options and its learning rate. Raises ConfigError for an
+        unknown method or an option the method does not take."""
+        spec = method_spec(self.method)
+        check_options(self.method, self.options)
+        self.options = {**spec.defaults(), **self.options}
+        if self.learning_rate is None:
+            self.learning_rate = default_learning_rate(self.method, self.dataset)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as one flat mapping (the method's options beside the others), as saved."""
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k != "options"}
+        return {**values, **self.options}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """From a flat mapping (:meth:`to_dict`'s form), None being a real value; validated."""
+        general, options = split_settings(values)
+        config = cls(**general, options=options)
+        config.validate()
+        return config
+
+    @staticmethod
+    def read_settings(yaml_path: str | Path) -> dict[str, Any]:
+        """The flat settings of a YAML file (numbers read as numbers); raises ConfigError for a file that is
+        not a mapping."""
+        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{yaml_path}: expected a mapping of settings, got {type(loaded).__name__}")
+        return loaded
 
     @classmethod
     def from_sources(
         cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
     ) -> TrainConfig:
-        """Defaults, then the YAML file, then command-line overrides (which win)."""
+        """Defaults, then the YAML file, then command-line overrides (which win; None: not given).
+
+        Raises ConfigError for an unknown setting, a value of the wrong type, an unknown method, or an
+        option of another method than the chosen one."""
         values: dict[str, Any] = {}
         if yaml_path is not None:
-            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{yaml_path}: expected a mapping of settings, got {type(loaded).__name__}")
-            values.update(loaded)
+            values.update(cls.read_settings(yaml_path))
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        config = cls(**{name: _coerce(name, value) for name, value in values.items()})
-        config.validate()
-        return config
+        return cls.from_dict(values)
 
     def validate(self) -> None:
+        """Raise ConfigError naming the first setting out of its range (sizes positive, rates in range)."""
         positive = [
             "batch_size",
             "gradient_accumulation",
@@ -102,14 +127,77 @@ class TrainConfig:
             raise ConfigError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio!r}")
 
     def save(self, path: Path) -> None:
+        """Write the settings to ``path`` as flat YAML (:meth:`to_dict`'s form)."""
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
 
 
-def _coerce(name: str, value: Any) -> Any:
+def default_learning_rate(method: str, dataset: str | None = None) -> float:
+    """The peak learning rate a run of ``method`` starts from: the method's own (its declaration), or the one
+    a built-in ``dataset`` names for it. Raises ConfigError for an unknown method."""
+    from peftkit.data.builtin import BUILTIN_DATASETS
+
+    own = method_spec(method).learning_rate
+    builtin = BUILTIN_DATASETS.get(dataset or "")
+    return builtin.learning_rates.get(method, own) if builtin is not None else own
+
+
+def parse_setting(name: str, text: str) -> Any:
+    """A command-line string read as setting ``name`` reads it: an int, float or string, ``true`` / ``false``
+    for a switch, ``none`` for a setting that may be unset. Raises ConfigError for an unknown setting or a
+    string that is not a value of its type."""
+    options = all_options()
+    if name in options:
+        option = options[name][0]
+        kind, optional = option.kind, option.optional
+    else:
+        hints = typing.get_type_hints(TrainConfig)
+        if name not in hints or name in ("options", "columns"):
+            known = sorted(set(hints) - {"options", "columns"} | set(options))
+            raise ConfigError(f"unknown setting {name!r}; known: {known}")
+        kinds = [a for a in typing.get_args(hints[name]) if a is not type(None)] or [hints[name]]
+        kind, optional = kinds[0], type(None) in typing.get_args(hints[name])
+    if optional and text.lower() == "none":
+        return None
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ConfigError(f"`{name}` expects true or false, got {text!r}")
+        return text.lower() == "true"
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"`{name}` must be {_ARTICLE.get(kind, kind.__name__)}, got {text!r}") from None
+
+
+def drop_other_methods_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the options of other methods than its own that hold their default: the
+    ``config.yaml`` of a run saved before options belonged to their method lists every method's."""
+    spec = method_spec(settings.get("method", "lora"))
+    options = all_options()
+    return {
+        k: v
+        for k, v in settings.items()
+        if k not in options or k in spec.option_names or v != options[k][0].default
+    }
+
+
+def split_settings(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A flat mapping of settings -> (TrainConfig's own fields, method options), numbers parsed.
+
+    Raises ConfigError for a name that is neither."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"options"}
+    options = all_options()
+    unknown = sorted(set(values) - fields - set(options))
+    if unknown:
+        raise ConfigError(f"unknown training setting(s) {unknown}; known: {sorted(fields | set(options))}")
+    general = {k: _coerce(k, _NUMERIC.get(k), v) for k, v in values.items() if k in fields}
+    chosen = {k: _coerce(k, options[k][0].kind, v) for k, v in values.items() if k in options}
+    return general, chosen
+
+
+def _coerce(name: str, kind: type | None, value: Any) -> Any:
     """YAML 1.1 reads ``3e-5`` (no dot) as a string; numbers for numeric settings are parsed here, with an
     error naming the setting when that fails."""
-    kind = _NUMERIC.get(name)
-    if kind is None or value is None or isinstance(value, bool) or not isinstance(value, str):
+    if kind not in _ARTICLE or value is None or isinstance(value, bool) or not isinstance(value, str):
         return value
     try:
         return kind(value)

@@ -30,6 +30,7 @@ class Distributed:
         return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
 
     def barrier(self) -> None:
+        """Wait for every process (nothing to wait for with one)."""
         if self.world_size > 1:
             dist.barrier()
 
@@ -42,5 +43,6 @@ class Distributed:
         return holder[0]
 
     def shutdown(self) -> None:
+        """Leave the process group, if one was joined."""
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from peftkit.training.config import TrainConfig
+from peftkit.training.config import TrainConfig, drop_other_methods_defaults
 
 _CONFIG = "config.yaml"
 _LABELS = "labels.json"
@@ -72,13 +72,15 @@ class RunFolder:
         return self.config_path.is_file() and self.adapter_dir.is_dir()
 
     def save_config(self, config: TrainConfig) -> None:
+        """Write ``config.yaml``: the effective settings, enough to repeat or resume the run."""
         config.save(self.config_path)
 
     def read_config(self) -> TrainConfig:
         """The settings the run was started with (raises ConfigError for a file that is not valid)."""
-        return TrainConfig.from_sources(self.config_path)
+        return TrainConfig.from_dict(drop_other_methods_defaults(TrainConfig.read_settings(self.config_path)))
 
     def write_labels(self, task: str, label_names: list[str] | None) -> None:
+        """Write ``labels.json``: the task and the label names the head was built for."""
         self._write_json(_LABELS, {"task": task, "label_names": label_names})
 
     def task(self) -> str | None:
@@ -151,6 +153,7 @@ class RunFolder:
 
     @staticmethod
     def checkpoint_adapter(checkpoint: Path) -> Path:
+        """The adapter folder inside ``checkpoint`` (from :meth:`find_checkpoint`)."""
         return checkpoint / _ADAPTER
 
     @staticmethod
@@ -162,15 +165,19 @@ class RunFolder:
 
     # --- what a finished run reports
     def write_result(self, result: dict[str, Any]) -> None:
+        """Write the run's record (:meth:`TrainResult.to_dict`), whole or not at all."""
         self._write_json(_RESULT, result)
 
     def read_result(self) -> dict[str, Any] | None:
+        """The run's record as written by :meth:`write_result`; None before the run finished."""
         return self._read_json(_RESULT)
 
     def write_lab_record(self, record: dict[str, Any]) -> None:
+        """Write a comparison's record of this run (see :mod:`peftkit.lab.worker`), whole or not at all."""
         self._write_json(_LAB_RECORD, record)
 
     def read_lab_record(self) -> dict[str, Any] | None:
+        """A comparison's record of this run; None when its worker wrote none."""
         return self._read_json(_LAB_RECORD)
 
     def clear(self) -> None:

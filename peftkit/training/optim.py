@@ -12,6 +12,8 @@ def no_decay(name: str, parameter: nn.Parameter) -> bool:
 
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the parameters that require gradients, ``weight_decay`` on matrices only
+    (Loshchilov & Hutter 2019); ``learning_rate`` is the schedule's peak."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},

@@ -40,12 +40,14 @@ class TrainResult:
         return sum(self.step_seconds)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping (paths as strings)."""
         values = dataclasses.asdict(self)
         values["output_dir"] = str(self.output_dir)
         return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainResult:
+        """Back from :meth:`to_dict`'s form (keys this version does not know are ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in values.items() if k in known}
         values["output_dir"] = Path(values["output_dir"])
@@ -53,6 +55,7 @@ class TrainResult:
         return cls(**values)
 
     def summary(self) -> str:
+        """The table ``peftkit train`` prints at the end: test metrics, sizes, steps, time, memory."""
         primary = self.primary_metric
         value = self.test_metrics.get(primary)
         rows = [

@@ -7,9 +7,9 @@ saves the adapter, evaluates on the test split, plots the curves and returns the
 :func:`load_run` gives a finished run's model back for ``peftkit eval`` / ``predict`` / ``generate`` and the
 lab's latency measurement. Where the files go is :class:`~peftkit.training.layout.RunFolder`'s business.
 
-Two extension points: ``TrainingRun.loss`` (batch -> scalar loss; a fused linear cross-entropy replaces it)
-and ``TrainingRun.sampler`` (step -> row indices; a length-grouped sampler replaces it, see
-:mod:`peftkit.training.batches`).
+Two extension points, set in ``prepare`` (see :mod:`peftkit.training.efficiency`): ``TrainingRun.loss``
+(micro-batch -> scalar loss: the model's own or the fused linear cross-entropy) and ``TrainingRun.sampler``
+(step -> row indices: a seeded or length-grouped :class:`~peftkit.data.batching.StepOrder`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ class Progress:
 
 
 def rng_states() -> dict[str, Any]:
+    """Python's, NumPy's and torch's generator states, as tensors, numbers and lists only."""
     numpy_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -32,6 +33,7 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore the generator states :func:`rng_states` returned."""
     torch.set_rng_state(states["torch"])
     random.setstate(_as_tuples(states["python"]))
     kind, keys, *rest = states["numpy"]

@@ -8,10 +8,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.layer import AdapterLayer, base_parameter_names, find_or_wrap, innermost
-from peftkit.methods import Method, register_method
+from peftkit.method_spec import TARGET_MODULES, Option, declare_method
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.linear import LoraLinear
+from peftkit.methods.registry import Method, register_method
 from peftkit.size_bounds import check_rank
 from peftkit.targeting import select_modules
 
@@ -82,4 +83,26 @@ register_method(
         to_file=lambda config, targets, model: config.to_hf_dict(targets),
         from_file=LoraConfig.from_hf_dict,
     )
+)
+
+
+# How `peftkit train --method lora` builds its adapter (QLoRA shares these options: peftkit/qlora.py).
+LORA_OPTIONS = (
+    Option("r", int, 8, "rank of the low-rank update (B A has rank r)"),
+    Option("alpha", float, 16, "scale numerator: the update is scaled by alpha / r"),
+    Option("dropout", float, 0.1, "dropout probability on the adapter's input"),
+    TARGET_MODULES,
+)
+declare_method(
+    "lora",
+    "low-rank updates B A added to the targeted weights (Hu et al. 2021)",
+    learning_rate=2e-3,
+    options=LORA_OPTIONS,
+    build=lambda o, heads: LoraConfig(
+        r=o["r"],
+        alpha=o["alpha"],
+        dropout=o["dropout"],
+        target_modules=o["target_modules"],
+        modules_to_save=heads or None,
+    ),
 )

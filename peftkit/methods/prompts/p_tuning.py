@@ -43,7 +43,7 @@ from peftkit.config import (
     register_config,
 )
 from peftkit.layer import find_or_wrap
-from peftkit.methods import Method, no_base_parameters, register_method
+from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
 from peftkit.methods.prompts import hf_files
 from peftkit.methods.prompts.prompt_tuning import prepend_prompts, prompt_generation
 from peftkit.methods.prompts.virtual_tokens import (
@@ -54,6 +54,7 @@ from peftkit.methods.prompts.virtual_tokens import (
     input_embedding_path,
     is_encoder_decoder,
 )
+from peftkit.methods.registry import Method, no_base_parameters, register_method
 from peftkit.task_type import task_type_value
 
 SLOT = "[P]"
@@ -334,4 +335,16 @@ register_method(
         to_file=hf_files.p_tuning_to_file,
         from_file=hf_files.from_file("p_tuning", "PEFTKIT_P_TUNING"),
     )
+)
+
+
+declare_method(
+    "p_tuning",
+    # without a template: the encoder's tokens go in front of the input, as prompt tuning's
+    "virtual tokens made by a trained prompt encoder (Liu et al. 2021)",
+    learning_rate=1e-2,
+    options=(NUM_VIRTUAL_TOKENS,),
+    build=lambda o, heads: PTuningConfig(
+        num_virtual_tokens=o["num_virtual_tokens"], modules_to_save=heads or None
+    ),
 )

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from peftkit.config import AdapterConfig, as_name_tuple, check_positive_int, register_config
-from peftkit.methods import Method, no_base_parameters, register_method
+from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
 from peftkit.methods.prompts import hf_files, prefix_tuning
+from peftkit.methods.registry import Method, no_base_parameters, register_method
 from peftkit.task_type import task_type_value
 
 
@@ -60,4 +61,15 @@ register_method(
         to_file=hf_files.prefix_to_file("PEFTKIT_P_TUNING_V2"),
         from_file=hf_files.from_file("prefix_tuning", "PEFTKIT_P_TUNING_V2"),
     )
+)
+
+
+declare_method(
+    "p_tuning_v2",
+    "deep prompts at every layer, trained directly, with the task's linear head (Liu et al. 2021)",
+    learning_rate=1e-2,
+    options=(NUM_VIRTUAL_TOKENS,),
+    build=lambda o, heads: PTuningV2Config(
+        num_virtual_tokens=o["num_virtual_tokens"], modules_to_save=heads or None
+    ),
 )

@@ -44,7 +44,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_positive_int, register_config
 from peftkit.layer import find_or_wrap
-from peftkit.methods import Method, no_base_parameters, register_method
+from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
 from peftkit.methods.prompts import hf_files
 from peftkit.methods.prompts.prefix_attention import PrefixCall
 from peftkit.methods.prompts.prefix_layout import PrefixLayout, prefix_layout
@@ -58,6 +58,7 @@ from peftkit.methods.prompts.virtual_tokens import (
     is_encoder_decoder,
     rows_per_input,
 )
+from peftkit.methods.registry import Method, no_base_parameters, register_method
 from peftkit.task_type import task_type_value
 
 
@@ -333,4 +334,15 @@ register_method(
         to_file=hf_files.prefix_to_file("PEFTKIT_PREFIX_TUNING"),
         from_file=hf_files.from_file("prefix_tuning", "PEFTKIT_PREFIX_TUNING"),
     )
+)
+
+
+declare_method(
+    "prefix_tuning",
+    "trained keys and values prepended at every attention layer (Li & Liang 2021)",
+    learning_rate=1e-2,
+    options=(NUM_VIRTUAL_TOKENS,),
+    build=lambda o, heads: PrefixTuningConfig(
+        num_virtual_tokens=o["num_virtual_tokens"], modules_to_save=heads or None
+    ),
 )

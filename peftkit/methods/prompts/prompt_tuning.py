@@ -41,7 +41,7 @@ from peftkit.config import (
     register_config,
 )
 from peftkit.layer import AdapterLayer, find_or_wrap
-from peftkit.methods import Method, no_base_parameters, register_method
+from peftkit.method_spec import NUM_VIRTUAL_TOKENS, declare_method
 from peftkit.methods.prompts import hf_files
 from peftkit.methods.prompts.virtual_tokens import (
     cached_length,
@@ -52,6 +52,7 @@ from peftkit.methods.prompts.virtual_tokens import (
     is_encoder_decoder,
     refuse_mixed_batch,
 )
+from peftkit.methods.registry import Method, no_base_parameters, register_method
 from peftkit.task_type import task_type_value
 
 INIT_MODES = ("random", "vocab", "text")
@@ -279,4 +280,16 @@ register_method(
         to_file=hf_files.prompt_tuning_to_file,
         from_file=hf_files.from_file("prompt_tuning", "PEFTKIT_PROMPT_TUNING"),
     )
+)
+
+
+declare_method(
+    "prompt_tuning",
+    "trained virtual tokens in front of the input, initialised from the vocabulary (Lester et al. 2021)",
+    # virtual tokens start far from a useful prompt and move slowly at adapter learning rates
+    learning_rate=3e-2,
+    options=(NUM_VIRTUAL_TOKENS,),
+    build=lambda o, heads: PromptTuningConfig(
+        num_virtual_tokens=o["num_virtual_tokens"], init="vocab", modules_to_save=heads or None
+    ),
 )
