@@ -283,3 +283,15 @@ def test_config_fields_a_file_gets_wrong_are_named_with_the_file(change, message
     ckpt.write_adapter(tmp_path, change(config), tensors)
     with pytest.raises((CheckpointError, ConfigError), match=rf"{ckpt.CONFIG_NAME}.*{message}"):
         PeftModel.from_pretrained(MLP.build(), tmp_path)
+
+
+@pytest.mark.parametrize(("text", "message"), [("[]", "must hold a JSON object"), ("{", "is not valid JSON")])
+def test_auto_classes_name_the_bad_config_file(text, message, tmp_path):
+    from peftkit import AutoPeftModel
+
+    _model().save_pretrained(tmp_path)
+    (tmp_path / ckpt.CONFIG_NAME).write_text(text)
+    with pytest.raises(CheckpointError, match=rf"{ckpt.CONFIG_NAME}.*{message}"):
+        AutoPeftModel.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="allowed: 1 to 64"):
+        AutoPeftModel.from_pretrained(tmp_path, adapter_name="../x")
