@@ -10,12 +10,13 @@ this machine (a hub id) is refused with a message; load that base yourself and c
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from peftkit import checkpoint
+from peftkit.adapter_names import check_adapter_name
+from peftkit.file_checks import contained_file, read_config
 from peftkit.model import PeftModel
 from peftkit.task_type import TaskType, auto_class
 
@@ -40,12 +41,13 @@ class AutoPeftModel:
         Raises :class:`~peftkit.CheckpointError` when the adapter names no base, the base is not a local
         folder, or the adapter's ``task_type`` is not this class's."""
         directory = Path(directory)
+        check_adapter_name(adapter_name)
         config_path = directory / checkpoint.CONFIG_NAME
-        if not config_path.is_file():
+        if not directory.is_dir() or contained_file(directory, checkpoint.CONFIG_NAME) is None:
             raise checkpoint.CheckpointError(
                 f"no {checkpoint.CONFIG_NAME} in {directory} (is this an adapter directory?)"
             )
-        config = json.loads(config_path.read_text())
+        config, _ = read_config(config_path)  # a JSON object, or an error naming the file
         base = config.get("base_model_name_or_path")
         if not base:
             raise checkpoint.CheckpointError(

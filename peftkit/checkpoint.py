@@ -3,9 +3,16 @@
 Key names are ``base_model.model.<module path>.<tensor>`` with the adapter name removed, exactly as HF PEFT
 writes them, so adapters move between the two libraries in both directions.
 
-Saving is atomic: each file is written to a temporary name, flushed to disk and renamed into place, weights
-first and config last. The weights carry the SHA-256 of the config they were written with, and loading checks
-it, so a save interrupted between the two renames is reported instead of loading a mismatched pair.
+Saving is atomic as a whole: the complete adapter folder is written beside the target (a hidden sibling) and
+swapped in with one atomic exchange of the two folders (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two
+renames), so the folder always holds the previous complete adapter or the new complete one, never a mix.
+Other adapters' subfolders inside it are carried over as hard links. A folder that holds more than adapter
+files (a user's own files) is never swapped: there both files are written completely first and then renamed,
+and the weights carry the SHA-256 of the config they were written with, which loading checks. Files get the
+usual umask-derived mode, and two saves of the same adapter are byte-identical (sorted header, no times).
+
+Loading reads the config and the safetensors header first, compares names, shapes and dtypes with the model,
+and only then reads tensors (see :mod:`peftkit.file_checks`).
 
 Loading never unpickles arbitrary objects: ``.safetensors`` is read as is; a legacy ``adapter_model.bin`` is
 only read with ``torch.load(weights_only=True)``, which accepts tensors and nothing executable.
@@ -13,26 +20,38 @@ only read with ``torch.load(weights_only=True)``, which accepts tensors and noth
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from peftkit.config import ConfigError
+from peftkit.file_checks import (
+    AdapterFiles,
+    CheckpointError,
+    check_dtypes,
+    check_finite,
+    check_header,
+    contained_file,
+    read_config,
+    read_header,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 CONFIG_HASH_KEY = "peftkit_config_sha256"
-
-
-class CheckpointError(ValueError):
-    """An adapter checkpoint is missing, damaged, unsafe, or does not fit the model."""
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, "README.md")
+STAGING_SUFFIX = ".saving"
 
 
 def config_text(config: dict[str, Any]) -> str:
@@ -81,61 +100,100 @@ def write_adapter(
     tensors: dict[str, torch.Tensor],
     safe_serialization: bool = True,
 ) -> Path:
-    """Write one adapter's config and tensors into ``directory`` atomically; returns the weights path.
+    """Write one adapter's config and tensors into ``directory`` as one atomic swap; returns the weights path.
 
     ``safe_serialization=False`` writes ``adapter_model.bin`` (``torch.save`` of plain tensors, which
     ``torch.load(weights_only=True)`` reads back) instead of safetensors, as HF PEFT's option of that name.
     The other format's file, left by an earlier save, is removed: it would be read instead of this one."""
     directory = Path(directory)
     tensors = file_keys(config, tensors)
-    directory.mkdir(parents=True, exist_ok=True)
     text = config_text(config)
     metadata = {"format": "pt", CONFIG_HASH_KEY: hashlib.sha256(text.encode()).hexdigest()}
     plain = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
-    if safe_serialization:
-        weights, stale = directory / WEIGHTS_NAME, directory / LEGACY_WEIGHTS_NAME
-        _atomic_write(weights, lambda path: save_file(plain, path, metadata=metadata))
+    name = WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME
+    stale = LEGACY_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+
+    def write_weights(path: str) -> None:
+        if safe_serialization:
+            save_file(plain, path, metadata=metadata)
+            _sort_header(path)
+        else:
+            torch.save(plain, path)
+
+    if directory.is_symlink():  # save into the folder the link names; the link itself stays as it is
+        directory = directory.resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir() and not _holds_only_adapters(directory):
+        _write_in_place(directory, name, stale, write_weights, text)
     else:
-        weights, stale = directory / LEGACY_WEIGHTS_NAME, directory / WEIGHTS_NAME
-        _atomic_write(weights, lambda path: torch.save(plain, path))
-    stale.unlink(missing_ok=True)
-    _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
-    return weights
+        _write_and_swap(directory, name, write_weights, text)
+    return directory / name
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read ``(config, tensors)`` from an adapter directory written by peftkit or HF PEFT."""
+def open_adapter(directory: str | os.PathLike) -> AdapterFiles:
+    """The adapter in ``directory`` (peftkit or HF PEFT): its config and its tensors' names, shapes and dtypes,
+    read without reading any tensor (a legacy ``.bin`` is read whole, with ``weights_only=True``)."""
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a folder (an adapter is a folder holding {CONFIG_NAME})")
+    config_path = contained_file(directory, CONFIG_NAME)
+    if config_path is None:
         raise CheckpointError(f"no {CONFIG_NAME} in {directory} (is this an adapter directory?)")
-    text = config_path.read_text()
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
-
-    weights = directory / WEIGHTS_NAME
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as handle:
-            expected_hash = (handle.metadata() or {}).get(CONFIG_HASH_KEY)
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open API)
+    config, text = read_config(config_path)
+    weights = contained_file(directory, WEIGHTS_NAME)
+    if weights is not None:
+        header, metadata = read_header(weights)
+        expected_hash = metadata.get(CONFIG_HASH_KEY)
         if expected_hash is not None and expected_hash != hashlib.sha256(text.encode()).hexdigest():
             raise CheckpointError(
                 f"{config_path} and {weights} come from different saves (an interrupted save?); save the adapter again"
             )
-        return config, tensors
-    legacy = directory / LEGACY_WEIGHTS_NAME
-    if legacy.is_file():
-        try:
-            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as error:  # the safe unpickler refuses anything but tensors and plain containers
-            raise CheckpointError(
-                f"refusing to load {legacy}: it holds more than tensors, and unpickling it could run code "
-                f"({error}). Convert it to {WEIGHTS_NAME} with a tool you trust."
-            ) from error
-        return config, tensors
-    raise CheckpointError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}")
+        files = AdapterFiles(config, weights, header)
+    else:
+        legacy = contained_file(directory, LEGACY_WEIGHTS_NAME)
+        if legacy is None:
+            raise CheckpointError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}")
+        files = AdapterFiles.from_legacy(config, legacy)
+    check_dtypes(files.header, files.weights)
+    return files
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read ``(config, tensors)`` from an adapter directory written by peftkit or HF PEFT (every tensor)."""
+    files = open_adapter(directory)
+    return files.config, files.read(list(files.header))
+
+
+def config_from_file(files: AdapterFiles, parse) -> Any:
+    """``parse(files.config)`` (the method's ``from_file``), its errors naming the config file."""
+    source = files.weights.parent / CONFIG_NAME
+    try:
+        return parse(files.config)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from error
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(
+            f"{source} is not a usable adapter config: {type(error).__name__}: {error}"
+        ) from error
+
+
+def read_for_model(
+    files: AdapterFiles,
+    expected: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    source: str,
+    finite: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The file's tensors under the model's keys, read only after its header (names and shapes) matched
+    ``expected`` (a copy of a ``base`` weight may come along, of the base weight's shape). ``finite``: refuse
+    NaN or infinite adapter weights."""
+    mapping = model_keys(files.config, {key: key for key in files.header}, expected)  # model key -> file key
+    check_header({key: files.header[file_key] for key, file_key in mapping.items()}, expected, base, source)
+    read = files.read(sorted(mapping.values()))
+    tensors = {key: read[file_key] for key, file_key in mapping.items()}
+    if finite:
+        check_finite({key: t for key, t in tensors.items() if key in expected}, source)
+    return tensors
 
 
 def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
@@ -155,14 +213,108 @@ def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tens
             )
 
 
-def _atomic_write(target: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
+def _holds_only_adapters(directory: Path) -> bool:
+    """Whether ``directory`` holds adapter files and adapter subfolders only (then it may be swapped whole)."""
+    for entry in directory.iterdir():
+        if entry.name.endswith(STAGING_SUFFIX) or (entry.name in ADAPTER_FILES and not entry.is_symlink()):
+            continue
+        if entry.is_dir() and not entry.is_symlink() and (entry / CONFIG_NAME).is_file():
+            continue
+        return False
+    return True
+
+
+def _write_and_swap(directory: Path, weights_name: str, write_weights, text: str) -> None:
+    """Write the whole adapter into a hidden sibling folder, carry other adapters' subfolders over (hard
+    links), then exchange the two folders atomically; the old one is removed afterwards."""
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=STAGING_SUFFIX, dir=directory.parent)
+    )
     try:
-        write(temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        os.chmod(staging, 0o777 & ~_umask())
+        write_weights(str(staging / weights_name))
+        (staging / CONFIG_NAME).write_text(text)
+        for written in (staging / weights_name, staging / CONFIG_NAME):
+            os.chmod(written, 0o666 & ~_umask())  # safetensors creates its file as 0600
+            _fsync(written)
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if (
+                    entry.is_dir()
+                    and entry.name not in ADAPTER_FILES
+                    and not entry.name.endswith(STAGING_SUFFIX)
+                ):
+                    shutil.copytree(entry, staging / entry.name, copy_function=os.link, symlinks=True)
+                elif entry.name == "README.md":
+                    os.link(entry, staging / entry.name)
+            _exchange(staging, directory)
+        else:
+            os.rename(staging, directory)
+        _fsync(directory.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the old adapter after a swap, or a failed new one
+
+
+def _write_in_place(directory: Path, weights_name: str, stale: str, write_weights, text: str) -> None:
+    """A folder with the user's own files: both files written completely first, then renamed weights first;
+    the config hash in the weights reveals a kill between the two renames."""
+    weights = _temporary(directory, weights_name)
+    config = _temporary(directory, CONFIG_NAME)
+    try:
+        write_weights(str(weights))
+        config.write_text(text)
+        for written in (weights, config):
+            os.chmod(written, 0o666 & ~_umask())
+            _fsync(written)
+        os.replace(weights, directory / weights_name)
+        (directory / stale).unlink(missing_ok=True)
+        os.replace(config, directory / CONFIG_NAME)
+    finally:
+        weights.unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
+
+
+def _temporary(directory: Path, name: str) -> Path:
+    handle, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    return Path(path)
+
+
+def _exchange(new: Path, old: Path) -> None:
+    """Swap two folders in one step where the OS can (Linux renameat2 with RENAME_EXCHANGE), else in two."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) == 0:
+            return
+    aside = old.with_name(old.name + ".old" + STAGING_SUFFIX)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(old, aside)
+    os.rename(new, old)
+    os.rename(aside, new)
+
+
+def _sort_header(path: str) -> None:
+    """Rewrite a safetensors header with sorted keys (same length), so equal adapters give equal bytes:
+    the library writes its metadata map in hash order."""
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(length)
+        text = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+        handle.seek(8)
+        handle.write(text.ljust(length))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

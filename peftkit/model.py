@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from peftkit import accounting, checkpoint
+from peftkit.adapter_names import check_adapter_name
 from peftkit.config import AdapterConfig, ConfigError
 from peftkit.integrations.signature import base_signature_forward
 from peftkit.layer import BASE_ROW, AdapterError, AdapterLayer, Routing
@@ -33,6 +34,7 @@ from peftkit.module_paths import replace_module
 from peftkit.modules_to_save import ModulesToSave
 from peftkit.parameter_bank import ParameterBank
 from peftkit.peft_surface import HfPeftSurface
+from peftkit.size_bounds import check_virtual_tokens, check_widths
 from peftkit.targeting import name_matches
 from peftkit.task_type import TASK_HEADS, file_task_type, with_task_heads
 
@@ -136,6 +138,8 @@ class PeftModel(HfPeftSurface, nn.Module):
                 f"adapter {name!r} builds on {missing}, which this model does not have; add them first"
             )
         config = with_task_heads(config, self.base_model)  # HF PEFT's meaning of a classification task_type
+        check_virtual_tokens(self.base_model, config)  # prompt methods: within the model's positions
+        check_widths(self.base_model, config)  # widths a method adds: within a multiple of the model's
         method = method_for_config(config)
         saved_paths = self._resolve_modules_to_save(config)
         self._targets[name] = method.inject(self.base_model, name, config)
@@ -163,7 +167,7 @@ class PeftModel(HfPeftSurface, nn.Module):
         Several adapters are refused with :class:`AdapterError` where they cannot combine: two of them on one
         layer whose method does not combine (only LoRA does; a ``modules_to_save`` copy is one module),
         adapters that train base parameters in place or rewrite the model's inputs (prompt methods)."""
-        names = (name,) if isinstance(name, str) else tuple(name)
+        names = tuple(name) if isinstance(name, (list, tuple)) else (name,)
         if not names or len(set(names)) != len(names):
             raise AdapterError(f"set_adapter needs an adapter name or a list of distinct names, got {name!r}")
         for each in names:
@@ -309,7 +313,13 @@ class PeftModel(HfPeftSurface, nn.Module):
         if adapter_names is not None and selected_adapters is not None:
             raise AdapterError("give `adapter_names` or HF PEFT's `selected_adapters`, not both")
         chosen = adapter_names if adapter_names is not None else selected_adapters
-        names = list(self.peft_config) if chosen is None else list(chosen)
+        names = (
+            list(self.peft_config)
+            if chosen is None
+            else [chosen]
+            if isinstance(chosen, str)
+            else list(chosen)
+        )
         for name in names:
             self._check_exists(name)
         if not is_main_process:
@@ -323,7 +333,9 @@ class PeftModel(HfPeftSurface, nn.Module):
             tensors = self.adapter_state_dict(name)
             if state_dict is not None:
                 tensors = self._tensors_from(state_dict, tensors)
-            target = Path(directory) if name == "default" else Path(directory) / name
+            target = (
+                Path(directory) if name == "default" else Path(directory) / name
+            )  # names hold no '/' or '..'
             checkpoint.write_adapter(target, config, tensors, safe_serialization=safe_serialization)
 
     def _tensors_from(
@@ -347,17 +359,27 @@ class PeftModel(HfPeftSurface, nn.Module):
         return tensors
 
     def load_adapter(
-        self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+        self,
+        directory: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        check_finite: bool = True,
     ):
         """Add adapter ``adapter_name`` from a peftkit or HF PEFT adapter directory.
 
-        Shapes and keys are checked against the model before anything is kept: a mismatch raises an error
-        naming the key and both shapes, and the model is left without the half-loaded adapter."""
-        file_config, _ = checkpoint.read_adapter(directory)
-        config = method_for_file(file_config).from_file(file_config)
-        self.add_adapter(adapter_name, config)
+        The config is applied (and bounded against the model, e.g. LoRA's ``r``) and the file's header (names,
+        shapes, dtypes) compared with the model before any tensor is read: a mismatch raises
+        :class:`CheckpointError` naming the key and both shapes, and the model is left without the
+        half-loaded adapter. ``check_finite``: refuse NaN or infinite weights, naming the tensor."""
+        check_adapter_name(adapter_name)
+        files = checkpoint.open_adapter(directory)
+        config = checkpoint.config_from_file(files, lambda data: method_for_file(data).from_file(data))
         try:
-            self.load_adapter_weights(directory, adapter_name)
+            self.add_adapter(adapter_name, config)
+        except ConfigError as error:  # a size bound or a target the model lacks: say which file asked for it
+            raise ConfigError(f"{Path(directory) / checkpoint.CONFIG_NAME}: {error}") from error
+        try:
+            self._load_checked(files, adapter_name, str(files.weights), check_finite)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -365,18 +387,28 @@ class PeftModel(HfPeftSurface, nn.Module):
             self._inference_only.add(adapter_name)
         self._apply_active(self._active)
 
-    def load_adapter_weights(self, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+    def load_adapter_weights(
+        self, directory: str | os.PathLike, adapter_name: str = "default", check_finite: bool = True
+    ) -> None:
         """Overwrite existing adapter ``adapter_name``'s tensors, in place, with those saved in ``directory``
         (a checkpoint of the same adapter: what ``Trainer``'s ``resume_from_checkpoint`` needs, the optimizer
-        keeps pointing at the same parameters). Keys and shapes are checked before anything is written."""
+        keeps pointing at the same parameters). Keys, shapes and dtypes are checked from the file's header
+        before any tensor is read, and nothing is written before all of them passed (``check_finite``: as
+        :meth:`load_adapter`)."""
         self._check_exists(adapter_name)
-        file_config, tensors = checkpoint.read_adapter(directory)
-        expected = self.adapter_state_dict(adapter_name)
-        tensors = checkpoint.model_keys(file_config, tensors, expected)
-        tensors = self._drop_base_copies(tensors, expected, source=str(directory))
-        checkpoint.check_tensors(tensors, expected, source=str(directory))
+        files = checkpoint.open_adapter(directory)
+        self._load_checked(files, adapter_name, str(files.weights), check_finite)
+
+    def _load_checked(
+        self, files: checkpoint.AdapterFiles, name: str, source: str, check_finite: bool
+    ) -> None:
+        expected = self.adapter_state_dict(name)
+        base = {f"{checkpoint.KEY_PREFIX}{n}": p for n, p in self.base_model.named_parameters()}
+        tensors = checkpoint.read_for_model(files, expected, base, source, check_finite)
+        tensors = self._drop_base_copies(tensors, expected, source=source)
+        checkpoint.check_tensors(tensors, expected, source=source)
         with torch.no_grad():
-            self._load_tensors(adapter_name, tensors)
+            self._load_tensors(name, tensors)
 
     @classmethod
     def from_pretrained(
@@ -385,11 +417,13 @@ class PeftModel(HfPeftSurface, nn.Module):
         directory: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        check_finite: bool = True,
     ) -> PeftModel:
         """``model`` with the adapter saved in ``directory`` (peftkit or HF PEFT), active; frozen unless
-        ``is_trainable``."""
+        ``is_trainable``. Errors as :meth:`load_adapter`."""
+        check_adapter_name(adapter_name)
         peft_model = cls(model, None)
-        peft_model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        peft_model.load_adapter(directory, adapter_name, is_trainable=is_trainable, check_finite=check_finite)
         peft_model.set_adapter(adapter_name)
         return peft_model
 
@@ -567,6 +601,7 @@ class PeftModel(HfPeftSurface, nn.Module):
                 layer.routing = None
 
     def _check_exists(self, name: str) -> None:
+        check_adapter_name(name)
         if name not in self.peft_config:
             raise AdapterError(
                 f"no adapter named {name!r}; adapters on this model: {sorted(self.peft_config)}"
@@ -620,9 +655,10 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
 
 
 def _check_new_name(name: str, existing: dict[str, AdapterConfig]) -> None:
-    if not isinstance(name, str) or not name or "." in name or name == BASE_ROW:
+    check_adapter_name(name)
+    if name == BASE_ROW:
         raise AdapterError(
-            f"adapter name must be a non-empty string without '.' and other than {BASE_ROW!r}, got {name!r}"
+            f"adapter name {name!r} is reserved (other than {BASE_ROW!r}: it means the base model)"
         )
     if hasattr(nn.ParameterDict(), name):  # adapters are keys of module dicts: `half`, `train`, ... clash
         raise AdapterError(

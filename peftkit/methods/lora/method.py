@@ -13,6 +13,7 @@ from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.linear import LoraLinear
 from peftkit.methods.registry import Method, register_method
+from peftkit.size_bounds import check_rank
 from peftkit.targeting import select_modules
 
 # Base layer type -> the LoRA wrapper for it. The most specific type wins (a quantized linear layer is also
@@ -55,6 +56,7 @@ def inject_lora(model: nn.Module, name: str, config: LoraConfig) -> list[str]:
         supported=_supported,
         supported_text="nn.Linear, transformers Conv1D, nn.Embedding, bitsandbytes Linear4bit",
     )
+    check_rank(model, targets, config.r)  # before any layer is wrapped or any tensor allocated
     for path in targets:
         wrapper = _wrapper_for(model.get_submodule(path))
         find_or_wrap(model, path, wrapper, wrapper).add_adapter(name, config)
