@@ -18,7 +18,7 @@ LONG_MARKER = "Long by design:"
 # Over a limit today, in modules others are reshaping; each must be split (or given its reason) and then
 # leave this list: the tests fail when a listed one is back within the limit, so the list only shrinks.
 PENDING_FILES = {"peftkit/model.py"}
-PENDING_FUNCTIONS = {"peftkit/serve/app.py:create_app"}
+PENDING_FUNCTIONS: set[str] = set()
 CLI_PROTOCOL = (
     "add_parser",
     "run",

@@ -75,6 +75,13 @@ def create_app(engine: Engine) -> FastAPI:
             engine, request, body, (adapter, ids, "messages"), body.requested_tokens(), schemas.chat_body, rid
         )
 
+    _add_adapter_routes(app, engine, guarded)
+    return app
+
+
+def _add_adapter_routes(app: FastAPI, engine: Engine, guarded: list) -> None:
+    """``POST /v1/adapters`` (load an adapter from an allowed folder) and ``DELETE /v1/adapters/{name}``."""
+
     @app.post("/v1/adapters", dependencies=guarded)
     async def load_adapter(request: Request) -> JSONResponse:
         try:
@@ -106,8 +113,6 @@ def create_app(engine: Engine) -> FastAPI:
             raise ApiError(404, f"no adapter named {name!r}; served: {engine.registry.names()}", param="name")
         await asyncio.wrap_future(engine.scheduler.call(lambda: engine.registry.remove(name)))
         return {"id": name, "object": "model", "deleted": True}
-
-    return app
 
 
 async def _json(request: Request) -> dict:
