@@ -17,7 +17,7 @@ MAX_FUNCTION_LINES = 60
 LONG_MARKER = "Long by design:"
 # Over a limit today, in modules others are reshaping; each must be split (or given its reason) and then
 # leave this list: the tests fail when a listed one is back within the limit, so the list only shrinks.
-PENDING_FILES = {"peftkit/model.py"}
+PENDING_FILES: set[str] = set()
 PENDING_FUNCTIONS: set[str] = set()
 CLI_PROTOCOL = (
     "add_parser",
