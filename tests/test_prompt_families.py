@@ -53,8 +53,10 @@ def batch(family, padded=True):
 
 
 def _real_tokens(family, method, logits):
-    """The real tokens' logits: decoders' prompt-method outputs carry the n virtual positions first."""
-    if family.kind == "decoder" and method not in PREFIXES:
+    """The real tokens' logits: per-position outputs of input-side prompt methods (decoders, token
+    classifiers) carry the n virtual positions first."""
+    per_position = family.kind == "decoder" or family.name.endswith("-token")
+    if per_position and method not in PREFIXES:
         return logits[:, N:]
     return logits
 
