@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftkit import BottleneckConfig, FusionConfig, IA3Config, get_peft_model
-from tests.tiny_models import TINY_MODELS, run
+from tests.tiny_models import TINY_MODELS, grad_scaler_steps_change_every_tensor, run
 
 LLAMA = TINY_MODELS["llama"]
 GPT2 = TINY_MODELS["gpt2"]
@@ -69,19 +69,8 @@ def test_fp16_base_trains_with_grad_scaler(method):
         else get_peft_model(_half(torch.float16), CONFIGS[method]())
     )
     params = model.adapter_parameters(model.active_adapter)
-    before = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    model.train()
-    for step in range(3):
-        optimizer.zero_grad()
-        batch = LLAMA.batch(seed=10 + step)
-        scaler.scale(model(**batch, labels=batch["input_ids"]).loss).backward()
-        scaler.unscale_(optimizer)
-        scaler.step(optimizer)
-        scaler.update()
-    assert all(torch.isfinite(p).all() for p in params)
-    assert sum(not torch.equal(p, b) for p, b in zip(params, before, strict=True)) == len(params)
+    batches = [LLAMA.batch(seed=10 + step) for step in range(3)]
+    assert grad_scaler_steps_change_every_tensor(model, params, batches)
 
 
 @pytest.mark.parametrize("tiny", [LLAMA, GPT2], ids=["llama", "gpt2"])

@@ -20,6 +20,7 @@ from peftkit.data import DataError
 from peftkit.data.batching import StepOrder, pack_batch, pack_rows
 from peftkit.losses import shift_labels
 from peftkit.losses.language_model import fused_training_loss
+from tests.tiny_models import TINY_GQA_DECODER, VOCAB
 
 
 def _lengths(n=500, seed=0):
@@ -92,8 +93,6 @@ def test_pack_rows_fills_rows_within_capacity():
 
 # --- packing inside a model --------------------------------------------------------------------------------
 
-VOCAB = 50
-
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -105,16 +104,7 @@ ARCHITECTURES = {
 def _base(model_type="llama"):
     torch.manual_seed(0)
     config_class, model_class = ARCHITECTURES[model_type]
-    config = config_class(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return model_class(config)
+    return model_class(config_class(**TINY_GQA_DECODER))
 
 
 def _model(model_type="llama"):

@@ -24,7 +24,7 @@ from peftkit import LoraConfig, get_peft_model
 from peftkit.config import ConfigError
 from peftkit.losses import linear_cross_entropy, shift_labels
 from peftkit.losses.language_model import fused_loss_unsupported, fused_training_loss
-from tests.tiny_models import TINY_MODELS, VOCAB
+from tests.tiny_models import TINY_GQA_DECODER, TINY_MODELS, VOCAB
 
 
 def _tensors(seed=0, rows=50, hidden=16, vocab=97, ignored=True):
@@ -156,46 +156,17 @@ def test_second_backward_is_refused_clearly():
 
 def _llama(tie=False, **extra):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        **extra,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**TINY_GQA_DECODER, tie_word_embeddings=tie, **extra))
 
 
 def _mistral():
     torch.manual_seed(0)
-    return MistralForCausalLM(
-        MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    return MistralForCausalLM(MistralConfig(**TINY_GQA_DECODER))
 
 
 def _qwen2():
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    return Qwen2ForCausalLM(Qwen2Config(**TINY_GQA_DECODER))
 
 
 def _causal_batch(seed=5, rows=3, length=10):

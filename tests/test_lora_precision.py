@@ -5,7 +5,7 @@ import torch
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.layer import adapter_dtype
-from tests.tiny_models import TINY_MODELS, run
+from tests.tiny_models import TINY_MODELS, grad_scaler_steps_change_every_tensor, run
 
 LLAMA = TINY_MODELS["llama"]
 CONFIG = dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])
@@ -53,19 +53,8 @@ def test_fp16_base_trains_with_grad_scaler():
     """GradScaler refuses to unscale fp16 gradients: float32 adapters make the standard AMP recipe work."""
     model = get_peft_model(_half(torch.float16), LoraConfig(**CONFIG))
     params = model.adapter_parameters("default")
-    before = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    model.train()
-    for step in range(3):
-        optimizer.zero_grad()
-        batch = LLAMA.batch(seed=10 + step)
-        scaler.scale(model(**batch, labels=batch["input_ids"]).loss).backward()
-        scaler.unscale_(optimizer)
-        scaler.step(optimizer)
-        scaler.update()
-    assert all(torch.isfinite(p).all() for p in params)
-    assert sum(not torch.equal(p, b) for p, b in zip(params, before, strict=True)) == len(params)
+    batches = [LLAMA.batch(seed=10 + step) for step in range(3)]
+    assert grad_scaler_steps_change_every_tensor(model, params, batches)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -153,6 +153,9 @@ _SIZES = dict(
     max_position_embeddings=64,
 )
 _NO_SPECIAL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# A causal LM of those sizes with grouped KV heads (2 for 4 query heads): the base of the fused-loss and
+# packing tests, built with LLaMA, Mistral or Qwen2 classes.
+TINY_GQA_DECODER = dict(_SIZES, num_key_value_heads=2)
 
 
 def _from_config(auto_class: str, config_class: str, **fields) -> Callable[[], nn.Module]:
@@ -318,3 +321,20 @@ def manual_greedy(model, input_ids, attention_mask, steps: int) -> torch.Tensor:
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids
+
+
+def grad_scaler_steps_change_every_tensor(model: nn.Module, params: list, batches, lr: float = 1e-3) -> bool:
+    """The standard fp16 AMP recipe (AdamW under a GradScaler) for one step per causal-LM batch in
+    ``batches``; True when every tensor of ``params`` ended finite and moved."""
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model.train()
+    for batch in batches:
+        optimizer.zero_grad()
+        scaler.scale(model(**batch, labels=batch["input_ids"]).loss).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+    finite = all(torch.isfinite(p).all() for p in params)
+    return finite and all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
