@@ -20,7 +20,7 @@ from torch import nn
 from peftkit.config import ConfigError
 from peftkit.method_spec import Option, declare_method
 from peftkit.methods.lora import LoraConfig
-from peftkit.methods.lora.method import LORA_OPTIONS
+from peftkit.methods.lora.method import LORA_OPTIONS, lora_config_from_options
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.quantization import (
     COMPUTE_DTYPES,
@@ -96,13 +96,6 @@ declare_method(
             choices=COMPUTE_DTYPES,
         ),
     ),
-    build=lambda o, heads: LoraConfig(
-        r=o["r"],
-        alpha=o["alpha"],
-        dropout=o["dropout"],
-        target_modules=o["target_modules"],
-        modules_to_save=heads or None,
-        adapter_dtype=o["compute_dtype"],
-    ),
+    build=lambda o, heads: lora_config_from_options(o, heads, adapter_dtype=o["compute_dtype"]),
     prepare_base=_quantize_base,
 )

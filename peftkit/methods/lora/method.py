@@ -93,16 +93,25 @@ LORA_OPTIONS = (
     Option("dropout", float, 0.1, "dropout probability on the adapter's input"),
     TARGET_MODULES,
 )
+
+
+def lora_config_from_options(options: dict, heads: list[str], **extra) -> LoraConfig:
+    """The LoraConfig of `peftkit train`'s LORA_OPTIONS values, with the task ``heads`` trained in full
+    (``extra``: further LoraConfig fields, e.g. QLoRA's ``adapter_dtype``)."""
+    return LoraConfig(
+        r=options["r"],
+        alpha=options["alpha"],
+        dropout=options["dropout"],
+        target_modules=options["target_modules"],
+        modules_to_save=heads or None,
+        **extra,
+    )
+
+
 declare_method(
     "lora",
     "low-rank updates B A added to the targeted weights (Hu et al. 2021)",
     learning_rate=2e-3,
     options=LORA_OPTIONS,
-    build=lambda o, heads: LoraConfig(
-        r=o["r"],
-        alpha=o["alpha"],
-        dropout=o["dropout"],
-        target_modules=o["target_modules"],
-        modules_to_save=heads or None,
-    ),
+    build=lora_config_from_options,
 )
