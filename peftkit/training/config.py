@@ -17,7 +17,6 @@ from peftkit.config import ConfigError
 from peftkit.method_spec import all_options, check_options, method_spec
 
 
-
 @dataclass
 class TrainConfig:
     """Every setting of a training run. Sizes in examples or tokens, intervals in optimizer steps.
