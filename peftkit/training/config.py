@@ -50,6 +50,7 @@ class TrainConfig:
     fused_loss: bool = True  # the fused linear cross-entropy where it equals the model's own loss
     group_by_length: bool | None = None  # None: on for causal-lm and seq2seq, off for classification
     packing: bool = False  # several causal-LM examples per row, attention and positions kept apart
+    check_finite: bool = True  # stop when a trainable parameter turns NaN or infinite (see divergence.py)
     seed: int = 0
     # evaluation, checkpoints, output
     eval_every: int = 100
