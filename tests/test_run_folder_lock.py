@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from peftkit.training.lock import FolderBusy, FolderLock
 from peftkit.training.loop import train
 from tests import run_folder_helpers as rf
 
+ROOT = Path(__file__).resolve().parent.parent
 HOLD = textwrap.dedent(
     """
     import sys, time
@@ -44,7 +46,7 @@ def holder(tmp_path):
             [sys.executable, "-c", HOLD, str(RunFolder(folder).lock().path)],
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": os.getcwd()},
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         processes.append(process)
         assert process.stdout.readline().strip() == "held"

@@ -182,18 +182,12 @@ def test_a_recorded_path_that_moved_is_reported_with_its_record(assets, finished
     assert f"model 'models/gone' recorded in {run}/config.yaml: unknown model" in capsys.readouterr().err
 
 
-def test_an_unchanged_resume_after_a_kill_still_continues_exactly(assets, finished, tmp_path):
-    # the same settings typed relative to the folder: equal once made absolute
+def test_an_unchanged_resume_typed_with_relative_paths_continues(assets, finished, tmp_path, monkeypatch):
+    # the same settings typed relative to the working directory: equal once made absolute
     run = _copy(finished, tmp_path)
-    os.chdir(tmp_path)
-    try:
-        relative = {
-            "bert": os.path.relpath(assets["bert"]),
-            "sentiment": os.path.relpath(assets["sentiment"]),
-        }
-        result = train(rf.config(relative, "run", resume=True), log=rf.QUIET)
-    finally:
-        os.chdir(os.path.dirname(__file__))
+    monkeypatch.chdir(tmp_path)
+    relative = {"bert": os.path.relpath(assets["bert"]), "sentiment": os.path.relpath(assets["sentiment"])}
+    result = train(rf.config(relative, "run", resume=True), log=rf.QUIET)
     assert result.steps == 4
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     original = load_file(finished / "adapter" / "adapter_model.safetensors")
