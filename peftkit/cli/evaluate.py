@@ -8,9 +8,11 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate a trained run's adapter on a dataset split")
+    parser = subparsers.add_parser("eval", description=__doc__)
     parser.add_argument("run_dir", help="the --output-dir of a `peftkit train` run")
-    parser.add_argument("--split", choices=("validation", "test"), default="test")
+    parser.add_argument(
+        "--split", choices=("validation", "test"), default="test", help="the split of the run's dataset"
+    )
     parser.set_defaults(run=run)
 
 

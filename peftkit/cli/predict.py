@@ -8,11 +8,13 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    for name, text in (("predict", "label or tag given texts"), ("generate", "generate from given prompts")):
-        parser = subparsers.add_parser(name, help=f"{text} with a trained run's adapter")
+    for name in ("predict", "generate"):
+        parser = subparsers.add_parser(name, description=__doc__)
         parser.add_argument("run_dir", help="the --output-dir of a `peftkit train` run")
         parser.add_argument("inputs", nargs="*", help="texts or prompts (default: one per line on stdin)")
-        parser.add_argument("--max-new-tokens", type=int, default=64)
+        parser.add_argument(
+            "--max-new-tokens", type=int, default=64, help="tokens generated per prompt (causal-lm, seq2seq)"
+        )
         parser.set_defaults(run=run)
 
 

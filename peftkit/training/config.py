@@ -40,6 +40,7 @@ class TrainConfig:
     batch_size: int = 16
     gradient_accumulation: int = 1
     learning_rate: float | None = None  # None: the method's own, see default_learning_rate()
+    head_learning_rate: float | None = None  # a fresh task head's peak rate (None: learning_rate)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
@@ -69,6 +70,8 @@ class TrainConfig:
         self.options = {**spec.defaults(), **self.options}
         if self.learning_rate is None:
             self.learning_rate = default_learning_rate(self.method, self.dataset)
+        if self.head_learning_rate is None:
+            self.head_learning_rate = self.learning_rate
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as one flat mapping (the method's options beside the others), as saved."""
@@ -122,8 +125,10 @@ class TrainConfig:
                 raise ConfigError(f"`{name}` must be a positive integer, got {value!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"`max_steps` must be a positive integer or null, got {self.max_steps!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"`learning_rate` must be positive, got {self.learning_rate!r}")
+        for name in ("learning_rate", "head_learning_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
+                raise ConfigError(f"`{name}` must be a positive number, got {value!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio!r}")
 

@@ -39,7 +39,7 @@ from peftkit.training.distributed import Distributed
 from peftkit.training.divergence import FiniteParameters, diverged, loss_problem
 from peftkit.training.layout import RunFolder
 from peftkit.training.methods import adapter_config_for, prepare_base
-from peftkit.training.optim import build_optimizer, linear_schedule
+from peftkit.training.optim import build_optimizer, head_parameters, linear_schedule
 from peftkit.training.record import TrainResult
 from peftkit.training.resume import check_same_run, recorded_settings, restore_checkpoint, with_absolute_paths
 from peftkit.training.runtime import peak_memory_bytes, quiet_transformers, seed_everything, step_seed
@@ -136,7 +136,9 @@ class TrainingRun:
         prepare_base(config, base)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = get_peft_model(base, adapter_config_for(config, self.task.head_modules(base)))
+        heads = self.task.head_modules(base)
+        self.model = get_peft_model(base, adapter_config_for(config, heads))
+        self.head = head_parameters(base, heads)  # after the adapter: a head trained in full is its copy
         sizes = ", ".join(f"{k} {v:,}" for k, v in self.splits.sizes().items())
         limited = (
             f"; the first {config.limit:,} of a seeded shuffle (--limit none: all)" if config.limit else ""
@@ -160,7 +162,9 @@ class TrainingRun:
         self.sampler: batches.BatchSampler = efficiency.batch_order(
             config, self.task, self.splits.train, self.tokenizer, self.global_batch
         )
-        self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
+        self.optimizer = build_optimizer(
+            self.model, config.learning_rate, config.weight_decay, self.head, config.head_learning_rate
+        )
         self.scheduler = linear_schedule(
             self.optimizer, self.total_steps, warmup_steps=round(config.warmup_ratio * self.total_steps)
         )
