@@ -21,6 +21,7 @@ CASES = {
     "batch_size": ([0, -4, 1.0, 2.5], [1]),
     "gradient_accumulation": ([0, -1, 1.5], [1, 4]),
     "learning_rate": ([0, -1e-3, math.inf, math.nan, -math.inf], [1e-5, 2]),
+    "head_learning_rate": ([0, -1, math.inf, math.nan], [1e-3]),
     "weight_decay": ([-10, -1e-9, math.inf, math.nan], [0, 0.1]),
     "warmup_ratio": ([-0.1, 1, 1.5, math.nan], [0, 0.99]),
     "max_grad_norm": ([-1, -1e-9, math.inf, math.nan], [0, 1, None]),
@@ -36,6 +37,7 @@ CASES = {
     "fused_loss": ([2, None], [True]),
     "group_by_length": ([1, "auto"], [None, True]),
     "packing": ([1], [False]),
+    "check_finite": ([0, "on"], [True, False]),
     "resume": (["true", None], [False]),
 }
 

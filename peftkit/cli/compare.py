@@ -22,7 +22,7 @@ PER_RUN = {"method": "--methods", "seed": "--seeds"}  # set by the lab for each 
 def add_parser(subparsers) -> None:
     from peftkit.lab.defaults import DEFAULT_METHODS
 
-    parser = subparsers.add_parser("compare", help="compare methods side by side", description=__doc__)
+    parser = subparsers.add_parser("compare", description=__doc__)
     parser.add_argument(
         "--methods",
         nargs="+",

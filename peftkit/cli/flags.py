@@ -22,7 +22,9 @@ HELP = {
     "max_steps": "optimizer steps ('none': run `epochs` epochs)",
     "batch_size": "examples per micro-batch and process",
     "gradient_accumulation": "micro-batches per optimizer step",
-    "weight_decay": "AdamW weight decay on weight matrices (biases and norms: none)",
+    "head_learning_rate": "peak learning rate of a freshly initialised task head (a classifier), in its own "
+    "optimizer group",
+    "weight_decay": "AdamW's decoupled weight-decay coefficient, on weight matrices (biases and norms: none)",
     "warmup_ratio": "share of the steps with a linear learning-rate warm-up, in [0, 1)",
     "max_grad_norm": "gradient clipping norm, >= 0 (0 or 'none': no clipping)",
     "max_length": "tokens per example; longer ones are cut",
@@ -39,6 +41,7 @@ HELP = {
     "fused_loss": "causal-LM / seq2seq loss from the hidden states in chunks, without the logits (exact)",
     "group_by_length": "batches of similar lengths (none: on for causal-lm and seq2seq only)",
     "packing": "causal-lm: several examples per row, each with its own positions and attention",
+    "check_finite": "stop the run when a trainable parameter turns NaN or infinite after a step",
 }
 
 
@@ -91,6 +94,8 @@ def _default(field: dataclasses.Field) -> Any:
     if field.name == "method":
         methods = ", ".join(f"{name} ({spec.summary})" for name, spec in METHOD_SPECS.items())
         return f"{field.default}; one of: {methods}"
+    if field.name == "head_learning_rate":
+        return "the run's learning rate"
     if field.name == "learning_rate":
         rates = ", ".join(f"{m} {default_learning_rate(m):g}" for m in METHOD_SPECS)
         return f"the method's own: {rates}"

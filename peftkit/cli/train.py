@@ -13,7 +13,7 @@ from peftkit.training.config import TrainConfig
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="fine-tune with an adapter method", description=__doc__)
+    parser = subparsers.add_parser("train", description=__doc__)
     parser.add_argument("--config", help="a YAML file of settings (flags override it)")
     add_config_flags(parser)
     parser.set_defaults(run=run)

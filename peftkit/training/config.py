@@ -44,6 +44,7 @@ class TrainConfig:
     batch_size: int = 16
     gradient_accumulation: int = 1
     learning_rate: float | None = None  # None: the method's own, see default_learning_rate()
+    head_learning_rate: float | None = None  # a fresh task head's peak rate (None: learning_rate)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
@@ -54,6 +55,7 @@ class TrainConfig:
     fused_loss: bool = True  # the fused linear cross-entropy where it equals the model's own loss
     group_by_length: bool | None = None  # None: on for causal-lm and seq2seq, off for classification
     packing: bool = False  # several causal-LM examples per row, attention and positions kept apart
+    check_finite: bool = True  # stop when a trainable parameter turns NaN or infinite (see divergence.py)
     seed: int = 0
     # evaluation, checkpoints, output
     eval_every: int = 100
@@ -72,6 +74,8 @@ class TrainConfig:
         self.options = {**spec.defaults(), **self.options}
         if self.learning_rate is None:
             self.learning_rate = default_learning_rate(self.method, self.dataset)
+        if self.head_learning_rate is None:
+            self.head_learning_rate = self.learning_rate
         self.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,7 +145,7 @@ class TrainConfig:
         method option its adapter config refuses. Ints given for float settings become floats."""
         for name in SETTING_RANGES:
             setattr(self, name, check_setting(name, getattr(self, name)))
-        check_weight_decay_step(self.learning_rate, self.weight_decay)
+        check_weight_decay_step(max(self.learning_rate, self.head_learning_rate), self.weight_decay)
         for name in ("model", "dataset", "output_dir"):
             value = getattr(self, name)
             if not isinstance(value, str | Path) or not str(value).strip():

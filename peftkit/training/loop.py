@@ -7,8 +7,9 @@ from collections.abc import Callable
 from tqdm.auto import tqdm
 
 from peftkit.training.config import TrainConfig
+from peftkit.training.finished import LoadedRun, load_run
 from peftkit.training.record import TrainResult
-from peftkit.training.run import LoadedRun, TrainingRun, load_run
+from peftkit.training.run import TrainingRun
 
 __all__ = ["LoadedRun", "TrainResult", "load_run", "train"]
 
@@ -21,5 +22,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = tqdm.write) -> Train
     progress messages (``tqdm.write`` keeps the bar whole)."""
     config.validate()  # again: a config's fields may have been changed since it was built
     run = TrainingRun.prepare(config, log)
-    run.fit()
-    return run.finish()
+    try:
+        run.fit()
+        return run.finish()
+    finally:
+        run.close()  # the folder's lock, also when the run stopped on an error

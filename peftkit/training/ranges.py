@@ -80,6 +80,7 @@ SETTING_RANGES: dict[str, Range] = {
     "batch_size": POSITIVE_INT,
     "gradient_accumulation": POSITIVE_INT,
     "learning_rate": Range(float, 0, low_open=True),
+    "head_learning_rate": Range(float, 0, low_open=True),
     "weight_decay": Range(float, 0),
     "warmup_ratio": Range(float, 0, 1, high_open=True),
     # 0 also turns clipping off, as in Hugging Face's Trainer; a negative norm would flip the gradient
@@ -96,6 +97,7 @@ SETTING_RANGES: dict[str, Range] = {
     "fused_loss": Range(bool),
     "group_by_length": Range(bool, none="on for causal-lm and seq2seq, off for classification"),
     "packing": Range(bool),
+    "check_finite": Range(bool),
     "resume": Range(bool),
 }
 
