@@ -31,6 +31,10 @@ class TrainConfig:
     method: str = "lora"
     columns: dict[str, str] = field(default_factory=dict)  # e.g. {"text": "review", "label": "sentiment"}
     limit: int | None = None  # records read before splitting (None: all)
+    # training examples kept: the first N of the (seeded, shuffled) training split, so a smaller size is a
+    # prefix of a larger one (None: all); validation and test stay whole
+    train_size: int | None = None
+    data_seed: int | None = None  # seed of the split and its order (None: `seed`); fixed, it keeps the data
     # the method's own settings (declared with the method, see peftkit/method_spec.py); the missing ones
     # take the method's defaults, and one the method does not take is refused
     options: dict[str, Any] = field(default_factory=dict)
@@ -119,6 +123,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"`{name}` must be a positive integer, got {value!r}")
+        size = self.train_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise ConfigError(f"`train_size` must be a positive integer or null, got {size!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"`max_steps` must be a positive integer or null, got {self.max_steps!r}")
         if not self.learning_rate > 0:

@@ -82,9 +82,12 @@ class TrainingRun:
         from peftkit.data import Columns, load_splits
 
         config = self.config
+        data_seed = config.seed if config.data_seed is None else config.data_seed
         self.splits = load_splits(
-            config.dataset, config.task, Columns(**config.columns), seed=config.seed, limit=config.limit
+            config.dataset, config.task, Columns(**config.columns), seed=data_seed, limit=config.limit
         )
+        if config.train_size is not None:
+            self.splits = self.splits.with_train_size(config.train_size)
         self.task = TASKS[self.splits.task]
         if self.dist.is_main:
             self.folder.write_labels(self.splits.task, self.splits.label_names)
