@@ -20,6 +20,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = tqdm.write) -> Train
     Writes the run's folder (``config.output_dir``, see :class:`~peftkit.training.layout.RunFolder`). Raises
     ConfigError (or DataError) for settings, data or a folder that cannot be used. ``log`` receives the
     progress messages (``tqdm.write`` keeps the bar whole)."""
+    config.validate()  # again: a config's fields may have been changed since it was built
     run = TrainingRun.prepare(config, log)
     try:
         run.fit()
