@@ -3,7 +3,7 @@
 For MiniLM and SmolLM2 (their configs; random weights of the same shapes: memory does not depend on the
 values) and every method, one worker process per (model, method, gradient checkpointing) trains a few steps
 exactly as ``peftkit train`` sets them up (``prepare_base``, ``get_peft_model`` with train's default adapter
-config, peftkit's AdamW groups, gradient clipping) on full rows of B x T tokens, and reports its resident
+config, train's loss (the fused linear cross-entropy where exact), peftkit's AdamW groups, gradient clipping) on full rows of B x T tokens, and reports its resident
 memory before the model is built and its peak (``ru_maxrss``). The plan is computed in the driver on the meta
 device. Then LLaMA-7B and LLaMA-65B configs are planned (meta device only) next to the guides' tables.
 
@@ -79,6 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     from peftkit.planning.meta_model import AUTO_CLASSES
     from peftkit.tasks import TASKS
     from peftkit.training.config import TrainConfig
+    from peftkit.training.efficiency import loss_function
     from peftkit.training.methods import adapter_config_for, prepare_base
     from peftkit.training.optim import build_optimizer
 
@@ -97,13 +98,14 @@ def worker(args: argparse.Namespace) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft.train()
     optimizer = build_optimizer(peft, learning_rate=1e-4, weight_decay=0.01)
+    training_loss = loss_function(train, args.task, peft, peft, None, say=lambda _: None)  # train's own
     ready = rss_now()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.tokens))
     labels = torch.randint(0, 2, (args.batch,)) if args.task == "sequence-classification" else ids
     seconds = []
     for _ in range(STEPS):
         start = time.perf_counter()
-        loss = peft(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss = training_loss({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in peft.parameters() if p.requires_grad], 1.0)
         optimizer.step()
