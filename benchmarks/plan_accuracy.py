@@ -275,6 +275,9 @@ def main() -> None:
     parser.add_argument(
         "--no-checkpointing-runs", action="store_true", help="only runs without checkpointing"
     )
+    parser.add_argument(
+        "--only-checkpointing-runs", action="store_true", help="only the runs with gradient checkpointing"
+    )
     parser.add_argument("--mallocs", nargs="+", choices=list(MALLOC), default=list(MALLOC))
     parser.add_argument("--output", help="write the results as Markdown here (and .json beside it)")
     parser.add_argument("--report-from", help="only rewrite --output from this earlier .json")
@@ -299,7 +302,7 @@ def main() -> None:
         Path(args.output).write_text(markdown(results))
         Path(args.output).with_suffix(".json").write_text(json.dumps(results, indent=1))
         return
-    checkpointing = [(False, m) for m in args.mallocs]
+    checkpointing = [] if args.only_checkpointing_runs else [(False, m) for m in args.mallocs]
     checkpointing += [] if args.no_checkpointing_runs else [(True, "fixed")]
     results = {
         "command": "python -m benchmarks.plan_accuracy " + " ".join(sys.argv[1:]),
