@@ -14,6 +14,7 @@ from typing import Any
 
 from peftkit.lab.plan import RunSpec
 from peftkit.training.layout import RunFolder
+from peftkit.training.resume import with_absolute_paths
 
 POLL_SECONDS = 0.5
 BASE_RETAINED = "retained_base.json"  # the base model's retained ability, next to the tables
@@ -98,8 +99,8 @@ def finished_result(
         or record.get("test_limit") != test_limit
     ):
         return None
-    saved = folder.read_config().to_dict()
-    planned = spec.config.to_dict()
+    saved = with_absolute_paths(folder.read_config()).to_dict()  # a run records its local paths absolute
+    planned = with_absolute_paths(spec.config).to_dict()
     for location in ("output_dir", "resume"):
         saved.pop(location, None), planned.pop(location, None)
     return record if saved == planned else None

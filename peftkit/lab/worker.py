@@ -32,7 +32,8 @@ def run(
     import torch
 
     from peftkit.lab.latency import measure_latency
-    from peftkit.training.run import TrainingRun, load_run
+    from peftkit.training.finished import load_run
+    from peftkit.training.run import TrainingRun
 
     folder = RunFolder(run_dir)
     training = TrainingRun.prepare(folder.read_config())
