@@ -83,7 +83,7 @@ def test_plan_gives_every_method_and_seed_the_same_sizes_split_and_budget(assets
 def _prepared(assets, tmp_path, method, seed, size, data_seed=DEFAULT_DATA_SEED):
     values = dict(method=method, seed=seed, train_size=size, data_seed=data_seed)
     config = TrainConfig.from_sources(None, {**_settings(assets), **values})
-    config.output_dir = str(tmp_path / f"{method}-{seed}-{size}")
+    config.output_dir = str(tmp_path / f"{method}-{seed}-{size}-{data_seed}")
     return TrainingRun.prepare(config, log=lambda _: None).splits
 
 
