@@ -30,7 +30,7 @@ from peftkit.checkpoint import WEIGHTS_NAME
 from peftkit.config import ConfigError
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.tasks import TASKS
-from peftkit.training import batches, efficiency
+from peftkit.training import batches, efficiency, fsdp
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Distributed
@@ -103,7 +103,9 @@ class TrainingRun:
             f"; the first {config.limit:,} of a seeded shuffle (--limit none: all)" if config.limit else ""
         )
         self.say(f"data: {self.splits.source} ({self.splits.task}): {sizes}{limited}")
-        self.say(f"{config.method} on {config.model}: {self.model.trainable_parameters().summary()}")
+        # counted before --fsdp shards the parameters (a sharded 4-bit weight no longer knows its shape)
+        self.count, self.base_bytes = self.model.trainable_parameters(), base_weight_bytes(self.model)
+        self.say(f"{config.method} on {config.model}: {self.count.summary()}")
         self.checkpoint = self.folder.find_checkpoint() if config.resume else None
         if (
             self.checkpoint is not None
@@ -128,19 +130,36 @@ class TrainingRun:
         self.sampler: batches.BatchSampler = efficiency.batch_order(
             config, self.task, self.splits.train, self.tokenizer, self.global_batch
         )
+        self.sharded = self._shard()  # before the optimizer: sharding replaces the parameters
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
         self.scheduler = linear_schedule(
             self.optimizer, self.total_steps, warmup_steps=round(config.warmup_ratio * self.total_steps)
         )
         if self.checkpoint is not None:
             saved = RunFolder.load_trainer_state(self.checkpoint)
+            if self.sharded:  # the checkpoint holds the full state: each process takes its shards
+                saved["optimizer"] = fsdp.shard_optimizer_state(saved["optimizer"], self.optimizer)
             self.progress = run_state.restore_trainer_state(saved, self.optimizer, self.scheduler)
             self._restore_curves()
             self.say(f"resuming from {self.checkpoint} at step {self.progress.step}")
-        self.trained = DistributedDataParallel(self.model) if dist.world_size > 1 else self.model
+        ddp = dist.world_size > 1 and not self.sharded
+        self.trained = DistributedDataParallel(self.model) if ddp else self.model
         self.loss_function = efficiency.loss_function(
             config, self.task.name, self.trained, self.model, self.tokenizer, self.say
         )
+
+    def _shard(self) -> bool:
+        """``--fsdp``: shard the model across the processes (:mod:`peftkit.training.fsdp`); whether it was.
+        Raises ConfigError for a method that cannot be sharded, also with one process."""
+        if not self.config.fsdp:
+            return False
+        fsdp.check_shardable(self.model)
+        if self.dist.world_size == 1:
+            self.say("--fsdp: one process, nothing to shard (launch with torchrun or accelerate launch)")
+            return False
+        blocks = fsdp.shard(self.model)
+        self.say(f"fsdp: the model sharded across {self.dist.world_size} processes, {blocks} blocks apart")
+        return True
 
     def _restore_curves(self) -> None:
         """The steps before the checkpoint, from the log (a killed run may have logged a few more)."""
@@ -184,11 +203,10 @@ class TrainingRun:
                 loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", ex_s=f"{self.global_batch / seconds:.1f}"
             )
             last = progress.step == self.total_steps
-            if progress.step % config.eval_every == 0 or last:
-                stop = dist.broadcast(self._validate() if dist.is_main else None)
-            if dist.is_main and (progress.step % config.save_every == 0 or last or stop):
-                state = run_state.trainer_state(self.optimizer, self.scheduler, progress)
-                self.folder.save_checkpoint(self.model, state)
+            if progress.step % config.eval_every == 0 or last:  # sharded: every process runs the model
+                stop = dist.broadcast(self._validate() if dist.is_main or self.sharded else None)
+            if progress.step % config.save_every == 0 or last or stop:
+                self._save_checkpoint()
             dist.barrier()
         bar.close()
 
@@ -203,9 +221,12 @@ class TrainingRun:
         for micro in range(config.gradient_accumulation):
             mine = batches.micro_batch_rows(step_rows, micro, config.batch_size, dist.world_size, dist.rank)
             batch = self.task.collate([self.splits.train[i] for i in mine], self.tokenizer, config.max_length)
+            final = micro == config.gradient_accumulation - 1  # average gradients once per optimizer step
             sync = contextlib.nullcontext()
-            if dist.world_size > 1 and micro < config.gradient_accumulation - 1:
-                sync = self.trained.no_sync()  # average gradients across processes once per optimizer step
+            if self.sharded:
+                sync = fsdp.gradient_sync(self.model, final)
+            elif dist.world_size > 1 and not final:
+                sync = self.trained.no_sync()
             with sync, autocast:
                 loss = self.loss(batch) / config.gradient_accumulation
                 loss.backward()
@@ -216,7 +237,17 @@ class TrainingRun:
         self.optimizer.step()
         self.scheduler.step()
         self.progress.step += 1
-        return loss_total
+        return dist.mean(loss_total)  # the global batch's loss, on every process
+
+    def _save_checkpoint(self) -> None:
+        """The adapter and trainer state, written by the main process; sharded, every process first takes
+        part in gathering them whole (the files are those of a one-process run)."""
+        state = run_state.trainer_state(self.optimizer, self.scheduler, self.progress)
+        if self.sharded:
+            state["optimizer"] = fsdp.full_optimizer_state(self.optimizer)
+        with fsdp.whole_trained_parameters(self.model, keep=self.dist.is_main):
+            if self.dist.is_main:
+                self.folder.save_checkpoint(self.model, state)
 
     def evaluate(self, records) -> dict[str, Any]:
         """The task's metrics of the current adapter on ``records``; the model is left in training mode."""
@@ -236,7 +267,8 @@ class TrainingRun:
         """Evaluate on (the first ``eval_limit`` of) the validation split; True when early stopping ends it."""
         limit = self.config.eval_limit
         metrics = self.evaluate(self.splits.validation[:limit] if limit else self.splits.validation)
-        self.folder.log(kind="eval", step=self.progress.step, **scalars(metrics))
+        if self.dist.is_main:
+            self.folder.log(kind="eval", step=self.progress.step, **scalars(metrics))
         return track_validation(
             metrics, self.task.primary, self.progress, self.config.early_stopping_patience, self.say
         )
@@ -247,10 +279,14 @@ class TrainingRun:
         dist, folder = self.dist, self.folder
         metrics: dict[str, Any] = {}
         adapter_bytes = 0
-        if dist.is_main:
-            self.model.save_pretrained(folder.adapter_dir)
-            adapter_bytes = (folder.adapter_dir / WEIGHTS_NAME).stat().st_size
+        with fsdp.whole_trained_parameters(self.model, keep=dist.is_main):
+            if dist.is_main:
+                self.model.save_pretrained(folder.adapter_dir)
+                adapter_bytes = (folder.adapter_dir / WEIGHTS_NAME).stat().st_size
+        if dist.is_main or self.sharded:  # sharded: every process runs the model, the main one reports
             metrics = self.evaluate(self.splits.test)
+            metrics = metrics if dist.is_main else {}
+        if dist.is_main:
             self.model.eval()
             folder.log(kind="test", step=self.progress.step, **scalars(metrics))
             folder.plot_curves(self.task.primary.name)
@@ -262,7 +298,7 @@ class TrainingRun:
         return result
 
     def _result(self, metrics: dict[str, Any], adapter_bytes: int) -> TrainResult:
-        count = self.model.trainable_parameters()
+        count = self.count
         primary = self.task.primary.name
         return TrainResult(
             test_metrics=metrics,
@@ -280,7 +316,7 @@ class TrainingRun:
             learning_rate=self.config.learning_rate,
             base_params=count.base,
             adapter_params=count.adapter,
-            base_weight_bytes=base_weight_bytes(self.model),
+            base_weight_bytes=self.base_bytes,
             step_seconds=list(self.step_seconds),
             loss_curve=list(self.loss_curve),
             world_size=self.dist.world_size,
