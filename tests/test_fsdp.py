@@ -37,9 +37,9 @@ def assets(tmp_path_factory):
     }
 
 
-def _settings(assets, case: str) -> list[str]:
+def _settings(assets, case: str, steps: int = 4) -> list[str]:
     """The flags of one small run (both runs of a comparison take them), without batch size and folder."""
-    common = ["--limit", "none", "--max-steps", "4", "--eval-every", "2", "--save-every", "2"]
+    common = ["--limit", "none", "--max-steps", str(steps), "--eval-every", "2", "--save-every", "2"]
     common += ["--max-length", "16", "--eval-limit", "8", "--eval-batch-size", "8", "--learning-rate", "0.01"]
     common += ["--dropout", "0"] if case in ("lora", "qlora", "classifier") else []
     if case == "classifier":  # the fresh task head trains in full beside LoRA
@@ -148,27 +148,18 @@ def test_two_fsdp_processes_match_one_process_at_the_same_global_batch(assets, t
 
 
 @pytest.mark.slow
-def test_fsdp_resumes_a_one_process_checkpoint_and_ends_where_one_process_ends(assets, tmp_path):
-    """A run stopped after its step-2 checkpoint (the way a killed run leaves its folder), resumed by two
-    FSDP processes: the optimizer's full state is cut into shards, and the end is the uninterrupted run's."""
-    settings = _settings(assets, "lora")
-    _one_process([*settings, "--batch-size", "4", "--output-dir", str(tmp_path / "straight")])
-    config = TrainConfig.from_sources(
-        tmp_path / "straight" / "config.yaml", {"output_dir": str(tmp_path / "stopped")}
-    )
-    run = TrainingRun.prepare(config, log=lambda *_: None)
-    run.total_steps = 2  # stop after the step-2 checkpoint, with the schedule of the 4-step run
-    run.fit()
-    assert not (tmp_path / "stopped" / "adapter").exists()
-
-    resumed = _torchrun(
-        [*settings, "--batch-size", "2", "--fsdp", "--resume", "--output-dir", str(tmp_path / "stopped")]
-    )
-    assert "at step 2" in resumed.stdout
-    _assert_same_adapter(tmp_path / "stopped", tmp_path / "straight")
-    _assert_same_trainer_state(tmp_path / "stopped", tmp_path / "straight")
-    assert _train_losses(tmp_path / "stopped") == pytest.approx(
-        _train_losses(tmp_path / "straight"), rel=1e-5
+def test_an_fsdp_run_resumed_under_fsdp_ends_where_one_process_ends(assets, tmp_path):
+    """Trained 2 steps, then resumed for 2 more (the schedule recomputed for 4): two FSDP processes write the
+    checkpoint whole and cut its optimizer state back into shards, ending where one process ends."""
+    for steps, resume in ((2, []), (4, ["--resume"])):
+        common = [*_settings(assets, "lora", steps), *resume]
+        _one_process([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
+        two = _torchrun([*common, "--batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "two")])
+    assert "at step 2" in two.stdout
+    _assert_same_adapter(tmp_path / "two", tmp_path / "one")
+    _assert_same_trainer_state(tmp_path / "two", tmp_path / "one")
+    torch.testing.assert_close(
+        _train_losses(tmp_path / "two"), _train_losses(tmp_path / "one"), rtol=1e-5, atol=0
     )
 
 

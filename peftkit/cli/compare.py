@@ -22,7 +22,7 @@ PER_RUN = {"method": "--methods", "seed": "--seeds"}  # set by the lab for each 
 def add_parser(subparsers) -> None:
     from peftkit.lab.defaults import DEFAULT_METHODS
 
-    parser = subparsers.add_parser("compare", help="compare methods side by side", description=__doc__)
+    parser = subparsers.add_parser("compare", description=__doc__)
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"`peftkit compare` sets {name} for each run; use {instead}")
     methods = [m for item in args.methods for m in item.split(",") if m]
     given = TrainConfig.read_settings(args.config) if args.config else {}
-    given.update({k: v for k, v in overrides_from_args(args).items() if v is not None})
+    given.update(overrides_from_args(args))  # only the flags given; `--max-steps none` is a None
     general, options = split_settings(given)
     base = TrainConfig.from_dict(general)
     settings = default_method_settings(methods, keep=set(given), dataset=base.dataset)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -54,6 +55,10 @@ def create_app(engine: Engine) -> FastAPI:
     async def models() -> dict:
         cards = [schemas.model_card(engine.base_name, "peftkit", None)]
         cards += [schemas.model_card(name, "peftkit", engine.base_name) for name in engine.registry.names()]
+        cards += [
+            schemas.model_card(name, "peftkit", engine.base_name, engine.classifier.adapters[name].task)
+            for name in engine.classifier.names()
+        ]
         return {"object": "list", "data": cards}
 
     @app.post("/v1/completions", dependencies=guarded)
@@ -76,7 +81,45 @@ def create_app(engine: Engine) -> FastAPI:
         )
 
     _add_adapter_routes(app, engine, guarded)
+    _add_classify_route(app, engine, guarded)
     return app
+
+
+def _add_classify_route(app: FastAPI, engine: Engine, guarded: list) -> None:
+    """``POST /v1/classify``: labels and scores per text from a classification adapter; requests waiting
+    together share passes across adapters (see :mod:`peftkit.serve.classify`)."""
+
+    @app.post("/v1/classify", dependencies=guarded)
+    async def classify(body: schemas.ClassifyRequest) -> dict:
+        if body.model not in engine.classifier.names():
+            _served(engine, body.model)  # 404 for a name nobody serves
+            raise ApiError(
+                400,
+                f"{body.model!r} generates text (use /v1/completions); /v1/classify serves the classification "
+                f"adapters {engine.classifier.names()}",
+                param="model",
+            )
+        job = _param(lambda: engine.classify_job(body.model, body.input), "input")
+        tokens = sum(map(len, job.ids))
+        start = time.perf_counter()
+        try:
+            engine.scheduler.submit_classify(job)
+        except QueueFull as error:
+            raise ApiError(429, f"the server is busy: {error}; retry later") from None
+        try:
+            results = await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:  # the client went away: a job not yet run is dropped
+            job.future.cancel()
+            raise
+        except Exception as error:
+            engine.metrics.requests.labels(body.model, "error").inc()
+            status, message = _failure(error)
+            raise ApiError(status, message, param="model" if status == 404 else None) from None
+        engine.metrics.classified(body.model, len(job.ids), tokens, time.perf_counter() - start)
+        task = (
+            engine.classifier.adapters[body.model].task if body.model in engine.classifier.adapters else None
+        )
+        return schemas.classify_body(body.model, task, results, tokens)
 
 
 def _add_adapter_routes(app: FastAPI, engine: Engine, guarded: list) -> None:
@@ -93,7 +136,7 @@ def _add_adapter_routes(app: FastAPI, engine: Engine, guarded: list) -> None:
         if body.name == engine.base_name:
             raise ApiError(409, f"{body.name!r} is the base model's name", param="name")
         try:
-            engine.registry.add(body.name, body.path, trusted=False)
+            task = engine.add_adapter(body.name, body.path, trusted=False)
         except PermissionError as error:
             raise ApiError(403, str(error), param="path") from None
         except AdapterError as error:
@@ -103,15 +146,18 @@ def _add_adapter_routes(app: FastAPI, engine: Engine, guarded: list) -> None:
         try:
             await asyncio.wrap_future(engine.preload(body.name))
         except Exception as error:
-            engine.registry.known.pop(body.name, None)
+            engine.forget(body.name)
             raise ApiError(400, f"adapter {body.name!r} does not load: {error}", param="path") from None
-        return JSONResponse({"id": body.name, "object": "model", "parent": engine.base_name}, 201)
+        return JSONResponse(
+            {"id": body.name, "object": "model", "parent": engine.base_name, "task": task}, 201
+        )
 
     @app.delete("/v1/adapters/{name}", dependencies=guarded)
     async def unload_adapter(name: str) -> dict:
-        if name not in engine.registry.names():
-            raise ApiError(404, f"no adapter named {name!r}; served: {engine.registry.names()}", param="name")
-        await asyncio.wrap_future(engine.scheduler.call(lambda: engine.registry.remove(name)))
+        served = [*engine.registry.names(), *engine.classifier.names()]
+        if name not in served:
+            raise ApiError(404, f"no adapter named {name!r}; served: {sorted(served)}", param="name")
+        await asyncio.wrap_future(engine.remove_adapter(name))
         return {"id": name, "object": "model", "deleted": True}
 
 
@@ -128,6 +174,8 @@ async def _json(request: Request) -> dict:
 def _served(engine: Engine, model: str) -> str:
     if model == engine.base_name or model in engine.registry.names():
         return model
+    if model in engine.classifier.names():
+        raise ApiError(400, f"{model!r} is a classification adapter: use POST /v1/classify", param="model")
     raise ApiError(
         404,
         f"the model {model!r} does not exist; served: {engine.served_models()}",

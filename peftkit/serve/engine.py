@@ -13,9 +13,11 @@ from pathlib import Path
 
 from peftkit.config import ConfigError
 from peftkit.model import PeftModel
+from peftkit.prompt_tokens import with_bos
 from peftkit.serve.batch import Runner
+from peftkit.serve.classify import TOKEN, Classifier, ClassifyAdapter, ClassifyJob, classification_task
 from peftkit.serve.metrics import Metrics
-from peftkit.serve.registry import Registry
+from peftkit.serve.registry import Registry, locate_adapter
 from peftkit.serve.sampling import SamplingParams, TextStream
 from peftkit.serve.scheduler import Scheduler
 from peftkit.serve.sequence import Event, Sequence
@@ -58,10 +60,10 @@ class Engine:
         self.registry = Registry(model, config.max_adapters, [Path(p) for p in config.adapter_roots])
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.stop_ids = frozenset(_eos_ids(model, tokenizer))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.classifier = Classifier(self._classify_host, pad or 0, self.context, self.metrics)
         for name, path in config.adapters.items():
-            if name == self.base_name:
-                raise ConfigError(f"adapter name {name!r} is the base model's name; pick another")
-            self.registry.add(name, path, trusted=True)
+            self.add_adapter(name, path, trusted=True)
         runner = Runner(model, self.registry.input_methods)
         self.scheduler = Scheduler(
             runner,
@@ -71,6 +73,7 @@ class Engine:
             max_batch_size=config.max_batch_size,
             max_queue=config.max_queue,
         )
+        self.scheduler.classifier = self.classifier
 
     @classmethod
     def load(cls, config: ServeConfig, log=print) -> Engine:
@@ -90,15 +93,47 @@ class Engine:
     def start(self) -> Engine:
         """Start the scheduler and load the named adapters (the first ``max_adapters`` stay resident)."""
         self.scheduler.start()
-        for name in list(self.registry.known):
+        for name in [*self.registry.known, *self.classifier.adapters]:
             self.preload(name).result()
         return self
 
     def stop(self) -> None:
         self.scheduler.stop()
 
+    def add_adapter(self, name: str, path: str | os.PathLike, *, trusted: bool) -> str:
+        """Know adapter ``name`` from ``path`` (a client's path, ``trusted`` False, must lie under an
+        ``--adapter-root``); classification adapters go to the classifier. Returns the adapter's task."""
+        from peftkit.model import AdapterError
+
+        if name == self.base_name:
+            raise ConfigError(f"adapter name {name!r} is the base model's name; pick another")
+        if name in self.registry.known or name in self.classifier.adapters:
+            raise AdapterError(f"an adapter named {name!r} is already served; DELETE it first")
+        resolved = Path(path) if trusted else self.registry.allowed(path)
+        directory, run_task, labels = locate_adapter(resolved)
+        task = classification_task(directory, run_task, labels)
+        if task is None:
+            self.registry.add(name, resolved, trusted=True)
+            return "causal-lm"
+        self.classifier.adapters[name] = ClassifyAdapter(name, directory, *task)
+        return task[0]
+
+    def forget(self, name: str) -> None:
+        """Undo :meth:`add_adapter` of an adapter that did not load."""
+        self.registry.known.pop(name, None)
+        self.classifier.adapters.pop(name, None)
+
+    def remove_adapter(self, name: str):
+        """Remove adapter ``name`` on the scheduler's thread (a generation adapter's running requests finish
+        first); a future."""
+        if name in self.classifier.adapters:
+            return self.scheduler.call(lambda: self.classifier.remove(name))
+        return self.scheduler.call(lambda: self.registry.remove(name))
+
     def preload(self, name: str):
         """Load adapter ``name`` now (on the scheduler's thread), so that a broken file fails here."""
+        if name in self.classifier.adapters:
+            return self.scheduler.call(lambda: self.classifier.load(name))
 
         def load() -> None:
             self.registry.acquire(name)
@@ -109,7 +144,52 @@ class Engine:
 
     # --- requests -----------------------------------------------------------------------------------------
     def served_models(self) -> list[str]:
-        return [self.base_name, *self.registry.names()]
+        return [self.base_name, *self.registry.names(), *self.classifier.names()]
+
+    def _classify_host(self, task: str):
+        """The base model as ``task``'s model (its head is replaced by the classifier), on the generation
+        model's device and in its dtype."""
+        from peftkit.assets import resolve_model
+        from peftkit.tasks import TASKS
+        from peftkit.training.runtime import quiet_transformers
+
+        parameter = next(self.model.base_model.parameters())
+        with quiet_transformers():
+            host = TASKS[task].load_model(resolve_model(self.config.model), ["LABEL_0"], self.tokenizer)
+        host.config.pad_token_id = self.classifier.pad_id  # the task model finds a row's last token by it
+        return host.to(device=parameter.device, dtype=parameter.dtype)
+
+    def classify_job(self, adapter: str, inputs) -> ClassifyJob:
+        """The request's texts tokenized as training tokenized them (special tokens added; for token
+        classification, words split on whitespace unless given as lists). Raises RequestError naming
+        ``input`` (or ``input[i]``) for an empty text or one longer than the model's context."""
+        task = self.classifier.adapters[adapter].task
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not items:
+            raise RequestError("input", "`input` must hold at least one text")
+        job = ClassifyJob(adapter, [], [] if task == TOKEN else None, [] if task == TOKEN else None)
+        for index, item in enumerate(items):
+            where = "input" if isinstance(inputs, str) else f"input[{index}]"
+            if task == TOKEN:
+                words = item.split() if isinstance(item, str) else list(item)
+                encoding = self.tokenizer(words, is_split_into_words=True) if words else None
+            elif isinstance(item, str):
+                encoding = self.tokenizer(item)
+            else:
+                raise RequestError(where, f"{adapter!r} classifies texts (strings), got a list of words")
+            ids = encoding["input_ids"] if encoding is not None else []
+            blank = isinstance(item, str) and not item.strip()
+            if blank or not ids or not words_covered(encoding, task, words if task == TOKEN else None):
+                raise RequestError(where, "the text is empty, or a word of it has no token")
+            if len(ids) > self.context:
+                raise RequestError(
+                    where, f"the text has {len(ids)} tokens; the model's context is {self.context} tokens"
+                )
+            job.ids.append(ids)
+            if task == TOKEN:
+                job.words.append(words)
+                job.word_ids.append(encoding.word_ids())
+        return job
 
     def chat_prompt(self, adapter: str, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` in the adapter's chat template (its folder's, else the tokenizer's);
@@ -122,18 +202,19 @@ class Engine:
             )
         else:
             text = "\n".join(m["content"] for m in messages) + "\n"
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return with_bos(self.tokenizer, self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a completion prompt: the text as it is (no special tokens added, as ``peftkit
-        train`` tokenizes prompts), or the client's own token ids, checked against the vocabulary."""
+        """Token ids of a completion prompt: the text as it is, after the BOS token where the model expects
+        one (as ``peftkit train`` tokenizes prompts, see :mod:`peftkit.prompt_tokens`), or the client's own
+        token ids as given, checked against the vocabulary."""
         if isinstance(prompt, list):
             vocab = len(self.tokenizer)
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise RequestError("prompt", f"token ids must lie in [0, {vocab}), got {bad[:5]}")
             return prompt
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return with_bos(self.tokenizer, self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def sequence(
         self,
@@ -173,6 +254,13 @@ class Engine:
             context=self.context,
             generator=params.generator(),
         )
+
+
+def words_covered(encoding, task: str, words: list[str] | None) -> bool:
+    """Whether every word got at least one token (a word without one could not be labelled)."""
+    if task != TOKEN:
+        return True
+    return {w for w in encoding.word_ids() if w is not None} == set(range(len(words)))
 
 
 def _eos_ids(model: PeftModel, tokenizer) -> list[int]:

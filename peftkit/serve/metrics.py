@@ -47,6 +47,22 @@ class Metrics:
             "peftkit_adapter_loads", "Adapters read from disk (evicted ones reloaded included)", registry=r
         )
         self.decode_steps = Counter("peftkit_decode_steps", "Decode steps run", registry=r)
+        self.classified_inputs = Counter(
+            "peftkit_classified_inputs", "Texts classified (POST /v1/classify)", ["adapter"], registry=r
+        )
+        self.classify_latency = Histogram(
+            "peftkit_classify_seconds",
+            "From a classification request's arrival to its answer",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.classify_pass_rows = Histogram(
+            "peftkit_classify_pass_rows",
+            "Rows in one classification pass (texts of several requests and adapters together)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
 
     def finished(
         self, adapter: str, outcome: str, arrived: float, first: float | None, end: float, tokens: int
@@ -57,6 +73,12 @@ class Metrics:
             self.time_to_first_token.labels(adapter).observe(first - arrived)
             if tokens > 1:
                 self.time_per_token.labels(adapter).observe((end - first) / (tokens - 1))
+
+    def classified(self, adapter: str, inputs: int, tokens: int, seconds: float) -> None:
+        self.requests.labels(adapter, "ok").inc()
+        self.classified_inputs.labels(adapter).inc(inputs)
+        self.prompt_tokens.labels(adapter).inc(tokens)
+        self.classify_latency.labels(adapter).observe(seconds)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -44,26 +44,43 @@ class Adapter:
     removing: bool = False  # deleted by a client: unloaded when its last request ends
 
 
-def adapter_directory(path: str | os.PathLike) -> Path:
-    """The adapter folder of ``path``: an adapter folder itself, or a ``peftkit train`` run folder (its
-    ``adapter/``). A run must be a generation run. Raises ConfigError naming what was expected."""
-    path = Path(path)
-    if (path / ADAPTER_CONFIG).is_file():
-        return path
+def locate_adapter(path: str | os.PathLike) -> tuple[Path, str | None, list[str] | None]:
+    """(adapter folder, the run's task, the run's label names) of ``path``: an adapter folder itself (no task
+    known from it), or a finished ``peftkit train`` run folder (its ``adapter/`` and ``labels.json``); a
+    run's ``adapter/`` folder named directly is read with its run's labels. Raises ConfigError naming what
+    was expected."""
     from peftkit.training.layout import RunFolder
 
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        run = RunFolder(path.parent)
+        if path.name == run.adapter_dir.name and run.task() is not None:
+            return path, run.task(), _label_names(run.root)
+        return path, None, None
     run = RunFolder(path)
     if run.is_finished() and (run.adapter_dir / ADAPTER_CONFIG).is_file():
-        task = run.task()
-        if task is not None and task not in GENERATION_TASKS:
-            raise ConfigError(
-                f"{path} is a {task} run; peftkit serve generates text and serves {GENERATION_TASKS} runs"
-            )
-        return run.adapter_dir
+        return run.adapter_dir, run.task(), _label_names(run.root)
     raise ConfigError(
         f"{path} is neither an adapter folder ({ADAPTER_CONFIG}) nor a finished `peftkit train` run "
         "(config.yaml and adapter/)"
     )
+
+
+def _label_names(run: Path) -> list[str] | None:
+    labels = run / "labels.json"
+    names = json.loads(labels.read_text()).get("label_names") if labels.is_file() else None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def adapter_directory(path: str | os.PathLike) -> Path:
+    """The adapter folder of ``path`` (see :func:`locate_adapter`), which must be a generation adapter."""
+    directory, task, _ = locate_adapter(path)
+    if task is not None and task not in GENERATION_TASKS:
+        raise ConfigError(
+            f"{path} is a {task} run; text generation serves {GENERATION_TASKS} runs "
+            "(classification runs are served by POST /v1/classify)"
+        )
+    return directory
 
 
 def _chat_template(directory: Path) -> str | None:

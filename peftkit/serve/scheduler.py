@@ -27,6 +27,8 @@ from peftkit.serve.registry import Registry
 from peftkit.serve.sampling import next_tokens
 from peftkit.serve.sequence import Sequence
 
+CLASSIFY_ROWS_PER_DECODE_ROW = 4  # a classification pass may hold this many times --max-batch-size rows
+
 
 class QueueFull(RuntimeError):
     """More requests are waiting than ``max_queue`` allows (HTTP 429)."""
@@ -53,6 +55,8 @@ class Scheduler:
         self.controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
             collections.deque()
         )
+        self.classify_jobs: collections.deque = collections.deque()  # waiting POST /v1/classify requests
+        self.classifier = None  # set by the engine: runs a list of classify jobs in shared passes
         self.rows: list[Sequence] = []
         self.cache = BatchCache()
         self._wake = threading.Condition()
@@ -78,6 +82,16 @@ class Scheduler:
             self.metrics.queue_length.set(len(self.waiting))
             self._wake.notify()
 
+    def submit_classify(self, job) -> None:
+        """Queue a classification request; all waiting ones run together at the next step boundary."""
+        with self._wake:
+            if len(self.waiting) + len(self.classify_jobs) >= self.max_queue:
+                raise QueueFull(
+                    f"{len(self.waiting) + len(self.classify_jobs)} requests are waiting (--max-queue {self.max_queue})"
+                )
+            self.classify_jobs.append(job)
+            self._wake.notify()
+
     def call(self, function: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``function`` on the scheduler's thread between two steps; its result or error in the future."""
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -91,11 +105,14 @@ class Scheduler:
         with torch.no_grad():
             while True:
                 with self._wake:
-                    if not (self.rows or self.waiting or self.controls or self._stopping):
+                    if not (
+                        self.rows or self.waiting or self.controls or self.classify_jobs or self._stopping
+                    ):
                         self._wake.wait(timeout=1.0)
                     if self._stopping:
                         break
                 self._run_controls()
+                self._classify()
                 self._admit()
                 if self.rows:
                     self._step()
@@ -107,6 +124,16 @@ class Scheduler:
                 future.set_result(function())
             except Exception as error:  # handed to the waiting request
                 future.set_exception(error)
+
+    def _classify(self) -> None:
+        """Every waiting classification request, in passes shared across adapters (between decode steps)."""
+        jobs = []
+        with self._wake:
+            while self.classify_jobs:
+                jobs.append(self.classify_jobs.popleft())
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]  # clients still there
+        if jobs:
+            self.classifier.run(jobs, max_rows=self.max_batch_size * CLASSIFY_ROWS_PER_DECODE_ROW)
 
     def _admit(self) -> None:
         """Prefill waiting requests while the batch has room and join them to it."""

@@ -77,6 +77,50 @@ class ChatCompletionRequest(_Request):
         return self.max_completion_tokens or self.max_tokens
 
 
+MAX_CLASSIFY_INPUTS = 512  # texts in one POST /v1/classify
+
+
+class ClassifyRequest(BaseModel):
+    """``POST /v1/classify``: ``input`` is one text, a list of texts, or (token classification) a list of
+    pre-split sentences (lists of words); at most :data:`MAX_CLASSIFY_INPUTS` of them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    input: Any  # checked below: one message naming `input` rather than one per branch of a union
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, value):
+        def text_or_words(item) -> bool:
+            return isinstance(item, str) or (isinstance(item, list) and all(isinstance(w, str) for w in item))
+
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(text_or_words(item) for item in value):
+            raise ValueError(
+                "must be a text, or a list of texts (or of word lists, for token classification)"
+            )
+        if not 1 <= len(value) <= MAX_CLASSIFY_INPUTS:
+            raise ValueError(f"must hold 1 to {MAX_CLASSIFY_INPUTS} texts, got {len(value)}")
+        return value
+
+
+def classify_body(model: str, task: str, results: list[dict], tokens: int) -> dict:
+    """The answer of ``POST /v1/classify``: one entry per input, in order (``label``, ``score`` and every
+    label's ``scores`` for sequence classification; per-word ``tokens`` and ``entities`` for token
+    classification)."""
+    return {
+        "id": _id("classify"),
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "task": task,
+        "data": [{"index": i, "object": "classification", **result} for i, result in enumerate(results)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
 class AdapterLoadRequest(BaseModel):
     """``POST /v1/adapters``: vLLM's spelling (``lora_name``, ``lora_path``) is accepted too."""
 
@@ -147,5 +191,6 @@ def chat_id() -> str:
     return _id("chatcmpl")
 
 
-def model_card(name: str, owner: str, parent: str | None) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": owner, "parent": parent}
+def model_card(name: str, owner: str, parent: str | None, task: str | None = None) -> dict:
+    card = {"id": name, "object": "model", "created": 0, "owned_by": owner, "parent": parent}
+    return card if task is None else {**card, "task": task}

@@ -22,7 +22,7 @@ arXiv:2304.11277; the per-parameter sharding of FSDP2 keeps frozen and trained p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from peftkit.config import ConfigError
 from peftkit.methods import method_for_config
+from peftkit.training.divergence import FiniteParameters
 
 
 def check_shardable(model: nn.Module) -> None:
@@ -87,6 +88,39 @@ def shard(model: nn.Module) -> int:
     fully_shard(model, mesh=mesh)
     register_fsdp_forward_method(model, "generate")  # generate() gathers the root's parameters as forward
     return len(blocks)
+
+
+def shard_run(model: nn.Module, wanted: bool, world_size: int, say: Callable[[str], None]) -> bool:
+    """``peftkit train --fsdp``: shard ``model`` when ``wanted`` and launched as several processes; whether it
+    was. Raises ConfigError as :func:`check_shardable` does, also with one process (the same run launched
+    with more would fail)."""
+    if not wanted:
+        return False
+    check_shardable(model)
+    if world_size == 1:
+        say("--fsdp: one process, nothing to shard (launch with torchrun or accelerate launch)")
+        return False
+    blocks = shard(model)
+    say(f"fsdp: the model sharded across {world_size} processes, {blocks} blocks apart")
+    return True
+
+
+class ShardedFiniteParameters(FiniteParameters):
+    """:class:`~peftkit.training.divergence.FiniteParameters` over this process's shards, the verdict shared
+    by every process (the first problem any of them found), so that all stop together or none does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.named = [(n, p.to_local() if isinstance(p, DTensor) else p) for n, p in self.named]
+
+    def problem(self) -> str | None:
+        """The first problem any process found in its shards (the same answer on every process); a
+        collective."""
+        import torch.distributed as dist
+
+        found: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(found, super().problem())
+        return next((problem for problem in found if problem is not None), None)
 
 
 def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
