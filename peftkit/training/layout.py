@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from peftkit.config import ConfigError
 from peftkit.file_checks import CheckpointError
 from peftkit.training.config import TrainConfig, drop_other_methods_defaults
 from peftkit.training.lock import FolderLock
@@ -98,8 +99,16 @@ class RunFolder:
         config.save(self.config_path)
 
     def read_config(self) -> TrainConfig:
-        """The settings the run was started with (raises ConfigError for a file that is not valid)."""
-        return TrainConfig.from_dict(drop_other_methods_defaults(TrainConfig.read_settings(self.config_path)))
+        """The settings the run was started with. Raises ConfigError, naming the file, for one that is not
+        valid."""
+        try:
+            return TrainConfig.from_dict(
+                drop_other_methods_defaults(TrainConfig.read_settings(self.config_path))
+            )
+        except ConfigError as error:
+            if str(self.config_path) in str(error):
+                raise
+            raise ConfigError(f"{self.config_path}: {error}") from error
 
     def write_labels(self, task: str, label_names: list[str] | None) -> None:
         """Write ``labels.json``: the task and the label names the head was built for."""
