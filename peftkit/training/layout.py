@@ -99,12 +99,16 @@ class RunFolder:
         config.save(self.config_path)
 
     def read_config(self) -> TrainConfig:
-        """The settings the run was started with (raises ConfigError for a file that is not valid)."""
-        settings = TrainConfig.read_settings(self.config_path)  # (its errors name the file)
+        """The settings the run was started with. Raises ConfigError, naming the file, for one that is not
+        valid."""
         try:
-            return TrainConfig.from_dict(drop_other_methods_defaults(settings))
+            return TrainConfig.from_dict(
+                drop_other_methods_defaults(TrainConfig.read_settings(self.config_path))
+            )
         except ConfigError as error:
-            raise ConfigError(f"{self.config_path}: {error}") from None
+            if str(self.config_path) in str(error):
+                raise
+            raise ConfigError(f"{self.config_path}: {error}") from error
 
     def write_labels(self, task: str, label_names: list[str] | None) -> None:
         """Write ``labels.json``: the task and the label names the head was built for."""

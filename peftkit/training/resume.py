@@ -70,8 +70,9 @@ def recorded_settings(folder: RunFolder) -> TrainConfig:
         )
     if not folder.checkpoints():
         raise ConfigError(
-            f"--resume: {folder.root} holds no checkpoint (its run stopped before its first one); "
-            "train again without --resume"
+            f"--resume: {folder.root} holds no checkpoint to continue from (a run stopped before its first "
+            "one, or whose checkpoints were removed); train without --resume, into another --output-dir if "
+            "it holds an adapter you want to keep"
         )
     return with_absolute_paths(folder.read_config())
 

@@ -95,7 +95,8 @@ class TrainingRun:
                 self.changed = check_same_run(recorded_settings(folder), config, folder)
             elif folder.find_checkpoint() is not None or folder.is_finished():
                 raise ConfigError(
-                    f"{folder.root} holds a checkpoint of an earlier run: pass --resume, or another --output-dir"
+                    f"{folder.root} holds an earlier run (a checkpoint or a trained adapter): pass --resume to "
+                    "continue it, or choose another --output-dir"
                 )
             elif folder.entries():
                 self.say(f"{folder.root} holds a run stopped before its first checkpoint: starting it afresh")
