@@ -17,8 +17,6 @@ from peftkit.training.ranges import SETTING_RANGES
 # setting -> (values refused, values accepted) at its ends and beyond; every ranged setting is listed
 CASES = {
     "limit": ([0, -1, 2.5, math.inf], [1, None]),
-    "train_size": ([0, -1, 2.5], [1, None]),
-    "data_seed": ([-1, 2**63, 0.5], [0, None]),
     "train_size": ([0, -1, 2.5, True], [1, None]),
     "data_seed": ([-1, 2.5, 2**63], [0, None]),
     "epochs": ([0, -1, math.nan, math.inf, -math.inf], [0.25, 1e-3, 3]),
@@ -50,9 +48,7 @@ CASES = {
 def test_every_numeric_and_switch_setting_has_a_range_and_is_tested():
     hints = typing.get_type_hints(TrainConfig)
     ranged = {
-        name
-        for name, hint in hints.items()
-        if {int, float, bool} & ({hint} | set(typing.get_args(hint)))
+        name for name, hint in hints.items() if {int, float, bool} & ({hint} | set(typing.get_args(hint)))
     }
     assert ranged == set(SETTING_RANGES)  # a new setting cannot skip its range
     assert set(CASES) == set(SETTING_RANGES)
