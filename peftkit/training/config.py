@@ -56,6 +56,7 @@ class TrainConfig:
     max_length: int = 48
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the frozen base across the launched processes (FSDP2), see training/fsdp.py
     # causal-LM / seq2seq training (see peftkit/training/efficiency.py)
     fused_loss: bool = True  # the fused linear cross-entropy where it equals the model's own loss
     group_by_length: bool | None = None  # None: on for causal-lm and seq2seq, off for classification
