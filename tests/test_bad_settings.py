@@ -41,6 +41,7 @@ CASES = {
     "group_by_length": ([1, "auto"], [None, True]),
     "packing": ([1], [False]),
     "check_finite": ([0, "on"], [True, False]),
+    "fsdp": ([1, "yes"], [False]),
     "resume": (["true", None], [False]),
 }
 

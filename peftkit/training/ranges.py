@@ -100,6 +100,7 @@ SETTING_RANGES: dict[str, Range] = {
     "group_by_length": Range(bool, none="on for causal-lm and seq2seq, off for classification"),
     "packing": Range(bool),
     "check_finite": Range(bool),
+    "fsdp": Range(bool),
     "resume": Range(bool),
 }
 
