@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from peftkit.accounting import base_weight_bytes
 from peftkit.checkpoint import WEIGHTS_NAME
 from peftkit.config import ConfigError
+from peftkit.data.model_checks import check_run
 from peftkit.model import get_peft_model
 from peftkit.tasks import TASKS
 from peftkit.training import batches, efficiency, fsdp
@@ -136,6 +137,7 @@ class TrainingRun:
             quiet_transformers()
         ):  # its load report lists the fresh task head, which the adapter trains in full
             base = self.task.load_model(model_dir, self.splits.label_names, self.tokenizer)
+        check_run(config, self.splits, self.tokenizer, base)  # empty splits, all-[UNK] input, positions
         prepare_base(config, base)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
