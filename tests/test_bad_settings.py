@@ -3,6 +3,7 @@ the command line, a YAML file and Python agree on it: a value outside is an erro
 what is allowed, before anything is loaded or written; a value inside does what it says."""
 
 import math
+import typing
 
 import pytest
 
@@ -16,6 +17,8 @@ from peftkit.training.ranges import SETTING_RANGES
 # setting -> (values refused, values accepted) at its ends and beyond; every ranged setting is listed
 CASES = {
     "limit": ([0, -1, 2.5, math.inf], [1, None]),
+    "train_size": ([0, -1, 2.5, True], [1, None]),
+    "data_seed": ([-1, 2.5, 2**63], [0, None]),
     "epochs": ([0, -1, math.nan, math.inf, -math.inf], [0.25, 1e-3, 3]),
     "max_steps": ([0, -1, 2.5, math.nan], [1, None]),
     "batch_size": ([0, -4, 1.0, 2.5], [1]),
@@ -38,11 +41,17 @@ CASES = {
     "group_by_length": ([1, "auto"], [None, True]),
     "packing": ([1], [False]),
     "check_finite": ([0, "on"], [True, False]),
+    "fsdp": ([1, "yes"], [False]),
     "resume": (["true", None], [False]),
 }
 
 
-def test_every_ranged_setting_is_tested():
+def test_every_numeric_and_switch_setting_has_a_range_and_is_tested():
+    hints = typing.get_type_hints(TrainConfig)
+    ranged = {
+        name for name, hint in hints.items() if {int, float, bool} & ({hint} | set(typing.get_args(hint)))
+    }
+    assert ranged == set(SETTING_RANGES)  # a new setting cannot skip its range
     assert set(CASES) == set(SETTING_RANGES)
 
 

@@ -18,6 +18,8 @@ HELP = {
     "or a Hugging Face datasets folder",
     "task": "sequence-classification, token-classification, causal-lm or seq2seq (inferred for built-ins)",
     "limit": "records read before splitting ('none': all)",
+    "train_size": "training examples kept: the first N of the shuffled training split ('none': all)",
+    "data_seed": "seed of the data split and its order ('none': --seed)",
     "epochs": "passes over the training split when --max-steps is none",
     "max_steps": "optimizer steps ('none': run `epochs` epochs)",
     "batch_size": "examples per micro-batch and process",
@@ -30,6 +32,8 @@ HELP = {
     "max_length": "tokens per example; longer ones are cut",
     "bf16": "bfloat16 autocast for the forward pass",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
+    "fsdp": "under torchrun / accelerate launch: shard the frozen base across the processes (FSDP2) "
+    "instead of a full copy in each (DDP)",
     "seed": "seed of the data order, initialisation and dropout",
     "eval_every": "optimizer steps between validations",
     "eval_batch_size": "examples per evaluation batch",
@@ -123,6 +127,17 @@ def _reader(name: str):
 
     read.__name__ = name
     return read
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a bad value is a usage error naming the flag, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,7 @@ the run so that it can be repeated and resumed."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ class TrainConfig:
     method: str = "lora"
     columns: dict[str, str] = field(default_factory=dict)  # e.g. {"text": "review", "label": "sentiment"}
     limit: int | None = None  # records read before splitting (None: all)
+    # training examples kept: the first N of the (seeded, shuffled) training split, so a smaller size is a
+    # prefix of a larger one (None: all); validation and test stay whole
+    train_size: int | None = None
+    data_seed: int | None = None  # seed of the split and its order (None: `seed`); fixed, it keeps the data
     # the method's own settings (declared with the method, see peftkit/method_spec.py); the missing ones
     # take the method's defaults, and one the method does not take is refused
     options: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +56,7 @@ class TrainConfig:
     max_length: int = 48
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the frozen base across the launched processes (FSDP2), see training/fsdp.py
     # causal-LM / seq2seq training (see peftkit/training/efficiency.py)
     fused_loss: bool = True  # the fused linear cross-entropy where it equals the model's own loss
     group_by_length: bool | None = None  # None: on for causal-lm and seq2seq, off for classification
@@ -77,6 +83,11 @@ class TrainConfig:
         if self.head_learning_rate is None:
             self.head_learning_rate = self.learning_rate
         self.validate()
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data split and its order: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as one flat mapping (the method's options beside the others), as saved."""
@@ -136,8 +147,15 @@ class TrainConfig:
                 except ConfigError as error:
                     raise ConfigError(f"{yaml_path}: {error}") from None
             values.update(from_file)
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset})
-        return cls.from_dict(values)
+        given = {k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset}
+        values.update(given)
+        try:
+            return cls.from_dict(values)
+        except ConfigError as error:  # a method option the adapter config refuses: name the file it came from
+            named = re.search(r"`(\w+)`", str(error))
+            if yaml_path is None or named is None or named[1] in given or named[1] not in values:
+                raise
+            raise ConfigError(f"{yaml_path}: {error}") from None
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting out of its range (see
