@@ -32,6 +32,8 @@ HELP = {
     "max_length": "tokens per example; longer ones are cut",
     "bf16": "bfloat16 autocast for the forward pass",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
+    "fsdp": "under torchrun / accelerate launch: shard the frozen base across the processes (FSDP2) "
+    "instead of a full copy in each (DDP)",
     "seed": "seed of the data order, initialisation and dropout",
     "eval_every": "optimizer steps between validations",
     "eval_batch_size": "examples per evaluation batch",
@@ -125,6 +127,17 @@ def _reader(name: str):
 
     read.__name__ = name
     return read
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a bad value is a usage error naming the flag, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
