@@ -25,6 +25,7 @@ from peftkit.model import PeftModel, get_peft_model
 from peftkit.quantization import (
     COMPUTE_DTYPES,
     QuantizationConfig,
+    import_bitsandbytes,
     is_quantized,
     prepare_for_kbit_training,
     quantize_model,
@@ -68,8 +69,7 @@ def paged_adamw_8bit(params: Iterable[nn.Parameter], lr: float = 2e-4, **kwargs)
             f"paged 8-bit AdamW needs CUDA and parameters on a CUDA device (found devices {sorted(devices)}, "
             f"CUDA available: {torch.cuda.is_available()}); use torch.optim.AdamW on this machine"
         )
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     return bnb.optim.PagedAdamW8bit(params, lr=lr, **kwargs)
 
 

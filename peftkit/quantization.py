@@ -18,6 +18,7 @@ compute a plain linear map (Falcon's ``FalconLinear``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,29 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def _bnb():
-    """bitsandbytes, imported on first use (it takes seconds, and plain LoRA never needs it)."""
+# bitsandbytes' CPU backend, while it is imported, tries to fetch an optional kernel from the Hugging Face hub
+# through the `kernels` package and logs "Failed to load CPU gemm_4bit_forward from kernels-community: No
+# module named 'kernels'" on every run without it. peftkit never downloads at run time and bitsandbytes falls
+# back to its own kernel, so that one message is dropped during the import; its other messages pass.
+_OPTIONAL_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+_OPTIONAL_KERNEL_NOISE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_optional_kernel_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_OPTIONAL_KERNEL_NOISE)
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported on first use (it takes seconds, and plain LoRA never needs it), without its
+    optional-kernel warning. Raises ImportError naming the package when it is missing."""
+    logger = logging.getLogger(_OPTIONAL_KERNEL_LOGGER)
+    logger.addFilter(_not_optional_kernel_noise)
     try:
         import bitsandbytes
     except ImportError as error:  # pragma: no cover - it is a dependency of peftkit
         raise ImportError("4-bit quantization needs bitsandbytes: pip install bitsandbytes") from error
+    finally:
+        logger.removeFilter(_not_optional_kernel_noise)
     return bitsandbytes
 
 
@@ -101,7 +119,7 @@ def quantize_linear(linear: nn.Linear | Conv1D, config: QuantizationConfig) -> n
     """A ``bnb.nn.Linear4bit`` holding ``linear``'s weight (out, in) in 4 bit (on the weight's device) and its
     bias as is; a ``Conv1D`` weight (in, out) is transposed first. De-quantizing gives the (out, in) weight
     back in its original dtype."""
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     weight = linear.weight.detach()
     if isinstance(linear, Conv1D):
         weight = weight.T.contiguous()
@@ -125,7 +143,7 @@ def quantize_linear(linear: nn.Linear | Conv1D, config: QuantizationConfig) -> n
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight (out, in) de-quantized, in the dtype it had before quantization."""
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     param = layer.weight
     state = param.quant_state if param.quant_state is not None else layer.quant_state
     if getattr(state, "packing_format_for_cpu", False):
@@ -165,7 +183,7 @@ def dequantize_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.
 
 
 def _set_quantized_weight(layer: nn.Module, weight: torch.Tensor, **settings) -> None:
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     settings.setdefault("compress_statistics", layer.weight.compress_statistics)
     settings.setdefault("quant_type", layer.weight.quant_type)
     param = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, module=layer, **settings)

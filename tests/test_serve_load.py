@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from peftkit import LoraConfig
+from peftkit.prompt_tokens import prompt_text
 from peftkit.serve import BackgroundServer
 from peftkit.serve.server import free_port
-from peftkit.tasks.generation import prompt_text
 from peftkit.training.config import TrainConfig
 from peftkit.training.loop import train
 from tests import pipeline_fixtures as fx

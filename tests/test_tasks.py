@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from peftkit.method_spec import method_spec
+from peftkit.prompt_tokens import prompt_text
 from peftkit.tasks import TASKS
-from peftkit.tasks.generation import prompt_text
 from peftkit.training.config import TrainConfig
 from peftkit.training.loop import train
 from tests import pipeline_fixtures as fx

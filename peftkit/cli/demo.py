@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from peftkit.demo import run_demo
-
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="train, save, reload, merge and mix LoRA adapters on a tiny model"
-    )
+    parser = subparsers.add_parser("demo", description=__doc__)
     parser.add_argument("--output-dir", default="runs/demo-adapter", help="where the adapter is saved")
     parser.add_argument("--steps", type=_positive, default=600, help="training steps (default: 600)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny model, data and training")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from peftkit.demo import run_demo  # torch and transformers: only when the demo runs
+
     result = run_demo(args.output_dir, steps=args.steps, seed=args.seed)
     print(f"done in {result.seconds:.1f} s")
     return 0

@@ -18,16 +18,22 @@ HELP = {
     "or a Hugging Face datasets folder",
     "task": "sequence-classification, token-classification, causal-lm or seq2seq (inferred for built-ins)",
     "limit": "records read before splitting ('none': all)",
+    "train_size": "training examples kept: the first N of the shuffled training split ('none': all)",
+    "data_seed": "seed of the data split and its order ('none': --seed)",
     "epochs": "passes over the training split when --max-steps is none",
     "max_steps": "optimizer steps ('none': run `epochs` epochs)",
     "batch_size": "examples per micro-batch and process",
     "gradient_accumulation": "micro-batches per optimizer step",
-    "weight_decay": "AdamW weight decay on weight matrices (biases and norms: none)",
+    "head_learning_rate": "peak learning rate of a freshly initialised task head (a classifier), in its own "
+    "optimizer group",
+    "weight_decay": "AdamW's decoupled weight-decay coefficient, on weight matrices (biases and norms: none)",
     "warmup_ratio": "share of the steps with a linear learning-rate warm-up, in [0, 1)",
-    "max_grad_norm": "gradient clipping norm ('none': no clipping)",
+    "max_grad_norm": "gradient clipping norm, >= 0 (0 or 'none': no clipping)",
     "max_length": "tokens per example; longer ones are cut",
     "bf16": "bfloat16 autocast for the forward pass",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
+    "fsdp": "under torchrun / accelerate launch: shard the frozen base across the processes (FSDP2) "
+    "instead of a full copy in each (DDP)",
     "seed": "seed of the data order, initialisation and dropout",
     "eval_every": "optimizer steps between validations",
     "eval_batch_size": "examples per evaluation batch",
@@ -39,6 +45,7 @@ HELP = {
     "fused_loss": "causal-LM / seq2seq loss from the hidden states in chunks, without the logits (exact)",
     "group_by_length": "batches of similar lengths (none: on for causal-lm and seq2seq only)",
     "packing": "causal-lm: several examples per row, each with its own positions and attention",
+    "check_finite": "stop the run when a trainable parameter turns NaN or infinite after a step",
 }
 
 
@@ -91,31 +98,60 @@ def _default(field: dataclasses.Field) -> Any:
     if field.name == "method":
         methods = ", ".join(f"{name} ({spec.summary})" for name, spec in METHOD_SPECS.items())
         return f"{field.default}; one of: {methods}"
+    if field.name == "head_learning_rate":
+        return "the run's learning rate"
     if field.name == "learning_rate":
         rates = ", ".join(f"{m} {default_learning_rate(m):g}" for m in METHOD_SPECS)
         return f"the method's own: {rates}"
     return field.default if field.default is not dataclasses.MISSING else field.default_factory()
 
 
+class _NoneGiven:
+    """The value of a flag given as ``none``: unlike argparse's None (flag not given), it overrides the YAML
+    file and the default (``--max-steps none`` runs whole epochs even though the default is 400 steps)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE_GIVEN = _NoneGiven()
+
+
 def _reader(name: str):
     def read(text: str):
         try:
-            return parse_setting(name, text)
-        except ValueError as error:  # argparse reports it as a bad value of this flag
+            value = parse_setting(name, text)
+        except ValueError as error:  # argparse reports it as a bad value of this flag, exit status 2
             raise argparse.ArgumentTypeError(str(error)) from None
+        return NONE_GIVEN if value is None else value
 
     read.__name__ = name
     return read
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a bad value is a usage error naming the flag, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings the flags gave, flat (None: not given), column flags gathered into ``columns``."""
+    """The settings the flags gave, flat, and only those (a flag given as ``none`` is there as None), column
+    flags gathered into ``columns``."""
     names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("columns", "options")]
-    overrides = {name: getattr(args, name, None) for name in [*names, *all_options()]}
-    for name, (option, _) in all_options().items():
-        value = overrides[name]
-        if option.many and isinstance(value, list) and len(value) == 1:
-            overrides[name] = value[0]  # one string: a regex or all-linear (or None)
+    overrides = {}
+    for name in [*names, *all_options()]:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            value = [None if v is NONE_GIVEN else v for v in value]
+            value = value[0] if len(value) == 1 else value  # one string: a regex or all-linear (or None)
+        if value is not None:
+            overrides[name] = None if value is NONE_GIVEN else value
     columns = {c: getattr(args, f"{c}_column") for c in COLUMN_FLAGS if getattr(args, f"{c}_column", None)}
     if columns:
         overrides["columns"] = columns

@@ -10,7 +10,7 @@ METHODS_HELP = "methods to plan (default: every method peftkit train knows)"
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("plan", help="choose a method before training", description=__doc__)
+    parser = subparsers.add_parser("plan", description=__doc__)
     parser.add_argument(
         "--model", default="minilm", help="a bundled model (minilm, smollm2) or a folder with config.json"
     )
@@ -22,12 +22,18 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, help="rows per step (default: peftkit train's)")
     parser.add_argument("--max-length", type=int, help="tokens per row, T (default: peftkit train's)")
     parser.add_argument("--memory", help="memory available for training, e.g. 24GiB or 16GB")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where training would run")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights' dtype")
     parser.add_argument("--methods", nargs="+", help=METHODS_HELP)
     parser.add_argument("--num-labels", type=int, default=2, help="classes of a classification head")
     parser.add_argument("--tasks", type=int, default=1, help="tasks to serve from one base model")
     parser.add_argument("--zero-latency", action="store_true", help="inference must cost what the base costs")
+    parser.add_argument(
+        "--no-fused-loss",
+        dest="fused_loss",
+        action="store_false",
+        help="plan the model's own loss (full logits), as peftkit train --no-fused-loss trains",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--chart", metavar="PNG", help="write memory per method, stacked by component")
     parser.set_defaults(run=run)
@@ -48,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         num_labels=args.num_labels,
         tasks=args.tasks,
         zero_latency=args.zero_latency,
+        fused_loss=args.fused_loss,
     )
     table = plan(settings)
     print(table.to_json() if args.json else table.render())

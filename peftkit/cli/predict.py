@@ -6,21 +6,31 @@ import argparse
 import json
 import sys
 
+from peftkit.cli.flags import positive_int
+from peftkit.config import ConfigError
+
 
 def add_parser(subparsers) -> None:
-    for name, text in (("predict", "label or tag given texts"), ("generate", "generate from given prompts")):
-        parser = subparsers.add_parser(name, help=f"{text} with a trained run's adapter")
+    for name in ("predict", "generate"):
+        parser = subparsers.add_parser(name, description=__doc__)
         parser.add_argument("run_dir", help="the --output-dir of a `peftkit train` run")
         parser.add_argument("inputs", nargs="*", help="texts or prompts (default: one per line on stdin)")
-        parser.add_argument("--max-new-tokens", type=int, default=64)
+        parser.add_argument(
+            "--max-new-tokens",
+            type=positive_int,
+            default=64,
+            help="tokens generated per prompt (causal-lm, seq2seq), >= 1",
+        )
         parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftkit.training.run import load_run
+    from peftkit.training.finished import load_run
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, log=lambda message: print(message, file=sys.stderr))
     inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not inputs:
+        raise ConfigError("no inputs: give texts as arguments, or one per line on stdin (none came)")
     outputs = run.task.predict(
         run.model,
         inputs,

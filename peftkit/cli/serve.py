@@ -18,11 +18,7 @@ def _adapter(text: str) -> tuple[str, str]:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "serve",
-        help="serve a base model and many adapters over an OpenAI-compatible HTTP API",
-        description=__doc__,
-    )
+    parser = subparsers.add_parser("serve", description=__doc__)
     parser.add_argument("--model", required=True, help="a bundled model (smollm2) or a local model folder")
     parser.add_argument(
         "--adapter",
@@ -40,7 +36,7 @@ def add_parser(subparsers) -> None:
         help="a folder clients may load adapters from at run time (POST /v1/adapters); none: run-time loading off",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--max-adapters", type=int, default=64, help="adapters resident at once (LRU beyond)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows in the running decode batch")
     parser.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")

@@ -13,7 +13,7 @@ from peftkit.training.config import TrainConfig
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="fine-tune with an adapter method", description=__doc__)
+    parser = subparsers.add_parser("train", description=__doc__)
     parser.add_argument("--config", help="a YAML file of settings (flags override it)")
     add_config_flags(parser)
     parser.set_defaults(run=run)
@@ -23,7 +23,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's settings: defaults, then ``--config``'s YAML file, then the flags given.
 
     Raises ConfigError for an unknown setting, a bad value or an option of another method."""
-    return TrainConfig.from_sources(args.config, overrides_from_args(args))
+    return TrainConfig.from_sources(args.config, overrides_from_args(args), none_is_unset=False)
 
 
 def run(args: argparse.Namespace) -> int:

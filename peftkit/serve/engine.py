@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peftkit.config import ConfigError
 from peftkit.model import PeftModel
+from peftkit.prompt_tokens import with_bos
 from peftkit.serve.batch import Runner
 from peftkit.serve.classify import TOKEN, Classifier, ClassifyAdapter, ClassifyJob, classification_task
 from peftkit.serve.metrics import Metrics
@@ -201,18 +202,19 @@ class Engine:
             )
         else:
             text = "\n".join(m["content"] for m in messages) + "\n"
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return with_bos(self.tokenizer, self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a completion prompt: the text as it is (no special tokens added, as ``peftkit
-        train`` tokenizes prompts), or the client's own token ids, checked against the vocabulary."""
+        """Token ids of a completion prompt: the text as it is, after the BOS token where the model expects
+        one (as ``peftkit train`` tokenizes prompts, see :mod:`peftkit.prompt_tokens`), or the client's own
+        token ids as given, checked against the vocabulary."""
         if isinstance(prompt, list):
             vocab = len(self.tokenizer)
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise RequestError("prompt", f"token ids must lie in [0, {vocab}), got {bad[:5]}")
             return prompt
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return with_bos(self.tokenizer, self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def sequence(
         self,

@@ -10,20 +10,13 @@ from rouge_score import rouge_scorer
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+from peftkit.data.model_checks import check_positions
+from peftkit.prompt_tokens import expects_bos, prompt_ids
 from peftkit.tasks.base import Metric, Task, batches, model_device, to_device
 
 IGNORE = -100
 SAMPLES = 3  # generations shown with each evaluation
 ROUGE_EXAMPLES = 32  # generations scored with ROUGE per evaluation (generation is the slow part)
-
-
-def prompt_text(tokenizer, prompt: str) -> str:
-    """The model's own chat template when it has one (a user turn, then the assistant's cue), else the plain
-    prompt and a newline."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt + "\n"
 
 
 class CausalLM(Task):
@@ -34,17 +27,17 @@ class CausalLM(Task):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
     def collate(self, records, tokenizer, max_length):
-        """``prompt + response + eos``, right-padded; labels are -100 on the prompt and the padding, so the
-        loss is on the response tokens only."""
+        """``[bos] + prompt + response + eos``, right-padded (BOS where the model expects one, see
+        :mod:`peftkit.prompt_tokens`); labels are -100 on the prompt and the padding, so the loss is on the
+        response tokens only."""
         rows, labels = [], []
+        bos = expects_bos(tokenizer)
         for record in records:
-            prompt_ids = tokenizer(prompt_text(tokenizer, record["prompt"]), add_special_tokens=False)[
-                "input_ids"
-            ]
+            prompt = prompt_ids(tokenizer, record["prompt"], bos)
             response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
-            ids = (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_length]
+            ids = (prompt + response_ids + [tokenizer.eos_token_id])[:max_length]
             rows.append(ids)
-            labels.append(([IGNORE] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id])[:max_length])
+            labels.append(([IGNORE] * len(prompt) + response_ids + [tokenizer.eos_token_id])[:max_length])
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -83,18 +76,25 @@ class CausalLM(Task):
 
     @torch.no_grad()
     def predict(self, model, inputs, tokenizer, *, max_length, label_names, max_new_tokens=64):
-        """Greedy generations, one prompt at a time (no padding to get wrong)."""
+        """Greedy generations, one prompt at a time (no padding to get wrong), each prompt formatted as in
+        training (:func:`~peftkit.prompt_tokens.prompt_ids`)."""
         model.eval()
         outputs = []
+        bos, device = expects_bos(tokenizer), model_device(model)
         for prompt in inputs:
-            encoded = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")
-            encoded = to_device(dict(encoded), model_device(model))
+            input_ids = torch.tensor([prompt_ids(tokenizer, prompt, bos)], device=device)
+            check_positions(  # a longer prompt would index past the position embeddings
+                model,
+                [(f"prompt {len(outputs) + 1}", input_ids.shape[1]), ("--max-new-tokens", max_new_tokens)],
+            )
             generated = model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
             )
-            outputs.append(
-                tokenizer.decode(generated[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            )
+            outputs.append(tokenizer.decode(generated[0, input_ids.shape[1] :], skip_special_tokens=True))
         return outputs
 
 
@@ -157,6 +157,7 @@ class Seq2Seq(Task):
         batch = tokenizer(
             list(inputs), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
         )
+        check_positions(model, [("--max-new-tokens", max_new_tokens)])  # the decoder's own positions
         generated = model.generate(
             **to_device(dict(batch), model_device(model)), max_new_tokens=max_new_tokens, do_sample=False
         )

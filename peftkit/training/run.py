@@ -4,8 +4,11 @@
 builds the optimizer and schedule and, with ``resume``, restores the state of the last checkpoint;
 ``fit()`` runs the explicit loop (optimizer steps, evaluations, checkpoints, early stopping); ``finish()``
 saves the adapter, evaluates on the test split, plots the curves and returns the :class:`TrainResult`.
-:func:`load_run` gives a finished run's model back for ``peftkit eval`` / ``predict`` / ``generate`` and the
-lab's latency measurement. Where the files go is :class:`~peftkit.training.layout.RunFolder`'s business.
+A run holds its folder's lock from ``prepare`` to ``finish`` (:meth:`TrainingRun.close` on an error), checks a
+resume against the recorded settings and checkpoints (:mod:`peftkit.training.resume`), and stops on a
+non-finite loss or parameter before saving (:mod:`peftkit.training.divergence`). A finished run is read back
+by :func:`peftkit.training.finished.load_run`. Where the files go is
+:class:`~peftkit.training.layout.RunFolder`'s business.
 
 Two extension points, set in ``prepare`` (see :mod:`peftkit.training.efficiency`): ``TrainingRun.loss``
 (micro-batch -> scalar loss: the model's own or the fused linear cross-entropy) and ``TrainingRun.sampler``
@@ -17,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,20 @@ from tqdm.auto import tqdm
 from peftkit.accounting import base_weight_bytes
 from peftkit.checkpoint import WEIGHTS_NAME
 from peftkit.config import ConfigError
-from peftkit.model import PeftModel, get_peft_model
+from peftkit.data.model_checks import check_run
+from peftkit.model import get_peft_model
 from peftkit.tasks import TASKS
-from peftkit.training import batches, efficiency
+from peftkit.training import batches, efficiency, fsdp
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Distributed
+from peftkit.training.divergence import FiniteParameters, diverged, loss_problem
+from peftkit.training.finished import LoadedRun, load_run  # noqa: F401  (re-exported: their old home)
 from peftkit.training.layout import RunFolder
 from peftkit.training.methods import adapter_config_for, prepare_base
-from peftkit.training.optim import build_optimizer, linear_schedule
+from peftkit.training.optim import build_optimizer, head_parameters, linear_schedule
 from peftkit.training.record import TrainResult
+from peftkit.training.resume import check_same_run, recorded_settings, restore_checkpoint, with_absolute_paths
 from peftkit.training.runtime import peak_memory_bytes, quiet_transformers, seed_everything, step_seed
 from peftkit.training.validation import scalars, track_validation
 
@@ -46,7 +52,7 @@ class TrainingRun:
     """One run of ``peftkit train``: build it with :meth:`prepare`, then :meth:`fit` and :meth:`finish`."""
 
     def __init__(self, config: TrainConfig, say: Callable[[str], None]) -> None:
-        self.config = config
+        self.config = with_absolute_paths(config)  # what config.yaml records: the same files from anywhere
         self.started = time.perf_counter()
         self.dist = Distributed.from_environment()
         self.say = say if self.dist.is_main else (lambda *_: None)
@@ -54,28 +60,64 @@ class TrainingRun:
         self.progress = run_state.Progress()
         self.step_seconds: list[float] = []
         self.loss_curve: list[tuple[int, float]] = []
+        self.lock = self.folder.lock()
+        self.changed: dict[str, list] = {}  # settings a resume changed: {name: [recorded, now]}
+        self.checkpoint: Path | None = None
+        self.saved_step = 0  # the step of the last checkpoint written or resumed from
 
     @classmethod
     def prepare(cls, config: TrainConfig, log: Callable[[str], None] = tqdm.write) -> TrainingRun:
-        """Everything up to the first optimizer step. Raises ConfigError for settings the data, model or
-        method refuse, and for a folder holding an earlier run's checkpoint without ``resume``."""
+        """Everything up to the first optimizer step; the folder stays locked until :meth:`finish` (or
+        :meth:`close`). Raises ConfigError for settings the data, model or method refuse, a folder another
+        run is writing, a folder holding an earlier run without ``resume``, and for ``resume`` without a run
+        to continue, with other settings than it recorded, or without a whole checkpoint."""
         run = cls(config, log)
-        seed_everything(config.seed)
-        run._open_folder()
-        run._load_data_and_model()
-        run._build_optimizer()
+        try:
+            seed_everything(config.seed)
+            run._open_folder()
+            run._load_data_and_model()
+            run._build_optimizer()
+            run._record_start()
+        except BaseException:
+            run.close()
+            raise
         return run
 
     def _open_folder(self) -> None:
+        """Lock the folder, then check that what it holds fits a fresh run or a resume of its run."""
         config, folder = self.config, self.folder
         if self.dist.is_main:
-            folder.root.mkdir(parents=True, exist_ok=True)
-            if not config.resume and folder.find_checkpoint() is not None:
+            if not config.resume:
+                folder.root.mkdir(parents=True, exist_ok=True)
+            elif not folder.root.is_dir():
+                raise ConfigError(f"--resume: {folder.root} does not exist; train without --resume to start")
+            self.lock.acquire(str(folder.root))
+            if config.resume:
+                self.changed = check_same_run(recorded_settings(folder), config, folder)
+            elif folder.find_checkpoint() is not None or folder.is_finished():
                 raise ConfigError(
-                    f"{folder.root} holds a checkpoint of an earlier run: pass --resume, or another --output-dir"
+                    f"{folder.root} holds an earlier run (a checkpoint or a trained adapter): pass --resume to "
+                    "continue it, or choose another --output-dir"
                 )
-            folder.save_config(config)
+            elif folder.entries():
+                self.say(f"{folder.root} holds a run stopped before its first checkpoint: starting it afresh")
+                folder.keep_log_until(0)
         self.dist.barrier()
+
+    def _record_start(self) -> None:
+        """Once every check passed: the settings in ``config.yaml``, and a resume's mark in the log."""
+        if not self.dist.is_main:
+            return
+        if self.checkpoint is not None:
+            self.folder.keep_log_until(self.progress.step)  # the steps after the checkpoint are done again
+            self.folder.log(
+                kind="resume", step=self.progress.step, checkpoint=self.checkpoint.name, changed=self.changed
+            )
+        self.folder.save_config(self.config)
+
+    def close(self) -> None:
+        """Release the folder's lock (:meth:`finish` does; also on an error)."""
+        self.lock.release()
 
     def _load_data_and_model(self) -> None:
         from peftkit.assets import resolve_model  # the asset and data modules are only needed for a run
@@ -83,8 +125,10 @@ class TrainingRun:
 
         config = self.config
         self.splits = load_splits(
-            config.dataset, config.task, Columns(**config.columns), seed=config.seed, limit=config.limit
+            config.dataset, config.task, Columns(**config.columns), seed=config.split_seed, limit=config.limit
         )
+        if config.train_size is not None:
+            self.splits = self.splits.with_train_size(config.train_size)
         self.task = TASKS[self.splits.task]
         if self.dist.is_main:
             self.folder.write_labels(self.splits.task, self.splits.label_names)
@@ -94,25 +138,23 @@ class TrainingRun:
             quiet_transformers()
         ):  # its load report lists the fresh task head, which the adapter trains in full
             base = self.task.load_model(model_dir, self.splits.label_names, self.tokenizer)
+        check_run(config, self.splits, self.tokenizer, base)  # empty splits, all-[UNK] input, positions
         prepare_base(config, base)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = get_peft_model(base, adapter_config_for(config, self.task.head_modules(base)))
+        heads = self.task.head_modules(base)
+        self.model = get_peft_model(base, adapter_config_for(config, heads))
+        self.heads = heads
         sizes = ", ".join(f"{k} {v:,}" for k, v in self.splits.sizes().items())
         limited = (
             f"; the first {config.limit:,} of a seeded shuffle (--limit none: all)" if config.limit else ""
         )
         self.say(f"data: {self.splits.source} ({self.splits.task}): {sizes}{limited}")
-        self.say(f"{config.method} on {config.model}: {self.model.trainable_parameters().summary()}")
-        self.checkpoint = self.folder.find_checkpoint() if config.resume else None
-        if (
-            self.checkpoint is not None
-        ):  # the trained values replace the fresh ones before the optimizer sees them
-            self.model.delete_adapter("default")
-            self.model.load_adapter(
-                RunFolder.checkpoint_adapter(self.checkpoint), "default", is_trainable=True
-            )
-            self.model.set_adapter("default")
+        # counted before --fsdp shards the parameters (a sharded 4-bit weight no longer knows its shape)
+        self.count, self.base_bytes = self.model.trainable_parameters(), base_weight_bytes(self.model)
+        self.say(f"{config.method} on {config.model}: {self.count.summary()}")
+        if config.resume:  # the trained values replace the fresh ones before the optimizer sees them
+            self.checkpoint, self.saved_state = restore_checkpoint(self.folder, self.model, self.say)
 
     def _build_optimizer(self) -> None:
         config, dist = self.config, self.dist
@@ -128,19 +170,47 @@ class TrainingRun:
         self.sampler: batches.BatchSampler = efficiency.batch_order(
             config, self.task, self.splits.train, self.tokenizer, self.global_batch
         )
-        self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
+        self.sharded = fsdp.shard_run(self.model, config.fsdp, dist.world_size, self.say)
+        # after the adapter (a head trained in full is its copy) and the sharding (which replaces parameters)
+        self.head = head_parameters(self.model.base_model, self.heads)
+        self.optimizer = build_optimizer(
+            self.model, config.learning_rate, config.weight_decay, self.head, config.head_learning_rate
+        )
         self.scheduler = linear_schedule(
             self.optimizer, self.total_steps, warmup_steps=round(config.warmup_ratio * self.total_steps)
         )
         if self.checkpoint is not None:
-            saved = RunFolder.load_trainer_state(self.checkpoint)
-            self.progress = run_state.restore_trainer_state(saved, self.optimizer, self.scheduler)
-            self._restore_curves()
-            self.say(f"resuming from {self.checkpoint} at step {self.progress.step}")
-        self.trained = DistributedDataParallel(self.model) if dist.world_size > 1 else self.model
+            if self.sharded:  # the checkpoint holds the full state: each process takes its shards
+                self.saved_state["optimizer"] = fsdp.shard_optimizer_state(
+                    self.saved_state["optimizer"], self.optimizer
+                )
+            self._restore_progress()
+        finite = fsdp.ShardedFiniteParameters if self.sharded else FiniteParameters
+        self.finite = finite(self.model) if config.check_finite else None
+        ddp = dist.world_size > 1 and not self.sharded
+        self.trained = DistributedDataParallel(self.model) if ddp else self.model
         self.loss_function = efficiency.loss_function(
             config, self.task.name, self.trained, self.model, self.tokenizer, self.say
         )
+
+    def _restore_progress(self) -> None:
+        """The optimizer, scheduler, RNGs and position of the checkpoint; it must not be past the new end."""
+        try:
+            self.progress = run_state.restore_trainer_state(self.saved_state, self.optimizer, self.scheduler)
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise ConfigError(
+                f"--resume: the trainer state in {self.checkpoint} does not fit this run's optimizer "
+                f"({type(error).__name__}: {error})"
+            ) from None
+        self.saved_step = self.progress.step
+        if self.progress.step > self.total_steps:
+            raise ConfigError(
+                f"--resume: {self.checkpoint} is at step {self.progress.step}, past the {self.total_steps} "
+                "steps --max-steps / --epochs now ask for: give at least as many steps as were done"
+            )
+        self._restore_curves()
+        changed = "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in self.changed.items())
+        self.say(f"resuming from {self.checkpoint} at step {self.progress.step}{changed}")
 
     def _restore_curves(self) -> None:
         """The steps before the checkpoint, from the log (a killed run may have logged a few more)."""
@@ -184,11 +254,10 @@ class TrainingRun:
                 loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", ex_s=f"{self.global_batch / seconds:.1f}"
             )
             last = progress.step == self.total_steps
-            if progress.step % config.eval_every == 0 or last:
-                stop = dist.broadcast(self._validate() if dist.is_main else None)
-            if dist.is_main and (progress.step % config.save_every == 0 or last or stop):
-                state = run_state.trainer_state(self.optimizer, self.scheduler, progress)
-                self.folder.save_checkpoint(self.model, state)
+            if progress.step % config.eval_every == 0 or last:  # sharded: every process runs the model
+                stop = dist.broadcast(self._validate() if dist.is_main or self.sharded else None)
+            if progress.step % config.save_every == 0 or last or stop:
+                self._save_checkpoint()
             dist.barrier()
         bar.close()
 
@@ -203,20 +272,54 @@ class TrainingRun:
         for micro in range(config.gradient_accumulation):
             mine = batches.micro_batch_rows(step_rows, micro, config.batch_size, dist.world_size, dist.rank)
             batch = self.task.collate([self.splits.train[i] for i in mine], self.tokenizer, config.max_length)
+            final = micro == config.gradient_accumulation - 1  # average gradients once per optimizer step
             sync = contextlib.nullcontext()
-            if dist.world_size > 1 and micro < config.gradient_accumulation - 1:
-                sync = self.trained.no_sync()  # average gradients across processes once per optimizer step
+            if self.sharded:
+                sync = fsdp.gradient_sync(self.model, final)
+            elif dist.world_size > 1 and not final:
+                sync = self.trained.no_sync()
             with sync, autocast:
                 loss = self.loss(batch) / config.gradient_accumulation
                 loss.backward()
             loss_total += loss.item()
+        loss_total = dist.mean(loss_total)  # the global batch's loss: every process takes the same decision
+        self._stop_if(loss_problem(loss_total))  # before the step: NaN gradients would reach the weights
         if config.max_grad_norm:
             trained = [p for p in self.model.parameters() if p.requires_grad]
             torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
         self.optimizer.step()
+        if self.finite is not None:
+            self._stop_if(self.finite.problem())
         self.scheduler.step()
         self.progress.step += 1
         return loss_total
+
+    def _save_checkpoint(self) -> None:
+        """The adapter and trainer state, written by the main process; sharded, every process first takes
+        part in gathering them whole (the files are those of a one-process run)."""
+        state = run_state.trainer_state(self.optimizer, self.scheduler, self.progress)
+        if self.sharded:
+            state["optimizer"] = fsdp.full_optimizer_state(self.optimizer)
+        with fsdp.whole_trained_parameters(self.model, keep=self.dist.is_main):
+            if self.dist.is_main:
+                self.folder.save_checkpoint(self.model, state)
+        self.saved_step = self.progress.step
+
+    def _stop_if(self, problem: str | None) -> None:
+        """Raise :class:`~peftkit.training.divergence.TrainingDiverged` for ``problem`` (None: go on),
+        logged; the step in progress is never checkpointed."""
+        if problem is None:
+            return
+        step, learning_rate = self.progress.step + 1, self.scheduler.get_last_lr()[0]
+        checkpoint = self.folder.find_checkpoint()
+        kept = (
+            f"the last checkpoint ({checkpoint}, step {self.saved_step}) and any saved adapter are kept"
+            if checkpoint is not None
+            else "no checkpoint had been written yet"
+        )
+        if self.dist.is_main:
+            self.folder.log(kind="diverged", step=step, problem=problem, lr=learning_rate)
+        raise diverged(problem, step, learning_rate, kept)
 
     def evaluate(self, records) -> dict[str, Any]:
         """The task's metrics of the current adapter on ``records``; the model is left in training mode."""
@@ -236,7 +339,8 @@ class TrainingRun:
         """Evaluate on (the first ``eval_limit`` of) the validation split; True when early stopping ends it."""
         limit = self.config.eval_limit
         metrics = self.evaluate(self.splits.validation[:limit] if limit else self.splits.validation)
-        self.folder.log(kind="eval", step=self.progress.step, **scalars(metrics))
+        if self.dist.is_main:
+            self.folder.log(kind="eval", step=self.progress.step, **scalars(metrics))
         return track_validation(
             metrics, self.task.primary, self.progress, self.config.early_stopping_patience, self.say
         )
@@ -247,10 +351,14 @@ class TrainingRun:
         dist, folder = self.dist, self.folder
         metrics: dict[str, Any] = {}
         adapter_bytes = 0
-        if dist.is_main:
-            self.model.save_pretrained(folder.adapter_dir)
-            adapter_bytes = (folder.adapter_dir / WEIGHTS_NAME).stat().st_size
+        with fsdp.whole_trained_parameters(self.model, keep=dist.is_main):
+            if dist.is_main:
+                self.model.save_pretrained(folder.adapter_dir)
+                adapter_bytes = (folder.adapter_dir / WEIGHTS_NAME).stat().st_size
+        if dist.is_main or self.sharded:  # sharded: every process runs the model, the main one reports
             metrics = self.evaluate(self.splits.test)
+            metrics = metrics if dist.is_main else {}
+        if dist.is_main:
             self.model.eval()
             folder.log(kind="test", step=self.progress.step, **scalars(metrics))
             folder.plot_curves(self.task.primary.name)
@@ -259,10 +367,11 @@ class TrainingRun:
         result = self._result(metrics, adapter_bytes)
         if dist.is_main:
             folder.write_result(result.to_dict())
+        self.close()
         return result
 
     def _result(self, metrics: dict[str, Any], adapter_bytes: int) -> TrainResult:
-        count = self.model.trainable_parameters()
+        count = self.count
         primary = self.task.primary.name
         return TrainResult(
             test_metrics=metrics,
@@ -280,43 +389,9 @@ class TrainingRun:
             learning_rate=self.config.learning_rate,
             base_params=count.base,
             adapter_params=count.adapter,
-            base_weight_bytes=base_weight_bytes(self.model),
+            base_weight_bytes=self.base_bytes,
             step_seconds=list(self.step_seconds),
             loss_curve=list(self.loss_curve),
             world_size=self.dist.world_size,
             global_batch=self.global_batch,
         )
-
-
-@dataclass
-class LoadedRun:
-    """A finished run's model with its adapter, and what is needed to feed it."""
-
-    config: TrainConfig
-    task: Any  # peftkit.tasks.Task
-    tokenizer: Any
-    model: PeftModel
-    label_names: list[str] | None
-
-
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """A finished run (``config.yaml``, ``labels.json`` and ``adapter/`` in ``run_dir``) on a fresh base.
-
-    Raises ConfigError when ``run_dir`` is not a finished run."""
-    from peftkit.assets import resolve_model
-
-    folder = RunFolder(run_dir)
-    if not folder.is_finished():
-        raise ConfigError(
-            f"{folder.root} is not a finished training run (config.yaml and adapter/ are expected)"
-        )
-    config = folder.read_config()
-    task_name, label_names = folder.read_labels()
-    task = TASKS[task_name]
-    model_dir = resolve_model(config.model)
-    tokenizer = task.load_tokenizer(model_dir)
-    with quiet_transformers():
-        base = task.load_model(model_dir, label_names, tokenizer)
-    prepare_base(config, base)  # a QLoRA adapter is evaluated on the 4-bit base it was trained on
-    model = PeftModel.from_pretrained(base, folder.adapter_dir)
-    return LoadedRun(config, task, tokenizer, model, label_names)

@@ -55,6 +55,7 @@ from peftkit.methods.prompts.virtual_tokens import (
     is_encoder_decoder,
 )
 from peftkit.methods.registry import Method, no_base_parameters, register_method
+from peftkit.prompt_tokens import special_tokens
 from peftkit.task_type import task_type_value
 
 SLOT = "[P]"
@@ -157,7 +158,7 @@ class PTuningConfig(AdapterConfig):
             raise ConfigError("`encode` needs a config with a `template`")
         side = padding_side or getattr(tokenizer, "padding_side", "right")
         check_choice("padding_side", side, ("left", "right"))
-        before, after = _special_tokens(tokenizer)
+        before, after = special_tokens(tokenizer)
         rows = []
         for index, record in enumerate(records):
             ids: list[int] = []
@@ -186,16 +187,6 @@ class PTuningConfig(AdapterConfig):
             input_ids[index, start : start + len(row)] = torch.tensor(row)
             mask[index, start : start + len(row)] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer puts before and after a text ([CLS] .. [SEP], <s> .., .. </s>)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return full[:start], full[start + len(plain) :]
-    return [], []
 
 
 class PromptEncoder(nn.Module):
