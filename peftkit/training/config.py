@@ -16,6 +16,11 @@ import peftkit.qlora  # noqa: F401  (declares qlora)
 from peftkit.config import ConfigError
 from peftkit.method_spec import all_options, check_options, method_spec
 
+# The peak learning rate of a freshly initialised task head, whatever the method: a random linear layer over
+# the model's features wants larger steps than an adapter inside the model (see README, "What `make train`
+# does", for the measurements behind it).
+HEAD_LEARNING_RATE = 1e-2
+
 
 @dataclass
 class TrainConfig:
@@ -36,15 +41,15 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)
     # optimisation
     epochs: float = 1.0
-    max_steps: int | None = 400
-    batch_size: int = 16
+    max_steps: int | None = 300
+    batch_size: int = 32
     gradient_accumulation: int = 1
     learning_rate: float | None = None  # None: the method's own, see default_learning_rate()
-    head_learning_rate: float | None = None  # a fresh task head's peak rate (None: learning_rate)
+    head_learning_rate: float | None = None  # a fresh task head's peak rate (None: HEAD_LEARNING_RATE)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
-    max_length: int = 48
+    max_length: int | None = None  # None: from the training data, see peftkit/training/lengths.py
     bf16: bool = False
     gradient_checkpointing: bool = False
     # causal-LM / seq2seq training (see peftkit/training/efficiency.py)
@@ -70,7 +75,7 @@ class TrainConfig:
         if self.learning_rate is None:
             self.learning_rate = default_learning_rate(self.method, self.dataset)
         if self.head_learning_rate is None:
-            self.head_learning_rate = self.learning_rate
+            self.head_learning_rate = HEAD_LEARNING_RATE
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as one flat mapping (the method's options beside the others), as saved."""
@@ -113,7 +118,6 @@ class TrainConfig:
         positive = [
             "batch_size",
             "gradient_accumulation",
-            "max_length",
             "eval_every",
             "save_every",
             "eval_batch_size",
@@ -122,6 +126,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"`{name}` must be a positive integer, got {value!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length <= 0):
+            raise ConfigError(f"`max_length` must be a positive integer or null, got {self.max_length!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"`max_steps` must be a positive integer or null, got {self.max_steps!r}")
         for name in ("learning_rate", "head_learning_rate"):

@@ -30,7 +30,7 @@ from peftkit.checkpoint import WEIGHTS_NAME
 from peftkit.config import ConfigError
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.tasks import TASKS
-from peftkit.training import batches, efficiency
+from peftkit.training import batches, efficiency, lengths
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Distributed
@@ -94,6 +94,7 @@ class TrainingRun:
             quiet_transformers()
         ):  # its load report lists the fresh task head, which the adapter trains in full
             base = self.task.load_model(model_dir, self.splits.label_names, self.tokenizer)
+        self._choose_max_length(base)
         prepare_base(config, base)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -115,6 +116,20 @@ class TrainingRun:
                 RunFolder.checkpoint_adapter(self.checkpoint), "default", is_trainable=True
             )
             self.model.set_adapter("default")
+
+    def _choose_max_length(self, base: torch.nn.Module) -> None:
+        """``max_length`` from the training examples' token lengths unless given, and the share of them it
+        cuts, said (see :mod:`peftkit.training.lengths`); a chosen one is saved with the settings."""
+        config = self.config
+        measured = lengths.token_lengths(self.task, self.splits.train[: lengths.SAMPLE], self.tokenizer)
+        reserved = config.options.get("num_virtual_tokens") or 0  # positions a prompt method takes
+        positions = lengths.model_positions(base.config)
+        choice = lengths.choose_max_length(config.max_length, measured, positions, reserved)
+        config.max_length = choice.max_length
+        if (message := choice.message()) is not None:
+            self.say(message)
+        if choice.chosen and self.dist.is_main:
+            self.folder.save_config(config)
 
     def _build_optimizer(self) -> None:
         config, dist = self.config, self.dist
