@@ -98,9 +98,8 @@ class TrainingRun:
         prepare_base(config, base)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        heads = self.task.head_modules(base)
-        self.model = get_peft_model(base, adapter_config_for(config, heads))
-        self.head = head_parameters(base, heads)  # after the adapter: a head trained in full is its copy
+        self.heads = self.task.head_modules(base)
+        self.model = get_peft_model(base, adapter_config_for(config, self.heads))
         sizes = ", ".join(f"{k} {v:,}" for k, v in self.splits.sizes().items())
         limited = (
             f"; the first {config.limit:,} of a seeded shuffle (--limit none: all)" if config.limit else ""
@@ -145,8 +144,10 @@ class TrainingRun:
         self.sampler: batches.BatchSampler = efficiency.batch_order(
             config, self.task, self.splits.train, self.tokenizer, self.global_batch
         )
+        # read now, after a resumed adapter replaced the fresh one: a head trained in full is its copy
+        head = head_parameters(self.model.base_model, self.heads)
         self.optimizer = build_optimizer(
-            self.model, config.learning_rate, config.weight_decay, self.head, config.head_learning_rate
+            self.model, config.learning_rate, config.weight_decay, head, config.head_learning_rate
         )
         self.scheduler = linear_schedule(
             self.optimizer, self.total_steps, warmup_steps=round(config.warmup_ratio * self.total_steps)
