@@ -170,6 +170,7 @@ def test_only_the_run_folder_spells_a_runs_file_names():
         "result.json",
         "lab_result.json",
         "worker.log",
+        "train.lock",
     }  # ("adapter": a common word)
     spelled = []
     for path in sorted(PACKAGE.rglob("*.py")):

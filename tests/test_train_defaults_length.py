@@ -103,3 +103,17 @@ def test_prompt_methods_leave_room_for_their_virtual_tokens(tmp_path, monkeypatc
 def test_bad_max_length_is_refused(value):
     with pytest.raises(ValueError, match="max_length"):
         TrainConfig.from_dict({"max_length": value})
+
+
+def test_a_resumed_run_keeps_the_length_its_data_gave_it(tmp_path):
+    from peftkit.training.loop import train
+
+    run, _ = _prepare(tmp_path, save_every=1)
+    run.fit()
+    run.finish()
+    chosen = run.config.max_length
+    again = dict(run.config.to_dict(), max_length=None, max_steps=3, resume=True)  # as `--resume` gives it
+    result = train(TrainConfig.from_dict(again), log=lambda *_: None)
+    assert result.steps == 3
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["max_length"] == chosen

@@ -215,8 +215,8 @@ def test_bad_input_is_reported_without_a_traceback(assets, tmp_path, capsys):
 
 
 def test_a_checkpoint_save_after_a_kill_that_left_a_stale_previous_one(tmp_path):
-    # a run killed while the old checkpoint was being removed leaves both `checkpoint` and a (partial)
-    # `checkpoint.previous`; the next save must replace them, not fail on the occupied name
+    # a run killed while the old previous checkpoint was being removed leaves both `checkpoint` and a
+    # (partial) `checkpoint.previous`; the next save must replace it, not fail on the occupied name
     from peftkit import LoraConfig, get_peft_model
     from peftkit.training.layout import RunFolder
     from peftkit.training.state import Progress, trainer_state
@@ -231,5 +231,6 @@ def test_a_checkpoint_save_after_a_kill_that_left_a_stale_previous_one(tmp_path)
     stale.mkdir()
     (stale / "leftover").write_text("")
     folder.save_checkpoint(model, trainer_state(optimizer, scheduler, Progress(step=2)))
-    assert not stale.exists()
+    assert not (stale / "leftover").exists()  # the stale one went; the step-1 checkpoint took its place
+    assert folder.load_trainer_state(stale)["progress"]["step"] == 1
     assert folder.load_trainer_state(folder.find_checkpoint())["progress"]["step"] == 2

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"`peftkit compare` sets {name} for each run; use {instead}")
     methods = [m for item in args.methods for m in item.split(",") if m]
     given = TrainConfig.read_settings(args.config) if args.config else {}
-    given.update({k: v for k, v in overrides_from_args(args).items() if v is not None})
+    given.update(overrides_from_args(args))  # only the flags given; `--max-steps none` is a None
     general, options = split_settings(given)
     base = TrainConfig.from_dict(general)
     settings = default_method_settings(methods, keep=set(given), dataset=base.dataset)

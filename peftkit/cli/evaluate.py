@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parser(subparsers) -> None:
@@ -17,13 +18,18 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftkit.data import Columns, load_splits
-    from peftkit.training.run import load_run
+    from peftkit.training.finished import finished_folder, from_record, load_run
 
-    run = load_run(args.run_dir)
-    config = run.config
-    splits = load_splits(
-        config.dataset, config.task, Columns(**config.columns), seed=config.seed, limit=config.limit
+    folder = finished_folder(args.run_dir)
+    config = folder.read_config()
+    splits = from_record(  # before the model: a data set that moved is reported at once
+        folder,
+        f"data set {config.dataset!r}",
+        lambda: load_splits(
+            config.dataset, config.task, Columns(**config.columns), seed=config.seed, limit=config.limit
+        ),
     )
+    run = load_run(args.run_dir, log=_note)
     metrics = run.task.evaluate(
         run.model,
         getattr(splits, args.split),
@@ -34,3 +40,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(json.dumps(metrics, indent=2, default=str))
     return 0
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)

@@ -26,10 +26,10 @@ HELP = {
     "optimizer group",
     "weight_decay": "AdamW's decoupled weight-decay coefficient, on weight matrices (biases and norms: none)",
     "warmup_ratio": "share of the steps with a linear learning-rate warm-up, in [0, 1)",
-    "max_grad_norm": "gradient clipping norm ('none': no clipping)",
     "max_length": "tokens per example; longer ones are cut, and the run says which share ('none': the 99th "
     "percentile of the training examples' lengths, rounded up to a multiple of 8, at most 512 and the model's "
     "positions)",
+    "max_grad_norm": "gradient clipping norm, >= 0 (0 or 'none': no clipping)",
     "bf16": "bfloat16 autocast for the forward pass",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
     "seed": "seed of the data order, initialisation and dropout",
@@ -43,6 +43,7 @@ HELP = {
     "fused_loss": "causal-LM / seq2seq loss from the hidden states in chunks, without the logits (exact)",
     "group_by_length": "batches of similar lengths (none: on for causal-lm and seq2seq only)",
     "packing": "causal-lm: several examples per row, each with its own positions and attention",
+    "check_finite": "stop the run when a trainable parameter turns NaN or infinite after a step",
 }
 
 
@@ -103,25 +104,41 @@ def _default(field: dataclasses.Field) -> Any:
     return field.default if field.default is not dataclasses.MISSING else field.default_factory()
 
 
+class _NoneGiven:
+    """The value of a flag given as ``none``: unlike argparse's None (flag not given), it overrides the YAML
+    file and the default (``--max-steps none`` runs whole epochs even though the default is 400 steps)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE_GIVEN = _NoneGiven()
+
+
 def _reader(name: str):
     def read(text: str):
         try:
-            return parse_setting(name, text)
-        except ValueError as error:  # argparse reports it as a bad value of this flag
+            value = parse_setting(name, text)
+        except ValueError as error:  # argparse reports it as a bad value of this flag, exit status 2
             raise argparse.ArgumentTypeError(str(error)) from None
+        return NONE_GIVEN if value is None else value
 
     read.__name__ = name
     return read
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings the flags gave, flat (None: not given), column flags gathered into ``columns``."""
+    """The settings the flags gave, flat, and only those (a flag given as ``none`` is there as None), column
+    flags gathered into ``columns``."""
     names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("columns", "options")]
-    overrides = {name: getattr(args, name, None) for name in [*names, *all_options()]}
-    for name, (option, _) in all_options().items():
-        value = overrides[name]
-        if option.many and isinstance(value, list) and len(value) == 1:
-            overrides[name] = value[0]  # one string: a regex or all-linear (or None)
+    overrides = {}
+    for name in [*names, *all_options()]:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            value = [None if v is NONE_GIVEN else v for v in value]
+            value = value[0] if len(value) == 1 else value  # one string: a regex or all-linear (or None)
+        if value is not None:
+            overrides[name] = None if value is NONE_GIVEN else value
     columns = {c: getattr(args, f"{c}_column") for c in COLUMN_FLAGS if getattr(args, f"{c}_column", None)}
     if columns:
         overrides["columns"] = columns

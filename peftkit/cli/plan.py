@@ -30,6 +30,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-labels", type=int, default=2, help="classes of a classification head")
     parser.add_argument("--tasks", type=int, default=1, help="tasks to serve from one base model")
     parser.add_argument("--zero-latency", action="store_true", help="inference must cost what the base costs")
+    parser.add_argument(
+        "--no-fused-loss",
+        dest="fused_loss",
+        action="store_false",
+        help="plan the model's own loss (full logits), as peftkit train --no-fused-loss trains",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--chart", metavar="PNG", help="write memory per method, stacked by component")
     parser.set_defaults(run=run)
@@ -50,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         num_labels=args.num_labels,
         tasks=args.tasks,
         zero_latency=args.zero_latency,
+        fused_loss=args.fused_loss,
     )
     table = plan(settings)
     print(table.to_json() if args.json else table.render())

@@ -19,9 +19,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftkit.training.run import load_run
+    from peftkit.training.finished import load_run
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, log=lambda message: print(message, file=sys.stderr))
     inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     outputs = run.task.predict(
         run.model,

@@ -23,7 +23,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's settings: defaults, then ``--config``'s YAML file, then the flags given.
 
     Raises ConfigError for an unknown setting, a bad value or an option of another method."""
-    return TrainConfig.from_sources(args.config, overrides_from_args(args))
+    return TrainConfig.from_sources(args.config, overrides_from_args(args), none_is_unset=False)
 
 
 def run(args: argparse.Namespace) -> int:

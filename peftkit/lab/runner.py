@@ -13,6 +13,7 @@ from typing import Any
 
 from peftkit.lab.plan import RunSpec
 from peftkit.training.layout import RunFolder
+from peftkit.training.resume import with_absolute_paths
 
 POLL_SECONDS = 0.5
 
@@ -84,8 +85,8 @@ def finished_result(spec: RunSpec) -> dict[str, Any] | None:
         or not folder.config_path.is_file()
     ):
         return None
-    saved = folder.read_config().to_dict()
-    planned = spec.config.to_dict()
+    saved = with_absolute_paths(folder.read_config()).to_dict()  # a run records its local paths absolute
+    planned = with_absolute_paths(spec.config).to_dict()
     for location in ("output_dir", "resume"):
         saved.pop(location, None), planned.pop(location, None)
     return record if saved == planned else None

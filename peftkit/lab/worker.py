@@ -23,7 +23,8 @@ def run(run_dir: Path, latency_batch: int, latency_repeats: int) -> dict[str, An
     import torch
 
     from peftkit.lab.latency import measure_latency
-    from peftkit.training.run import TrainingRun, load_run
+    from peftkit.training.finished import load_run
+    from peftkit.training.run import TrainingRun
 
     folder = RunFolder(run_dir)
     training = TrainingRun.prepare(folder.read_config())

@@ -18,6 +18,7 @@ the work to them (``backend="auto"``); neither is a dependency of peftkit.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -30,6 +31,8 @@ BACKENDS = ("auto", "peftkit", "cut_cross_entropy", "liger")
 REDUCTIONS = ("mean", "sum")
 # Bytes of one chunk's fp32 logits: large enough for efficient matrix products, small next to the full logits.
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+# Devices torch.autocast accepts (the meta device, on which `peftkit plan` traces a step, is not one).
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
 
 __all__ = [
     "BACKENDS",
@@ -139,10 +142,18 @@ def _check_arguments(hidden, weight, labels, bias, reduction, label_smoothing, c
         raise ConfigError(f"`bias` must hold {weight.shape[0]} values (one per class), got {bias.numel()}")
 
 
+def _no_autocast(device_type: str):
+    """Autocast off on ``device_type``; a device autocast does not know (``meta``, as `peftkit plan` traces
+    the loss there) needs nothing switched off."""
+    if device_type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype ``nn.Linear`` would run the head in: the autocast dtype inside autocast, else the inputs'."""
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(hidden.dtype, weight.dtype)
 
@@ -155,11 +166,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         needs = ctx.needs_input_grad
         want_hidden, want_weight = needs[0], needs[1]
         want_bias = bias is not None and needs[2]
-        with torch.autocast(hidden.device.type, enabled=False):
+        with _no_autocast(hidden.device.type):
             valid = (labels != ignore_index).nonzero().squeeze(1)  # (n,) rows that are scored
             targets = labels.index_select(0, valid)
             vocab = weight.shape[0]
-            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+            # (a meta tensor has no values to check: `peftkit plan` runs this loss on the meta device)
+            checkable = targets.numel() and targets.device.type != "meta"
+            if checkable and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
                 raise ConfigError(
                     f"labels must be in [0, {vocab}) or {ignore_index} (ignored); got values from "
                     f"{int(targets.min())} to {int(targets.max())}"

@@ -190,12 +190,25 @@ class BottleneckLayer(AdapterLayer):
         """Rows grouped by adapter: each adapter runs on its own rows (adapters differ in size)."""
         routing = self.routing
         routing.check_batch(y.shape[0], f"bottleneck adapter on {type(self.base_layer).__name__}")
+        if torch.compiler.is_compiling():  # rows picked by a mask have a data-dependent count: no graph
+            return self._mixed_forward_selected(x, y, captured)
         result = y.clone()
         for position, name in enumerate(routing.names):
             if self.runs(name):
                 rows = routing.index == position
                 rows_captured = captured[rows] if captured is not None else None
                 result[rows] = self.adapters[name].output(self.adapters, x[rows], y[rows], rows_captured)
+        return result
+
+    def _mixed_forward_selected(self, x: torch.Tensor, y: torch.Tensor, captured: torch.Tensor | None):
+        """The same rows as :meth:`_mixed_forward`, traceable by torch.compile: each adapter runs on the whole
+        batch and every row keeps its own adapter's output (the adapters act on each token alone)."""
+        routing, result = self.routing, y
+        rows_view = (y.shape[0],) + (1,) * (y.dim() - 1)  # (batch, 1, ...): selects whole rows
+        for position, name in enumerate(routing.names):
+            if self.runs(name):
+                rows = (routing.index == position).view(rows_view)
+                result = torch.where(rows, self.adapters[name].output(self.adapters, x, y, captured), result)
         return result
 
 

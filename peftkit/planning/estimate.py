@@ -21,6 +21,7 @@ from peftkit.planning.four_bit import quantized_weight_ids, stand_in_matmuls
 from peftkit.planning.sizes import parameter_bytes, safetensors_file_bytes, tensor_bytes
 from peftkit.planning.trace import StepTrace, TraceError, trace_step
 from peftkit.training.config import TrainConfig
+from peftkit.training.efficiency import fused_loss_off_reason
 
 # What the process holds besides tensors: on CPU the RSS after importing torch, transformers and peftkit
 # (419 MiB measured by benchmarks/plan_accuracy.py) plus what building a model adds beyond its tensors (its
@@ -35,7 +36,9 @@ RUNTIME_BYTES = {"cpu": 520 * 2**20, "cuda": 512 * 2**20}
 ALLOCATOR_SLACK = {"cpu": 0.5}
 # The checkpoint's metadata: the format tag and the config's SHA-256 in hex (64 characters).
 FILE_METADATA = {"format": "pt", CONFIG_HASH_KEY: "0" * 64}
-TRACE_DEPTHS = (4, 6)  # layers of the reduced models a deep model's step is traced at
+# Layers of the reduced models a deep model's step is traced at: two depths 2 apart (a period of alternating
+# layers), each deep enough that the backward has middle layers (trace.StepTrace.phase_peaks).
+TRACE_DEPTHS = (6, 8)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Settings:
     num_labels: int = 2
     tasks: int = 1  # tasks to serve from one base model
     zero_latency: bool = False  # inference must cost what the base model costs
+    fused_loss: bool = TrainConfig.fused_loss  # as peftkit train: the fused linear cross-entropy where exact
 
 
 @dataclass(frozen=True)
@@ -180,10 +184,13 @@ def _file_tensors(peft: nn.Module) -> dict:
 def _layer_extrapolated(
     config: Any, task: str, method: str, settings: Settings, checkpointing: bool
 ) -> StepTrace:
-    """The step's trace for the full depth ``L``; deep models are traced at ``TRACE_DEPTHS`` (4 and 6 layers)
-    and extrapolated linearly, ``v(L) = v(4) + (v(6) - v(4)) (L - 4) / 2``: exact for a stack of identical
+    """The step's trace for the full depth ``L``; deep models are traced at ``TRACE_DEPTHS`` (6 and 8 layers)
+    and extrapolated linearly, ``v(L) = v(6) + (v(8) - v(6)) (L - 6) / 2``: exact for a stack of identical
     layers, and for layers alternating with period 2 (sliding / global attention), since every quantity of a
-    step is a sum over layers plus what lies outside them; layer tuning's top layers stay the top layers."""
+    step is a sum over layers plus what lies outside them; layer tuning's top layers stay the top layers.
+    The peak is extrapolated phase by phase (``StepTrace.phase_peaks``): the step's overall maximum is not a
+    line in ``L`` where it moves from the backward's end (every gradient) at a few layers to its start
+    (every layer's activations) at many."""
     depth = meta_model.num_layers(config)
     if depth is None or depth <= 2 * TRACE_DEPTHS[1] - TRACE_DEPTHS[0]:
         return _trace_method(config, task, method, settings, checkpointing)
@@ -192,11 +199,19 @@ def _layer_extrapolated(
         for d in TRACE_DEPTHS
     )
     factor = (depth - TRACE_DEPTHS[0]) / (TRACE_DEPTHS[1] - TRACE_DEPTHS[0])
-    return StepTrace(*(round(a + (b - a) * factor) for a, b in zip(_fields(low), _fields(high), strict=True)))
 
+    def line(a: int, b: int) -> int:
+        return round(a + (b - a) * factor)
 
-def _fields(trace: StepTrace) -> tuple[int, ...]:
-    return (trace.activations, trace.logits, trace.peak, trace.gradients, trace.small_at_peak)
+    return StepTrace(
+        activations=line(low.activations, high.activations),
+        logits=line(low.logits, high.logits),
+        gradients=line(low.gradients, high.gradients),
+        phase_peaks=tuple(
+            (line(a_peak, b_peak), line(a_small, b_small))
+            for (a_peak, a_small), (b_peak, b_small) in zip(low.phase_peaks, high.phase_peaks, strict=True)
+        ),
+    )
 
 
 def _trace_method(config: Any, task: str, method: str, settings: Settings, checkpointing: bool) -> StepTrace:
@@ -209,7 +224,9 @@ def _trace_method(config: Any, task: str, method: str, settings: Settings, check
     peft = get_peft_model(model, adapter_config_for(train_config, meta_model.head_modules(model, task)))
     head = meta_model.output_head(model, task)
     inputs = meta_model.meta_inputs(model, task, settings.batch_size, settings.max_length)
-    return _trace(peft, head, inputs, checkpointing)
+    fused = fused_loss_off_reason(settings.fused_loss, task, peft) is None
+    layers = [layer for stack in meta_model.layer_stacks(model, config) for layer in stack]
+    return _trace(peft, head, inputs, checkpointing, fused, layers)
 
 
 def _train_config(method: str, settings: Settings) -> TrainConfig:
@@ -222,7 +239,14 @@ def _train_config(method: str, settings: Settings) -> TrainConfig:
     return TrainConfig(method=method, options={"compute_dtype": dtype} if takes_dtype else {})
 
 
-def _trace(peft: nn.Module, head: nn.Module | None, inputs: dict, checkpointing: bool) -> StepTrace:
+def _trace(
+    peft: nn.Module,
+    head: nn.Module | None,
+    inputs: dict,
+    checkpointing: bool,
+    fused_loss: bool,
+    layers: list[nn.Module],
+) -> StepTrace:
     base = peft.base_model
     with warnings.catch_warnings():  # transformers 5 renamed it; peftkit train calls it by this name
         warnings.simplefilter("ignore", FutureWarning)
@@ -230,7 +254,7 @@ def _trace(peft: nn.Module, head: nn.Module | None, inputs: dict, checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         try:
             with stand_in_matmuls(base):
-                return trace_step(peft, head, inputs)
+                return trace_step(peft, head, inputs, fused_loss, layers)
         finally:
             if checkpointing:
                 base.gradient_checkpointing_disable()
@@ -248,13 +272,15 @@ def _memory(peft: nn.Module, trace: StepTrace, settings: Settings) -> Memory:
     largest = max((tensor_bytes(p) for p in trained), default=0)
     step_temporaries = trainable if settings.device == "cuda" else largest
     dynamic = max(trace.peak, trace.gradients + step_temporaries)
+    # the fused loss frees the hidden states it does not keep: then the forward keeps what is alive after it
+    activations, logits = min(trace.activations, trace.activations + trace.logits), max(trace.logits, 0)
     return Memory(
         base=base,
         trainable=trainable,
         optimizer=optimizer,
-        activations=trace.activations,
-        logits=trace.logits,
-        backward=dynamic - trace.activations - trace.logits,
+        activations=activations,
+        logits=logits,
+        backward=dynamic - activations - logits,
         allocator=round(ALLOCATOR_SLACK.get(settings.device, 0.0) * trace.small_at_peak),
         runtime=RUNTIME_BYTES.get(settings.device, 0),
         gradients=trace.gradients,

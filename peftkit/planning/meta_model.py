@@ -105,6 +105,13 @@ def with_depth(config: Any, depth: int) -> Any:
     return config.__class__.from_dict(data)
 
 
+def layer_stacks(model: nn.Module, config: Any) -> list[nn.ModuleList]:
+    """The model's stacks of transformer layers: every ``nn.ModuleList`` as long as a depth field of
+    ``config`` says (an encoder-decoder has two)."""
+    depths = {getattr(config, name) for name in DEPTH_FIELDS if isinstance(getattr(config, name, None), int)}
+    return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) in depths and len(m) > 1]
+
+
 def build_meta_model(config: Any, task: str, dtype: str, num_labels: int) -> nn.Module:
     """The task's model for ``config`` on the meta device, its weights in ``dtype`` (``fp32``, ``bf16``,
     ``fp16``), in training mode. Raises ConfigError for a task the architecture has no class for."""

@@ -14,6 +14,7 @@ that autograd never records.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.small = 0
         self.small_at_peak = 0
+        self.samples: list[tuple[int, int]] = []  # (live, small) after every allocation, in order
         self._counted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -70,6 +72,7 @@ class LiveBytes(TorchDispatchMode):
         self.small += size if size <= HEAP_BLOCK else 0
         if self.live > self.peak:
             self.peak, self.small_at_peak = self.live, self.small
+        self.samples.append((self.live, self.small))
         weakref.finalize(storage, self._free, size)
 
     def _free(self, size: int) -> None:
@@ -93,24 +96,48 @@ class StepTrace:
     """Bytes above the model's own parameters during one forward + backward (optimizer step excluded).
 
     ``activations``: alive when the model body ends (before the output head): what the forward keeps for the
-    backward. ``logits``: what the head and the loss add on top (logits, their fp32 copy, the log-softmax the
-    cross-entropy keeps). ``peak``: the maximum over the whole step, backward included (where gradients,
-    the gradient of the logits and a checkpointed layer's recomputation appear). ``gradients``: alive at
-    the end of the backward (the trainable parameters' ``.grad``).
+    backward. ``logits``: what the head and the loss add on top (negative where they free more than they
+    keep: the fused loss frees the hidden states; else the logits, their fp32 copy, the log-softmax the
+    cross-entropy keeps). ``gradients``: alive at the end of the backward (the trainable parameters'
+    ``.grad``). ``phase_peaks``: ``(peak, small)`` of each phase of the step (:func:`_phase_peaks`), where
+    ``small`` is the part of that peak in storages of at most :data:`HEAP_BLOCK` bytes. The step's peak is
+    their maximum; they are kept apart because each grows linearly with depth at its own rate (the
+    backward's start holds every layer's activations, its end every layer's gradients), so a deep model's
+    peak is extrapolated phase by phase, not as one maximum whose place in the step moves with depth.
     """
 
     activations: int
     logits: int
-    peak: int
     gradients: int
-    small_at_peak: int = 0  # the part of ``peak`` in storages of at most HEAP_BLOCK bytes
+    phase_peaks: tuple[tuple[int, int], ...]
+
+    @property
+    def peak(self) -> int:
+        """The maximum over the whole step, backward included (gradients, the gradient of the logits and a
+        checkpointed layer's recomputation appear there)."""
+        return max(peak for peak, _ in self.phase_peaks)
+
+    @property
+    def small_at_peak(self) -> int:
+        """The part of :attr:`peak` in storages of at most :data:`HEAP_BLOCK` bytes."""
+        return max(self.phase_peaks)[1]
 
 
-def trace_step(model: nn.Module, head: nn.Module | None, inputs: dict[str, torch.Tensor]) -> StepTrace:
+def trace_step(
+    model: nn.Module,
+    head: nn.Module | None,
+    inputs: dict[str, torch.Tensor],
+    fused_loss: bool = False,
+    layers: list[nn.Module] = (),
+) -> StepTrace:
     """Run ``model(**inputs).loss.backward()`` on meta tensors under :class:`LiveBytes`.
 
     ``head`` is the module whose call ends the body (the LM head or classifier); None: the body's end is
-    taken as the forward's end. Raises :class:`TraceError` when the forward needs real values.
+    taken as the forward's end. ``fused_loss``: the loss is ``peftkit train``'s fused linear cross-entropy
+    (:func:`~peftkit.losses.language_model.fused_training_loss`), which bypasses the head: the body then
+    ends where the model returns its hidden states. ``layers``: the model's transformer layers, whose
+    backward's start cuts the backward into phases (``StepTrace.phase_peaks``). Raises :class:`TraceError`
+    when the forward needs real values.
     """
     marks: dict[str, int] = {}
     tracker = LiveBytes()
@@ -118,30 +145,83 @@ def trace_step(model: nn.Module, head: nn.Module | None, inputs: dict[str, torch
 
     def mark(*_):
         marks.setdefault("body", tracker.live)  # the first call (T5 ties nothing, but stay safe)
+        marks.setdefault("body_sample", len(tracker.samples))
 
-    handle = head.register_forward_pre_hook(mark) if head is not None else None
+    handles = [head.register_forward_pre_hook(mark)] if head is not None else []
+    layer_starts: list[int] = []  # sample index at which each layer's backward starts
+    handles += [
+        layer.register_forward_hook(_backward_start_recorder(tracker, layer_starts)) for layer in layers
+    ]
     # torch.nonzero has no size on meta tensors; with full rows every entry it is asked about is set
     # (DeBERTa's classification loss asks which labels are >= 0)
     nonzero = torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True)
     try:
         with tracker, nonzero:
-            output = model(**inputs)
+            loss = _fused_loss(model, inputs, mark) if fused_loss else model(**inputs).loss
             marks["forward"] = tracker.live
-            output.loss.backward()
-            del output
+            backward_start = len(tracker.samples)
+            loss.backward()
+            del loss
             gradients = tracker.live
     except TraceError:
         raise
     except (NotImplementedError, RuntimeError) as error:  # an operator with no meta kernel, say
         raise TraceError(f"{type(error).__name__}: {error}") from error
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
-    body = min(marks.get("body", marks["forward"]), marks["forward"])  # the body's end can free more
+    body = marks.get("body", marks["forward"])
     return StepTrace(
         activations=body,
-        logits=marks["forward"] - body,
-        peak=tracker.peak,
+        logits=marks["forward"] - body,  # < 0 where the loss frees more than it keeps (the fused loss)
         gradients=gradients,
-        small_at_peak=tracker.small_at_peak,
+        phase_peaks=_phase_peaks(
+            tracker.samples, marks.get("body_sample", backward_start), backward_start, layer_starts
+        ),
     )
+
+
+def _backward_start_recorder(tracker: LiveBytes, starts: list[int]):
+    """A forward hook that marks, on the layer's output, the moment the backward reaches it: the gradient of
+    a layer's output is complete exactly when that layer's backward begins. Once per layer: a checkpointed
+    layer's recomputation calls the hook again, on an output the backward never reaches."""
+    hooked: set[int] = set()
+
+    def hook(module, args, output):
+        tensor = next((t for t in tree_leaves(output) if isinstance(t, torch.Tensor)), None)
+        if id(module) in hooked or tensor is None or not tensor.requires_grad:
+            return
+        hooked.add(id(module))
+        tensor.register_hook(lambda grad: starts.append(len(tracker.samples)))
+
+    return hook
+
+
+def _phase_peaks(
+    samples: list[tuple[int, int]], body_end: int, backward_start: int, layer_starts: list[int]
+) -> tuple[tuple[int, int], ...]:
+    """The largest ``(live, small)`` sample of each phase: the model's body, its head with the loss (which may
+    free what the body held, such as a key/value cache: a slope of its own), the backward up to the top layer
+    (head and loss), the top layer's backward, the second's, the third's, the middle layers', the
+    second-to-lowest layer's, the lowest layer's with what follows it (embeddings). In a stack of identical
+    layers each phase peaks at the same place at every depth (the middle one at one of its ends, which end
+    depending on whether a layer's activations or its gradients weigh more), so each grows linearly with
+    depth. With fewer than 4 layers in the backward (layer tuning's trained top layers), the phases are the
+    body, the loss and the whole backward."""
+    starts = sorted(layer_starts)
+    if len(starts) < 4:
+        cuts = [0, body_end, backward_start, len(samples)]
+    else:
+        cuts = [0, body_end, backward_start, *starts[:3], starts[-2], starts[-1], len(samples)]
+    return tuple(max(samples[a:b], default=(0, 0)) for a, b in itertools.pairwise(cuts))
+
+
+def _fused_loss(model: nn.Module, inputs: dict[str, torch.Tensor], mark) -> torch.Tensor:
+    from peftkit.losses.language_model import fused_training_loss
+
+    def forward(**kwargs):
+        output = model(**kwargs)
+        mark()  # the hidden states are out: what follows is the loss's
+        return output
+
+    return fused_training_loss(forward, model, inputs)

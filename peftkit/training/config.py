@@ -14,7 +14,9 @@ import yaml
 import peftkit.methods  # (importing the method modules declares them)
 import peftkit.qlora  # noqa: F401  (declares qlora)
 from peftkit.config import ConfigError
+from peftkit.data.core import TASKS, Columns
 from peftkit.method_spec import all_options, check_options, method_spec
+from peftkit.training.ranges import SETTING_RANGES, check_setting, check_weight_decay_step
 
 # The peak learning rate of a freshly initialised task head, whatever the method: a random linear layer over
 # the model's features wants larger steps than an adapter inside the model (see README, "What `make train`
@@ -27,7 +29,9 @@ class TrainConfig:
     """Every setting of a training run. Sizes in examples or tokens, intervals in optimizer steps.
 
     Construction fills in the method's defaults (its options, its learning rate) and raises ConfigError for
-    an unknown method or an option the method does not take; :meth:`validate` checks the ranges."""
+    an unknown method or an option the method does not take, and :meth:`validate` checks every value against
+    its range (:data:`~peftkit.training.ranges.SETTING_RANGES`) and the method's options by building its
+    adapter config: a bad setting is refused before anything is loaded or written."""
 
     # what
     model: str = "minilm"
@@ -56,6 +60,7 @@ class TrainConfig:
     fused_loss: bool = True  # the fused linear cross-entropy where it equals the model's own loss
     group_by_length: bool | None = None  # None: on for causal-lm and seq2seq, off for classification
     packing: bool = False  # several causal-LM examples per row, attention and positions kept apart
+    check_finite: bool = True  # stop when a trainable parameter turns NaN or infinite (see divergence.py)
     seed: int = 0
     # evaluation, checkpoints, output
     eval_every: int = 100
@@ -76,6 +81,7 @@ class TrainConfig:
             self.learning_rate = default_learning_rate(self.method, self.dataset)
         if self.head_learning_rate is None:
             self.head_learning_rate = HEAD_LEARNING_RATE
+        self.validate()
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as one flat mapping (the method's options beside the others), as saved."""
@@ -92,50 +98,69 @@ class TrainConfig:
 
     @staticmethod
     def read_settings(yaml_path: str | Path) -> dict[str, Any]:
-        """The flat settings of a YAML file (numbers read as numbers); raises ConfigError for a file that is
-        not a mapping."""
-        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        """The flat settings of a YAML file (numbers read as numbers). Raises ConfigError naming the file for
+        one that cannot be read, is not valid YAML (with the line and column) or is not a mapping."""
+        path = Path(yaml_path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the settings file: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML settings file (not UTF-8 text)") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{yaml_path}: expected a mapping of settings, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        bad_keys = [k for k in loaded if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"{path}: setting names must be text, got {bad_keys[0]!r}")
         return loaded
 
     @classmethod
     def from_sources(
-        cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+        cls,
+        yaml_path: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        *,
+        none_is_unset: bool = True,
     ) -> TrainConfig:
-        """Defaults, then the YAML file, then command-line overrides (which win; None: not given).
+        """Defaults, then the YAML file, then ``overrides`` (which win). With ``none_is_unset`` a None in
+        ``overrides`` means "not given"; without it None is a value (``--max-steps none``).
 
-        Raises ConfigError for an unknown setting, a value of the wrong type, an unknown method, or an
-        option of another method than the chosen one."""
+        Raises ConfigError for an unknown setting, a value of the wrong type or out of its range (naming the
+        YAML file when the value came from it), an unknown method, or an option of another method."""
         values: dict[str, Any] = {}
         if yaml_path is not None:
-            values.update(cls.read_settings(yaml_path))
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+            from_file = cls.read_settings(yaml_path)
+            for name, value in from_file.items():
+                try:
+                    check_value(name, value)
+                except ConfigError as error:
+                    raise ConfigError(f"{yaml_path}: {error}") from None
+            values.update(from_file)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset})
         return cls.from_dict(values)
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first setting out of its range (sizes positive, rates in range)."""
-        positive = [
-            "batch_size",
-            "gradient_accumulation",
-            "eval_every",
-            "save_every",
-            "eval_batch_size",
-        ]
-        for name in positive:
+        """Raise ConfigError naming the first setting out of its range (see
+        :data:`~peftkit.training.ranges.SETTING_RANGES`), a bad ``task``, ``columns`` or text setting, or a
+        method option its adapter config refuses. Ints given for float settings become floats."""
+        for name in SETTING_RANGES:
+            setattr(self, name, check_setting(name, getattr(self, name)))
+        check_weight_decay_step(max(self.learning_rate, self.head_learning_rate), self.weight_decay)
+        for name in ("model", "dataset", "output_dir"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"`{name}` must be a positive integer, got {value!r}")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length <= 0):
-            raise ConfigError(f"`max_length` must be a positive integer or null, got {self.max_length!r}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"`max_steps` must be a positive integer or null, got {self.max_steps!r}")
-        for name in ("learning_rate", "head_learning_rate"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
-                raise ConfigError(f"`{name}` must be a positive number, got {value!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio!r}")
+            if not isinstance(value, str | Path) or not str(value).strip():
+                raise ConfigError(f"`{name}` must be a non-empty name or path, got {value!r}")
+        if self.task is not None and self.task not in TASKS:
+            raise ConfigError(
+                f"`task` must be one of {', '.join(TASKS)} (or none: inferred), got {self.task!r}"
+            )
+        check_columns(self.columns)
+        method_spec(self.method).build(self.options, [])  # the adapter config checks the method's options
 
     def save(self, path: Path) -> None:
         """Write the settings to ``path`` as flat YAML (:meth:`to_dict`'s form)."""
@@ -154,8 +179,8 @@ def default_learning_rate(method: str, dataset: str | None = None) -> float:
 
 def parse_setting(name: str, text: str) -> Any:
     """A command-line string read as setting ``name`` reads it: an int, float or string, ``true`` / ``false``
-    for a switch, ``none`` for a setting that may be unset. Raises ConfigError for an unknown setting or a
-    string that is not a value of its type."""
+    for a switch, ``none`` for a setting that may be unset. Raises ConfigError for an unknown setting, a
+    string that is not a value of its type, or a value out of the setting's range (see ``SETTING_RANGES``)."""
     options = all_options()
     if name in options:
         option = options[name][0]
@@ -174,9 +199,40 @@ def parse_setting(name: str, text: str) -> Any:
             raise ConfigError(f"`{name}` expects true or false, got {text!r}")
         return text.lower() == "true"
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
-        raise ConfigError(f"`{name}` must be {_ARTICLE.get(kind, kind.__name__)}, got {text!r}") from None
+        allowed = (
+            SETTING_RANGES[name].allowed() if name in SETTING_RANGES else _ARTICLE.get(kind, kind.__name__)
+        )
+        raise ConfigError(f"`{name}` must be {allowed}, got {text!r}") from None
+    return check_setting(name, value)
+
+
+def check_value(name: str, value: Any) -> None:
+    """Raise ConfigError when ``value`` cannot be setting ``name``: an unknown name, a wrong type or a value
+    out of range (a method option's range is its adapter config's business, checked in ``validate``)."""
+    general, _ = split_settings({name: value})
+    if name in general:
+        check_setting(name, general[name])
+    if name == "columns":
+        check_columns(value)
+
+
+def check_columns(columns: Any) -> None:
+    """Raise ConfigError unless ``columns`` maps column roles (:class:`~peftkit.data.Columns`' fields) to
+    non-empty column names."""
+    roles = [f.name for f in dataclasses.fields(Columns)]
+    if not isinstance(columns, dict):
+        raise ConfigError(
+            f"`columns` must be a mapping of column roles to the names in your file (roles: {', '.join(roles)};"
+            f" e.g. {{text: review, label: sentiment}}), got {columns!r}"
+        )
+    unknown = sorted(str(k) for k in columns if k not in roles)
+    if unknown:
+        raise ConfigError(f"unknown column role(s) {unknown} in `columns`; known: {', '.join(roles)}")
+    for role, name in columns.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"`columns.{role}` must be a non-empty column name, got {name!r}")
 
 
 def drop_other_methods_defaults(settings: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,16 @@ def batch_order(config, task, records: Sequence[dict], tokenizer, global_batch: 
     return StepOrder(len(records), global_batch, config.seed, lengths=lengths)
 
 
+def fused_loss_off_reason(enabled: bool, task_name: str, model) -> str | None:
+    """Why a run of ``task_name`` on ``model`` (a ``PeftModel``) trains with the model's own loss rather than
+    the fused one, or None when the fused loss is used. Train and ``peftkit plan`` both ask here."""
+    if not enabled:
+        return "switched off"
+    if task_name not in GENERATION_TASKS:
+        return f"the {task_name} task has no language-model loss"
+    return fused_loss_unsupported(model)
+
+
 def loss_function(
     config, task_name: str, forward: Callable, model, tokenizer, say: Callable[[str], None]
 ) -> Callable[[Batch], torch.Tensor]:
@@ -60,10 +70,10 @@ def loss_function(
 
     Raises :class:`~peftkit.config.ConfigError` for ``packing`` where it is not exact: a task other than
     causal-lm, an architecture not in :data:`PACKING_MODEL_TYPES`, or a method that changes the inputs."""
-    fused = config.fused_loss and task_name in GENERATION_TASKS
-    if fused and (reason := fused_loss_unsupported(model)) is not None:
+    reason = fused_loss_off_reason(config.fused_loss, task_name, model)
+    fused = reason is None
+    if config.fused_loss and task_name in GENERATION_TASKS and not fused:
         say(f"fused loss off: {reason}; the model's own loss is used")
-        fused = False
     pack = _packer(config, task_name, model, tokenizer) if config.packing else None
 
     def loss(batch: Batch) -> torch.Tensor:

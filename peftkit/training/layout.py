@@ -7,14 +7,20 @@
     <run>/metrics.jsonl        one JSON object per optimizer step ("train"), evaluation ("eval") and test
     <run>/curves.png           training loss and the validation metric against step
     <run>/checkpoint/          adapter + trainer_state.pt, for ``--resume`` (swapped in atomically)
+    <run>/checkpoint.previous/ the checkpoint before it, kept in case the latest one is found damaged
+    <run>/train.lock           locked (``flock``) by the process writing the run, with its pid and host
     <run>/adapter/             the trained adapter, in the Hugging Face PEFT format
     <run>/result.json          the run's :class:`~peftkit.training.record.TrainResult`
     <run>/lab_result.json      a comparison's record of the run (the result, its latency; or its error)
     <run>/worker.log           a comparison worker's output
 
-A checkpoint is built in a temporary folder and swapped in with renames, so a run killed at any moment
-leaves the previous checkpoint (or the new one) whole. ``trainer_state.pt`` holds only tensors, numbers and
-strings and is read back with ``torch.load(weights_only=True)``, which refuses code.
+A checkpoint is built in a temporary folder and swapped in with renames, the one before it kept as
+``checkpoint.previous``, so a run killed at any moment leaves at least one whole checkpoint, and a
+checkpoint damaged afterwards still leaves the one before it. ``trainer_state.pt`` holds only tensors,
+numbers and strings and is read back with ``torch.load(weights_only=True)``, which refuses code.
+
+One process writes a run at a time: :meth:`RunFolder.lock` is taken by ``peftkit train`` before it writes
+anything, and dies with the process (see :mod:`peftkit.training.lock`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from peftkit.config import ConfigError
+from peftkit.file_checks import CheckpointError
 from peftkit.training.config import TrainConfig, drop_other_methods_defaults
+from peftkit.training.lock import FolderLock
 
 _CONFIG = "config.yaml"
 _LABELS = "labels.json"
@@ -35,6 +44,8 @@ _CURVES = "curves.png"
 _CHECKPOINT = "checkpoint"
 _PREVIOUS = "checkpoint.previous"
 _STATE = "trainer_state.pt"
+_BUILDING = ".checkpoint-"
+_LOCK = "train.lock"
 _ADAPTER = "adapter"
 _RESULT = "result.json"
 _LAB_RECORD = "lab_result.json"
@@ -67,6 +78,18 @@ class RunFolder:
     def worker_log(self) -> Path:
         return self.root / _WORKER_LOG
 
+    def lock(self) -> FolderLock:
+        """The folder's writer lock (take it with ``acquire``; see :mod:`peftkit.training.lock`)."""
+        return FolderLock(self.root / _LOCK)
+
+    def writer(self) -> str | None:
+        """The live process writing this run ("pid 12 on host h since ..."), or None. Reads only."""
+        return self.lock().holder()
+
+    def is_empty(self) -> bool:
+        """True when the folder holds nothing but (maybe) its lock file."""
+        return all(path.name == _LOCK for path in self.root.iterdir())
+
     def is_finished(self) -> bool:
         """Settings and a saved adapter: what ``peftkit eval`` / ``predict`` need."""
         return self.config_path.is_file() and self.adapter_dir.is_dir()
@@ -76,8 +99,16 @@ class RunFolder:
         config.save(self.config_path)
 
     def read_config(self) -> TrainConfig:
-        """The settings the run was started with (raises ConfigError for a file that is not valid)."""
-        return TrainConfig.from_dict(drop_other_methods_defaults(TrainConfig.read_settings(self.config_path)))
+        """The settings the run was started with. Raises ConfigError, naming the file, for one that is not
+        valid."""
+        try:
+            return TrainConfig.from_dict(
+                drop_other_methods_defaults(TrainConfig.read_settings(self.config_path))
+            )
+        except ConfigError as error:
+            if str(self.config_path) in str(error):
+                raise
+            raise ConfigError(f"{self.config_path}: {error}") from error
 
     def write_labels(self, task: str, label_names: list[str] | None) -> None:
         """Write ``labels.json``: the task and the label names the head was built for."""
@@ -122,34 +153,53 @@ class RunFolder:
         """Optimizer steps a (possibly live) run has logged so far."""
         return max((e["step"] for e in self.entries() if e.get("kind") == "train"), default=0)
 
+    def keep_log_until(self, step: int) -> None:
+        """Drop the log entries after optimizer step ``step`` (a resumed run redoes those steps), whole or
+        not at all."""
+        path = self.root / _METRICS
+        if path.is_file():
+            kept = [e for e in self.entries() if not isinstance(e.get("step"), int) or e["step"] <= step]
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text("".join(json.dumps(e, default=str) + "\n" for e in kept))
+            os.replace(temporary, path)
+
     # --- checkpoints
     def save_checkpoint(self, model, trainer_state: dict[str, Any]) -> Path:
-        """Write ``checkpoint/`` (the adapter and ``trainer_state``) atomically: built aside, swapped in."""
+        """Write ``checkpoint/`` (the adapter and ``trainer_state``) atomically: built aside, synced to disk,
+        swapped in; the checkpoint it replaces becomes ``checkpoint.previous`` (the older one is removed)."""
         import torch
 
         target, previous = self.root / _CHECKPOINT, self.root / _PREVIOUS
-        building = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.root))
+        for stale in self.root.glob(_BUILDING + "*"):  # left by a killed run (the lock says none is running)
+            shutil.rmtree(stale, ignore_errors=True)
+        building = Path(tempfile.mkdtemp(prefix=_BUILDING, dir=self.root))
         try:
             model.save_pretrained(building / _ADAPTER)
             torch.save(trainer_state, building / _STATE)
-            if (
-                target.exists()
-            ):  # whole (only ever made by a rename): an older .previous left by a kill is stale
+            _fsync(building / _STATE)
+            if (target / _STATE).is_file():  # whole (only ever made by a rename): it becomes the previous one
                 shutil.rmtree(previous, ignore_errors=True)
                 target.rename(previous)
+            else:
+                shutil.rmtree(target, ignore_errors=True)
             building.rename(target)
-            shutil.rmtree(previous, ignore_errors=True)
+            _fsync(self.root)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
         return target
 
     def find_checkpoint(self) -> Path | None:
-        """The latest whole checkpoint: a run killed between the two renames left it as ``.previous``."""
+        """The latest checkpoint that has its trainer state (a run killed between the two renames of a save
+        left only ``.previous``); whether it is intact is :meth:`load_trainer_state`'s to say."""
         for name in (_CHECKPOINT, _PREVIOUS):
             if (self.root / name / _STATE).is_file():
                 return self.root / name
         return None
+
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint folders present, newest first (``checkpoint``, then ``checkpoint.previous``)."""
+        return [self.root / name for name in (_CHECKPOINT, _PREVIOUS) if (self.root / name).is_dir()]
 
     @staticmethod
     def checkpoint_adapter(checkpoint: Path) -> Path:
@@ -158,10 +208,24 @@ class RunFolder:
 
     @staticmethod
     def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-        """The optimizer, scheduler, RNG and progress state saved with ``checkpoint`` (no code is loaded)."""
+        """The optimizer, scheduler, RNG and progress state saved with ``checkpoint`` (no code is loaded).
+
+        Raises :class:`CheckpointError` naming the file when it is missing, cannot be read (truncated, not
+        a torch file, a pickle of objects that ``weights_only`` refuses) or lacks the expected entries."""
         import torch
 
-        return torch.load(checkpoint / _STATE, map_location="cpu", weights_only=True)
+        from peftkit.training.state import check_trainer_state
+
+        path = checkpoint / _STATE
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated zip, random bytes, refused globals: all the same to the user
+            reason = " ".join(str(error).split())[:200]
+            raise CheckpointError(f"{path} cannot be read ({type(error).__name__}: {reason})") from None
+        check_trainer_state(state, path)
+        return state
 
     # --- what a finished run reports
     def write_result(self, result: dict[str, Any]) -> None:
@@ -196,3 +260,12 @@ class RunFolder:
     def _read_json(self, name: str) -> Any:
         path = self.root / name
         return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') writes to the disk, so a rename never outlives its data."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

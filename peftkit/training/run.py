@@ -4,8 +4,11 @@
 builds the optimizer and schedule and, with ``resume``, restores the state of the last checkpoint;
 ``fit()`` runs the explicit loop (optimizer steps, evaluations, checkpoints, early stopping); ``finish()``
 saves the adapter, evaluates on the test split, plots the curves and returns the :class:`TrainResult`.
-:func:`load_run` gives a finished run's model back for ``peftkit eval`` / ``predict`` / ``generate`` and the
-lab's latency measurement. Where the files go is :class:`~peftkit.training.layout.RunFolder`'s business.
+A run holds its folder's lock from ``prepare`` to ``finish`` (:meth:`TrainingRun.close` on an error), checks a
+resume against the recorded settings and checkpoints (:mod:`peftkit.training.resume`), and stops on a
+non-finite loss or parameter before saving (:mod:`peftkit.training.divergence`). A finished run is read back
+by :func:`peftkit.training.finished.load_run`. Where the files go is
+:class:`~peftkit.training.layout.RunFolder`'s business.
 
 Two extension points, set in ``prepare`` (see :mod:`peftkit.training.efficiency`): ``TrainingRun.loss``
 (micro-batch -> scalar loss: the model's own or the fused linear cross-entropy) and ``TrainingRun.sampler``
@@ -17,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,18 @@ from tqdm.auto import tqdm
 from peftkit.accounting import base_weight_bytes
 from peftkit.checkpoint import WEIGHTS_NAME
 from peftkit.config import ConfigError
-from peftkit.model import PeftModel, get_peft_model
+from peftkit.model import get_peft_model
 from peftkit.tasks import TASKS
 from peftkit.training import batches, efficiency, lengths
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Distributed
+from peftkit.training.divergence import FiniteParameters, diverged, loss_problem
 from peftkit.training.layout import RunFolder
 from peftkit.training.methods import adapter_config_for, prepare_base
 from peftkit.training.optim import build_optimizer, head_parameters, linear_schedule
 from peftkit.training.record import TrainResult
+from peftkit.training.resume import check_same_run, recorded_settings, restore_checkpoint, with_absolute_paths
 from peftkit.training.runtime import peak_memory_bytes, quiet_transformers, seed_everything, step_seed
 from peftkit.training.validation import scalars, track_validation
 
@@ -46,7 +50,7 @@ class TrainingRun:
     """One run of ``peftkit train``: build it with :meth:`prepare`, then :meth:`fit` and :meth:`finish`."""
 
     def __init__(self, config: TrainConfig, say: Callable[[str], None]) -> None:
-        self.config = config
+        self.config = with_absolute_paths(config)  # what config.yaml records: the same files from anywhere
         self.started = time.perf_counter()
         self.dist = Distributed.from_environment()
         self.say = say if self.dist.is_main else (lambda *_: None)
@@ -54,28 +58,67 @@ class TrainingRun:
         self.progress = run_state.Progress()
         self.step_seconds: list[float] = []
         self.loss_curve: list[tuple[int, float]] = []
+        self.lock = self.folder.lock()
+        self.changed: dict[str, list] = {}  # settings a resume changed: {name: [recorded, now]}
+        self.checkpoint: Path | None = None
+        self.saved_step = 0  # the step of the last checkpoint written or resumed from
 
     @classmethod
     def prepare(cls, config: TrainConfig, log: Callable[[str], None] = tqdm.write) -> TrainingRun:
-        """Everything up to the first optimizer step. Raises ConfigError for settings the data, model or
-        method refuse, and for a folder holding an earlier run's checkpoint without ``resume``."""
+        """Everything up to the first optimizer step; the folder stays locked until :meth:`finish` (or
+        :meth:`close`). Raises ConfigError for settings the data, model or method refuse, a folder another
+        run is writing, a folder holding an earlier run without ``resume``, and for ``resume`` without a run
+        to continue, with other settings than it recorded, or without a whole checkpoint."""
         run = cls(config, log)
-        seed_everything(config.seed)
-        run._open_folder()
-        run._load_data_and_model()
-        run._build_optimizer()
+        try:
+            seed_everything(config.seed)
+            run._open_folder()
+            run._load_data_and_model()
+            run._build_optimizer()
+            run._record_start()
+        except BaseException:
+            run.close()
+            raise
         return run
 
     def _open_folder(self) -> None:
+        """Lock the folder, then check that what it holds fits a fresh run or a resume of its run."""
         config, folder = self.config, self.folder
         if self.dist.is_main:
-            folder.root.mkdir(parents=True, exist_ok=True)
-            if not config.resume and folder.find_checkpoint() is not None:
+            if not config.resume:
+                folder.root.mkdir(parents=True, exist_ok=True)
+            elif not folder.root.is_dir():
+                raise ConfigError(f"--resume: {folder.root} does not exist; train without --resume to start")
+            self.lock.acquire(str(folder.root))
+            if config.resume:
+                recorded = recorded_settings(folder)
+                if config.max_length is None:  # the run chose it from its data when it began
+                    config.max_length = recorded.max_length
+                self.changed = check_same_run(recorded, config, folder)
+            elif folder.find_checkpoint() is not None or folder.is_finished():
                 raise ConfigError(
-                    f"{folder.root} holds a checkpoint of an earlier run: pass --resume, or another --output-dir"
+                    f"{folder.root} holds an earlier run (a checkpoint or a trained adapter): pass --resume to "
+                    "continue it, or choose another --output-dir"
                 )
-            folder.save_config(config)
+            elif folder.entries():
+                self.say(f"{folder.root} holds a run stopped before its first checkpoint: starting it afresh")
+                folder.keep_log_until(0)
         self.dist.barrier()
+
+    def _record_start(self) -> None:
+        """Once every check passed: the settings in ``config.yaml``, and a resume's mark in the log."""
+        if not self.dist.is_main:
+            return
+        if self.checkpoint is not None:
+            self.folder.keep_log_until(self.progress.step)  # the steps after the checkpoint are done again
+            self.folder.log(
+                kind="resume", step=self.progress.step, checkpoint=self.checkpoint.name, changed=self.changed
+            )
+        self.folder.save_config(self.config)
+
+    def close(self) -> None:
+        """Release the folder's lock (:meth:`finish` does; also on an error)."""
+        self.lock.release()
 
     def _load_data_and_model(self) -> None:
         from peftkit.assets import resolve_model  # the asset and data modules are only needed for a run
@@ -106,19 +149,12 @@ class TrainingRun:
         )
         self.say(f"data: {self.splits.source} ({self.splits.task}): {sizes}{limited}")
         self.say(f"{config.method} on {config.model}: {self.model.trainable_parameters().summary()}")
-        self.checkpoint = self.folder.find_checkpoint() if config.resume else None
-        if (
-            self.checkpoint is not None
-        ):  # the trained values replace the fresh ones before the optimizer sees them
-            self.model.delete_adapter("default")
-            self.model.load_adapter(
-                RunFolder.checkpoint_adapter(self.checkpoint), "default", is_trainable=True
-            )
-            self.model.set_adapter("default")
+        if config.resume:  # the trained values replace the fresh ones before the optimizer sees them
+            self.checkpoint, self.saved_state = restore_checkpoint(self.folder, self.model, self.say)
 
     def _choose_max_length(self, base: torch.nn.Module) -> None:
         """``max_length`` from the training examples' token lengths unless given, and the share of them it
-        cuts, said (see :mod:`peftkit.training.lengths`); a chosen one is saved with the settings."""
+        cuts, said (see :mod:`peftkit.training.lengths`); ``config.yaml`` records the value used."""
         config = self.config
         measured = lengths.token_lengths(self.task, self.splits.train[: lengths.SAMPLE], self.tokenizer)
         reserved = config.options.get("num_virtual_tokens") or 0  # positions a prompt method takes
@@ -127,8 +163,6 @@ class TrainingRun:
         config.max_length = choice.max_length
         if (message := choice.message()) is not None:
             self.say(message)
-        if choice.chosen and self.dist.is_main:
-            self.folder.save_config(config)
 
     def _build_optimizer(self) -> None:
         config, dist = self.config, self.dist
@@ -153,14 +187,31 @@ class TrainingRun:
             self.optimizer, self.total_steps, warmup_steps=round(config.warmup_ratio * self.total_steps)
         )
         if self.checkpoint is not None:
-            saved = RunFolder.load_trainer_state(self.checkpoint)
-            self.progress = run_state.restore_trainer_state(saved, self.optimizer, self.scheduler)
-            self._restore_curves()
-            self.say(f"resuming from {self.checkpoint} at step {self.progress.step}")
+            self._restore_progress()
+        self.finite = FiniteParameters(self.model) if config.check_finite else None
         self.trained = DistributedDataParallel(self.model) if dist.world_size > 1 else self.model
         self.loss_function = efficiency.loss_function(
             config, self.task.name, self.trained, self.model, self.tokenizer, self.say
         )
+
+    def _restore_progress(self) -> None:
+        """The optimizer, scheduler, RNGs and position of the checkpoint; it must not be past the new end."""
+        try:
+            self.progress = run_state.restore_trainer_state(self.saved_state, self.optimizer, self.scheduler)
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise ConfigError(
+                f"--resume: the trainer state in {self.checkpoint} does not fit this run's optimizer "
+                f"({type(error).__name__}: {error})"
+            ) from None
+        self.saved_step = self.progress.step
+        if self.progress.step > self.total_steps:
+            raise ConfigError(
+                f"--resume: {self.checkpoint} is at step {self.progress.step}, past the {self.total_steps} "
+                "steps --max-steps / --epochs now ask for: give at least as many steps as were done"
+            )
+        self._restore_curves()
+        changed = "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in self.changed.items())
+        self.say(f"resuming from {self.checkpoint} at step {self.progress.step}{changed}")
 
     def _restore_curves(self) -> None:
         """The steps before the checkpoint, from the log (a killed run may have logged a few more)."""
@@ -209,6 +260,7 @@ class TrainingRun:
             if dist.is_main and (progress.step % config.save_every == 0 or last or stop):
                 state = run_state.trainer_state(self.optimizer, self.scheduler, progress)
                 self.folder.save_checkpoint(self.model, state)
+                self.saved_step = progress.step
             dist.barrier()
         bar.close()
 
@@ -230,13 +282,32 @@ class TrainingRun:
                 loss = self.loss(batch) / config.gradient_accumulation
                 loss.backward()
             loss_total += loss.item()
+        self._stop_if(loss_problem(loss_total))  # before the step: NaN gradients would reach the weights
         if config.max_grad_norm:
             trained = [p for p in self.model.parameters() if p.requires_grad]
             torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
         self.optimizer.step()
+        if self.finite is not None:
+            self._stop_if(self.finite.problem())
         self.scheduler.step()
         self.progress.step += 1
         return loss_total
+
+    def _stop_if(self, problem: str | None) -> None:
+        """Raise :class:`~peftkit.training.divergence.TrainingDiverged` for ``problem`` (None: go on),
+        logged; the step in progress is never checkpointed."""
+        if problem is None:
+            return
+        step, learning_rate = self.progress.step + 1, self.scheduler.get_last_lr()[0]
+        checkpoint = self.folder.find_checkpoint()
+        kept = (
+            f"the last checkpoint ({checkpoint}, step {self.saved_step}) and any saved adapter are kept"
+            if checkpoint is not None
+            else "no checkpoint had been written yet"
+        )
+        if self.dist.is_main:
+            self.folder.log(kind="diverged", step=step, problem=problem, lr=learning_rate)
+        raise diverged(problem, step, learning_rate, kept)
 
     def evaluate(self, records) -> dict[str, Any]:
         """The task's metrics of the current adapter on ``records``; the model is left in training mode."""
@@ -279,6 +350,7 @@ class TrainingRun:
         result = self._result(metrics, adapter_bytes)
         if dist.is_main:
             folder.write_result(result.to_dict())
+        self.close()
         return result
 
     def _result(self, metrics: dict[str, Any], adapter_bytes: int) -> TrainResult:
@@ -306,37 +378,3 @@ class TrainingRun:
             world_size=self.dist.world_size,
             global_batch=self.global_batch,
         )
-
-
-@dataclass
-class LoadedRun:
-    """A finished run's model with its adapter, and what is needed to feed it."""
-
-    config: TrainConfig
-    task: Any  # peftkit.tasks.Task
-    tokenizer: Any
-    model: PeftModel
-    label_names: list[str] | None
-
-
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """A finished run (``config.yaml``, ``labels.json`` and ``adapter/`` in ``run_dir``) on a fresh base.
-
-    Raises ConfigError when ``run_dir`` is not a finished run."""
-    from peftkit.assets import resolve_model
-
-    folder = RunFolder(run_dir)
-    if not folder.is_finished():
-        raise ConfigError(
-            f"{folder.root} is not a finished training run (config.yaml and adapter/ are expected)"
-        )
-    config = folder.read_config()
-    task_name, label_names = folder.read_labels()
-    task = TASKS[task_name]
-    model_dir = resolve_model(config.model)
-    tokenizer = task.load_tokenizer(model_dir)
-    with quiet_transformers():
-        base = task.load_model(model_dir, label_names, tokenizer)
-    prepare_base(config, base)  # a QLoRA adapter is evaluated on the 4-bit base it was trained on
-    model = PeftModel.from_pretrained(base, folder.adapter_dir)
-    return LoadedRun(config, task, tokenizer, model, label_names)

@@ -7,11 +7,14 @@ the state holds only tensors, numbers and strings, so it is read back with ``wei
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from peftkit.file_checks import CheckpointError
 
 
 @dataclass
@@ -60,3 +63,27 @@ def restore_trainer_state(state: dict[str, Any], optimizer, scheduler) -> Progre
     scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"])
     return Progress(**state["progress"])
+
+
+def check_trainer_state(state: Any, source: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` and the entry when ``state`` is not what
+    :func:`trainer_state` writes: a mapping of the optimizer's and scheduler's state dicts, the generator
+    states and the progress (with a whole number of steps)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a trainer state")
+    missing = [key for key in ("optimizer", "scheduler", "rng", "progress") if key not in state]
+    if missing:
+        raise CheckpointError(f"{source} lacks {', '.join(missing)}: it is not a whole trainer state")
+    optimizer, rng, progress = state["optimizer"], state["rng"], state["progress"]
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        raise CheckpointError(f"{source}: `optimizer` is not an optimizer's state dict")
+    if not isinstance(state["scheduler"], dict):
+        raise CheckpointError(f"{source}: `scheduler` is not a scheduler's state dict")
+    if not isinstance(rng, dict) or not {"torch", "python", "numpy"} <= set(rng):
+        raise CheckpointError(f"{source}: `rng` lacks the torch, python or numpy generator state")
+    known = {f.name for f in fields(Progress)}
+    if not isinstance(progress, dict) or set(progress) != known:
+        raise CheckpointError(f"{source}: `progress` must hold exactly {sorted(known)}")
+    step = progress["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{source}: `progress.step` must be a whole number of steps, got {step!r}")

@@ -43,16 +43,20 @@ def fused_lora_linear(
     in-place ops on it stay legal."""
     out_features = weight.shape[1] if transposed else weight.shape[0]
     flat = x.reshape(-1, x.shape[-1])
-    flat_adapter = flat if x_adapter is x else x_adapter.reshape(-1, x_adapter.shape[-1])
+    # the shared input goes in once: torch.compile (dynamo) cannot trace a node given one tensor twice
+    flat_adapter = None if x_adapter is x else x_adapter.reshape(-1, x_adapter.shape[-1])
     result = FusedLoraLinear.apply(flat, flat_adapter, weight, bias, weight_A, weight_B, scale, transposed)
     return result.view((*x.shape[:-1], out_features))
 
 
 class FusedLoraLinear(torch.autograd.Function):
-    """The node behind :func:`fused_lora_linear`, on (tokens, in) inputs."""
+    """The node behind :func:`fused_lora_linear`, on (tokens, in) inputs; ``x_adapter`` is ``None`` when the
+    adapter reads ``x`` itself."""
 
     @staticmethod
     def forward(ctx, x, x_adapter, weight, bias, weight_A, weight_B, scale: float, transposed: bool):
+        ctx.shared_input = x_adapter is None
+        x_adapter = x if x_adapter is None else x_adapter
         if transposed:  # Conv1D.forward, op for op
             result = torch.addmm(bias, x, weight) if bias is not None else x @ weight
         else:
@@ -61,7 +65,6 @@ class FusedLoraLinear(torch.autograd.Function):
         result.addmm_(hidden, weight_B.T, alpha=scale)
         ctx.save_for_backward(x_adapter, weight, weight_A, weight_B, hidden)
         ctx.scale, ctx.transposed, ctx.has_bias = scale, transposed, bias is not None
-        ctx.shared_input = x_adapter is x
         return result
 
     @staticmethod

@@ -169,13 +169,15 @@ class LoraLinear(AdapterLayer):
             return None
         stack_A, stack_B = stacks  # (n, r_max, in), (n, out, r_max) with each B already scaled by its s
         rows = routing.index
+        if torch.compiler.is_compiling():  # the gather joins the graph; the key below reads the rows' data
+            return _gathered(stack_A, stack_B, rows)
         kept = self.__dict__.get("_stack_cache")
         is_kept = kept is not None and kept[2][0] is stack_A  # not kept while they train: nor is this
         key = (stack_A, tuple(rows.tolist()))  # the kept stacks themselves (compared by `is`), the rows
         cached = self.__dict__.get("_row_cache")
         if is_kept and cached is not None and cached[0][0] is stack_A and cached[0][1] == key[1]:
             return cached[1]
-        gathered = (stack_A[rows].transpose(1, 2).contiguous(), stack_B[rows].transpose(1, 2).contiguous())
+        gathered = _gathered(stack_A, stack_B, rows)
         if is_kept:
             self.__dict__["_row_cache"] = (key, gathered)
         return gathered
@@ -185,7 +187,8 @@ class LoraLinear(AdapterLayer):
         version counters move with every in-place update (optimizer steps, loads); adding or deleting an
         adapter or changing a scale forgets the stacks; while the adapters train nothing is kept. The check is
         a few integer comparisons per adapter: it runs in every layer at every decode step."""
-        kept = self.__dict__.get("_stack_cache")
+        compiling = torch.compiler.is_compiling()  # a compiled graph rebuilds them: no Python-side cache
+        kept = None if compiling else self.__dict__.get("_stack_cache")
         merged = tuple(self.merged_adapters)
         if (
             kept is not None
@@ -204,7 +207,10 @@ class LoraLinear(AdapterLayer):
             b_shape=(self.out_features,),
             like=weights[live[0]][0],
         )
-        if not (torch.is_grad_enabled() and stack_A.requires_grad):  # a graph must not outlive its step
+        keep = not (
+            compiling or (torch.is_grad_enabled() and stack_A.requires_grad)
+        )  # graphs die with a step
+        if keep:
             versions = [(p, p._version) for a, b, _ in weights.values() for p in (a, b)]
             self.__dict__["_stack_cache"] = ((names, merged), versions, (stack_A, stack_B))
         return stack_A, stack_B
@@ -214,6 +220,13 @@ class LoraLinear(AdapterLayer):
         ones': the kept stacks must not be taken for its."""
         self.__dict__.pop("_stack_cache", None)
         self.__dict__.pop("_row_cache", None)
+
+
+def _gathered(
+    stack_A: torch.Tensor, stack_B: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``b``'s A^T (batch, in, r_max) and s·B^T (batch, r_max, out), contiguous for ``bmm``."""
+    return stack_A[rows].transpose(1, 2).contiguous(), stack_B[rows].transpose(1, 2).contiguous()
 
 
 def _add_scaled_product(

@@ -114,7 +114,7 @@ class PrefixEncoder(nn.Module):
 
     def values(self) -> dict[str, torch.Tensor]:
         if self.mlp is None:
-            return dict(self.prefixes)
+            return dict(self.prefixes.items())  # dict(ParameterDict) stops torch.compile (dynamo)
         flat = self.mlp(self.prompt)  # (n, sum of layers·2·heads·head_dim)
         result, start = {}, 0
         for key, shape in self.shapes.items():
