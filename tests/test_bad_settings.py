@@ -16,6 +16,8 @@ from peftkit.training.ranges import SETTING_RANGES
 # setting -> (values refused, values accepted) at its ends and beyond; every ranged setting is listed
 CASES = {
     "limit": ([0, -1, 2.5, math.inf], [1, None]),
+    "train_size": ([0, -1, 2.5, True], [1, None]),
+    "data_seed": ([-1, 2.5, 2**63], [0, None]),
     "epochs": ([0, -1, math.nan, math.inf, -math.inf], [0.25, 1e-3, 3]),
     "max_steps": ([0, -1, 2.5, math.nan], [1, None]),
     "batch_size": ([0, -4, 1.0, 2.5], [1]),

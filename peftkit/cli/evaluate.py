@@ -26,9 +26,11 @@ def run(args: argparse.Namespace) -> int:
         folder,
         f"data set {config.dataset!r}",
         lambda: load_splits(
-            config.dataset, config.task, Columns(**config.columns), seed=config.seed, limit=config.limit
+            config.dataset, config.task, Columns(**config.columns), seed=config.split_seed, limit=config.limit
         ),
     )
+    if config.train_size is not None:  # the training examples the run kept (validation and test: whole)
+        splits = splits.with_train_size(config.train_size)
     run = load_run(args.run_dir, log=_note)
     metrics = run.task.evaluate(
         run.model,

@@ -18,6 +18,8 @@ HELP = {
     "or a Hugging Face datasets folder",
     "task": "sequence-classification, token-classification, causal-lm or seq2seq (inferred for built-ins)",
     "limit": "records read before splitting ('none': all)",
+    "train_size": "training examples kept: the first N of the shuffled training split ('none': all)",
+    "data_seed": "seed of the data split and its order ('none': --seed)",
     "epochs": "passes over the training split when --max-steps is none",
     "max_steps": "optimizer steps ('none': run `epochs` epochs)",
     "batch_size": "examples per micro-batch and process",

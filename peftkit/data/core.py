@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,16 @@ class Splits:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+    def with_train_size(self, size: int) -> Splits:
+        """The same splits with only the first ``size`` training records: the training split is already in a
+        seeded shuffled order, so the subsets of one data seed are nested (a smaller size is a prefix of a
+        larger one) and validation and test stay the same. Raises DataError when ``size`` exceeds it."""
+        if not 0 < size <= len(self.train):
+            raise DataError(
+                f"`train_size` must be between 1 and the training split's {len(self.train):,} records, got {size}"
+            )
+        return dataclasses.replace(self, train=self.train[:size])
 
 
 def check_task(task: str | None, allowed: Sequence[str] = TASKS, *, what: str | None = None) -> str:

@@ -40,6 +40,10 @@ class TrainConfig:
     method: str = "lora"
     columns: dict[str, str] = field(default_factory=dict)  # e.g. {"text": "review", "label": "sentiment"}
     limit: int | None = None  # records read before splitting (None: all)
+    # training examples kept: the first N of the (seeded, shuffled) training split, so a smaller size is a
+    # prefix of a larger one (None: all); validation and test stay whole
+    train_size: int | None = None
+    data_seed: int | None = None  # seed of the split and its order (None: `seed`); fixed, it keeps the data
     # the method's own settings (declared with the method, see peftkit/method_spec.py); the missing ones
     # take the method's defaults, and one the method does not take is refused
     options: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +86,11 @@ class TrainConfig:
         if self.head_learning_rate is None:
             self.head_learning_rate = HEAD_LEARNING_RATE
         self.validate()
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data split and its order: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as one flat mapping (the method's options beside the others), as saved."""

@@ -75,6 +75,8 @@ class Range:
 POSITIVE_INT = Range(int, 1)
 SETTING_RANGES: dict[str, Range] = {
     "limit": Range(int, 1, none="all records"),
+    "train_size": Range(int, 1, none="the whole training split"),
+    "data_seed": Range(int, 0, 2**63, high_open=True, none="`seed`"),
     "epochs": Range(float, 0, low_open=True),  # fractional: that share of an epoch, rounded up to a step
     "max_steps": Range(int, 1, none="run `epochs` epochs"),
     "batch_size": POSITIVE_INT,

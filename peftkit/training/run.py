@@ -126,8 +126,10 @@ class TrainingRun:
 
         config = self.config
         self.splits = load_splits(
-            config.dataset, config.task, Columns(**config.columns), seed=config.seed, limit=config.limit
+            config.dataset, config.task, Columns(**config.columns), seed=config.split_seed, limit=config.limit
         )
+        if config.train_size is not None:
+            self.splits = self.splits.with_train_size(config.train_size)
         self.task = TASKS[self.splits.task]
         if self.dist.is_main:
             self.folder.write_labels(self.splits.task, self.splits.label_names)
