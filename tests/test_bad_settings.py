@@ -3,6 +3,7 @@ the command line, a YAML file and Python agree on it: a value outside is an erro
 what is allowed, before anything is loaded or written; a value inside does what it says."""
 
 import math
+import typing
 
 import pytest
 
@@ -40,11 +41,17 @@ CASES = {
     "group_by_length": ([1, "auto"], [None, True]),
     "packing": ([1], [False]),
     "check_finite": ([0, "on"], [True, False]),
+    "fsdp": ([1, "yes"], [False]),
     "resume": (["true", None], [False]),
 }
 
 
-def test_every_ranged_setting_is_tested():
+def test_every_numeric_and_switch_setting_has_a_range_and_is_tested():
+    hints = typing.get_type_hints(TrainConfig)
+    ranged = {
+        name for name, hint in hints.items() if {int, float, bool} & ({hint} | set(typing.get_args(hint)))
+    }
+    assert ranged == set(SETTING_RANGES)  # a new setting cannot skip its range
     assert set(CASES) == set(SETTING_RANGES)
 
 

@@ -34,6 +34,8 @@ HELP = {
     "max_grad_norm": "gradient clipping norm, >= 0 (0 or 'none': no clipping)",
     "bf16": "bfloat16 autocast for the forward pass",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
+    "fsdp": "under torchrun / accelerate launch: shard the frozen base across the processes (FSDP2) "
+    "instead of a full copy in each (DDP)",
     "seed": "seed of the data order, initialisation and dropout",
     "eval_every": "optimizer steps between validations",
     "eval_batch_size": "examples per evaluation batch",

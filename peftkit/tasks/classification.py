@@ -25,6 +25,8 @@ def _label_maps(label_names: Sequence[str]) -> dict:
         "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
         "label2id": {name: i for i, name in enumerate(label_names)},
+        # a folder whose saved head has another number of labels gets a fresh head (trained in full anyway)
+        "ignore_mismatched_sizes": True,
     }
 
 

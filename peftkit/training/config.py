@@ -4,6 +4,7 @@ the run so that it can be repeated and resumed."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class TrainConfig:
     max_length: int | None = None  # None: from the training data, see peftkit/training/lengths.py
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the frozen base across the launched processes (FSDP2), see training/fsdp.py
     # causal-LM / seq2seq training (see peftkit/training/efficiency.py)
     fused_loss: bool = True  # the fused linear cross-entropy where it equals the model's own loss
     group_by_length: bool | None = None  # None: on for causal-lm and seq2seq, off for classification
@@ -150,8 +152,15 @@ class TrainConfig:
                 except ConfigError as error:
                     raise ConfigError(f"{yaml_path}: {error}") from None
             values.update(from_file)
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset})
-        return cls.from_dict(values)
+        given = {k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset}
+        values.update(given)
+        try:
+            return cls.from_dict(values)
+        except ConfigError as error:  # a method option the adapter config refuses: name the file it came from
+            named = re.search(r"`(\w+)`", str(error))
+            if yaml_path is None or named is None or named[1] in given or named[1] not in values:
+                raise
+            raise ConfigError(f"{yaml_path}: {error}") from None
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting out of its range (see

@@ -6,7 +6,7 @@ so that ``--learning-rate inf``, ``learning_rate: .inf`` and ``TrainConfig(learn
 same error: "`learning_rate` must be a finite number > 0, got inf".
 
 Bounds that depend on the model (``max_length`` within its positions) are checked when the model is loaded,
-see :func:`peftkit.training.data_checks.check_against_model`.
+see :mod:`peftkit.data.model_checks`.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ SETTING_RANGES: dict[str, Range] = {
     "group_by_length": Range(bool, none="on for causal-lm and seq2seq, off for classification"),
     "packing": Range(bool),
     "check_finite": Range(bool),
+    "fsdp": Range(bool),
     "resume": Range(bool),
 }
 
