@@ -124,7 +124,10 @@ def test_a_bad_flag_is_a_usage_error_naming_the_flag(flag, value, allowed, tmp_p
 
 def test_a_bad_method_option_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
     assert main(["train", "--output-dir", str(tmp_path / "out"), "--r", "-1"]) == 2
-    assert "peftkit train: error: `r` must be a positive integer, got -1" in capsys.readouterr().err
+    assert "peftkit train: error: --r: `r` must be a positive integer, got -1" in capsys.readouterr().err
+    flags = ["--method", "bottleneck", "--bottleneck-size", "0", "--output-dir", str(tmp_path / "out")]
+    assert main(["train", *flags]) == 2
+    assert "error: --bottleneck-size: `bottleneck_size` must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="`dropout`"):
         TrainConfig(options={"dropout": 1.5})

@@ -152,8 +152,8 @@ class TrainConfig:
         try:
             return cls.from_dict(values)
         except ConfigError as error:  # a method option the adapter config refuses: name the file it came from
-            named = re.search(r"`(\w+)`", str(error))
-            if yaml_path is None or named is None or named[1] in given or named[1] not in values:
+            named = named_setting(error)
+            if yaml_path is None or named is None or named in given or named not in values:
                 raise
             raise ConfigError(f"{yaml_path}: {error}") from None
 
@@ -219,6 +219,12 @@ def parse_setting(name: str, text: str) -> Any:
         )
         raise ConfigError(f"`{name}` must be {allowed}, got {text!r}") from None
     return check_setting(name, value)
+
+
+def named_setting(error: ConfigError) -> str | None:
+    """The setting an error message names first (as `name`), if any."""
+    found = re.search(r"`(\w+)`", str(error))
+    return found[1] if found else None
 
 
 def check_value(name: str, value: Any) -> None:
