@@ -288,7 +288,8 @@ def _coerce(name: str, kind: type | None, value: Any) -> Any:
     try:
         return kind(value)
     except ValueError:
-        raise ConfigError(f"`{name}` must be {_ARTICLE[kind]}, got {value!r}") from None
+        allowed = SETTING_RANGES[name].allowed() if name in SETTING_RANGES else _ARTICLE[kind]
+        raise ConfigError(f"`{name}` must be {allowed}, got {value!r}") from None
 
 
 _ARTICLE = {float: "a number", int: "an integer"}
