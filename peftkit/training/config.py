@@ -126,6 +126,18 @@ class TrainConfig:
         return loaded
 
     @classmethod
+    def read_checked_settings(cls, yaml_path: str | Path) -> dict[str, Any]:
+        """:meth:`read_settings`, each value checked against its setting's range: an error names the file
+        and the key (a method option's range is checked when the config is built)."""
+        settings = cls.read_settings(yaml_path)
+        for name, value in settings.items():
+            try:
+                check_value(name, value)
+            except ConfigError as error:
+                raise ConfigError(f"{yaml_path}: {error}") from None
+        return settings
+
+    @classmethod
     def from_sources(
         cls,
         yaml_path: str | Path | None = None,
@@ -138,15 +150,7 @@ class TrainConfig:
 
         Raises ConfigError for an unknown setting, a value of the wrong type or out of its range (naming the
         YAML file when the value came from it), an unknown method, or an option of another method."""
-        values: dict[str, Any] = {}
-        if yaml_path is not None:
-            from_file = cls.read_settings(yaml_path)
-            for name, value in from_file.items():
-                try:
-                    check_value(name, value)
-                except ConfigError as error:
-                    raise ConfigError(f"{yaml_path}: {error}") from None
-            values.update(from_file)
+        values = cls.read_checked_settings(yaml_path) if yaml_path is not None else {}
         given = {k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset}
         values.update(given)
         try:
