@@ -54,8 +54,9 @@ def _settings(assets, case: str, steps: int = 4) -> list[str]:
         ]
         return [*data, *common, "--method", "lora"]
     data = ["--model", str(assets["llama"]), "--dataset", str(assets["qa"]), "--task", "causal-lm"]
-    method = {"prefix": ["--method", "prefix_tuning", "--num-virtual-tokens", "4"]}.get(case)
-    return [*data, *common, *(method or ["--method", case])]
+    prompts = ["--num-virtual-tokens", "4"] if case in ("prefix_tuning", "prompt_tuning", "p_tuning") else []
+    method = ["--method", case, *prompts]
+    return [*data, *common, *method]
 
 
 def _one_process(args: list[str]) -> None:
@@ -118,7 +119,9 @@ def _assert_same_trainer_state(run_dir, reference_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["lora", "qlora", "classifier", "prefix"])
+@pytest.mark.parametrize(
+    "case", ["lora", "qlora", "classifier", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "bottleneck"]
+)
 def test_two_fsdp_processes_match_one_process_at_the_same_global_batch(assets, tmp_path, case):
     """Global batch 8 both ways: 1 process x batch 4 x 2 accumulation steps, and 2 FSDP processes x batch 2
     x 2 accumulation steps (gradients kept unreduced over the first micro-batch)."""
@@ -201,8 +204,9 @@ def test_fsdp_refuses_methods_that_train_base_parameters_in_place(assets, tmp_pa
         TrainingRun.prepare(config, log=lambda *_: None)
 
 
-def test_lora_training_biases_cannot_be_sharded():
-    model = get_peft_model(TINY_MODELS["gpt2"].build(), LoraConfig(r=2, bias="all"))
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_lora_training_biases_cannot_be_sharded(bias):
+    model = get_peft_model(TINY_MODELS["gpt2"].build(), LoraConfig(r=2, bias=bias))
     with pytest.raises(ConfigError, match=r"\(lora\): it trains \d+ of the base model's own parameters"):
         fsdp.check_shardable(model)
     fsdp.check_shardable(get_peft_model(TINY_MODELS["gpt2"].build(), LoraConfig(r=2)))  # bias none: fine
