@@ -131,6 +131,18 @@ class TrainConfig:
         return loaded
 
     @classmethod
+    def read_checked_settings(cls, yaml_path: str | Path) -> dict[str, Any]:
+        """:meth:`read_settings`, each value checked against its setting's range: an error names the file
+        and the key (a method option's range is checked when the config is built)."""
+        settings = cls.read_settings(yaml_path)
+        for name, value in settings.items():
+            try:
+                check_value(name, value)
+            except ConfigError as error:
+                raise ConfigError(f"{yaml_path}: {error}") from None
+        return settings
+
+    @classmethod
     def from_sources(
         cls,
         yaml_path: str | Path | None = None,
@@ -143,22 +155,14 @@ class TrainConfig:
 
         Raises ConfigError for an unknown setting, a value of the wrong type or out of its range (naming the
         YAML file when the value came from it), an unknown method, or an option of another method."""
-        values: dict[str, Any] = {}
-        if yaml_path is not None:
-            from_file = cls.read_settings(yaml_path)
-            for name, value in from_file.items():
-                try:
-                    check_value(name, value)
-                except ConfigError as error:
-                    raise ConfigError(f"{yaml_path}: {error}") from None
-            values.update(from_file)
+        values = cls.read_checked_settings(yaml_path) if yaml_path is not None else {}
         given = {k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset}
         values.update(given)
         try:
             return cls.from_dict(values)
         except ConfigError as error:  # a method option the adapter config refuses: name the file it came from
-            named = re.search(r"`(\w+)`", str(error))
-            if yaml_path is None or named is None or named[1] in given or named[1] not in values:
+            named = named_setting(error)
+            if yaml_path is None or named is None or named in given or named not in values:
                 raise
             raise ConfigError(f"{yaml_path}: {error}") from None
 
@@ -226,6 +230,12 @@ def parse_setting(name: str, text: str) -> Any:
     return check_setting(name, value)
 
 
+def named_setting(error: ConfigError) -> str | None:
+    """The setting an error message names first (as `name`), if any."""
+    found = re.search(r"`(\w+)`", str(error))
+    return found[1] if found else None
+
+
 def check_value(name: str, value: Any) -> None:
     """Raise ConfigError when ``value`` cannot be setting ``name``: an unknown name, a wrong type or a value
     out of range (a method option's range is its adapter config's business, checked in ``validate``)."""
@@ -287,7 +297,8 @@ def _coerce(name: str, kind: type | None, value: Any) -> Any:
     try:
         return kind(value)
     except ValueError:
-        raise ConfigError(f"`{name}` must be {_ARTICLE[kind]}, got {value!r}") from None
+        allowed = SETTING_RANGES[name].allowed() if name in SETTING_RANGES else _ARTICLE[kind]
+        raise ConfigError(f"`{name}` must be {allowed}, got {value!r}") from None
 
 
 _ARTICLE = {float: "a number", int: "an integer"}

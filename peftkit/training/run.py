@@ -38,6 +38,7 @@ from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Distributed
 from peftkit.training.divergence import FiniteParameters, diverged, loss_problem
+from peftkit.training.finished import LoadedRun, load_run  # noqa: F401  (re-exported: their old home)
 from peftkit.training.layout import RunFolder
 from peftkit.training.methods import adapter_config_for, prepare_base
 from peftkit.training.optim import build_optimizer, head_parameters, linear_schedule
