@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             raise ConfigError(f"`peftkit compare` sets {name} for each run; use {instead}")
     methods = [m for item in args.methods for m in item.split(",") if m]
-    given = TrainConfig.read_settings(args.config) if args.config else {}
+    given = TrainConfig.read_checked_settings(args.config) if args.config else {}
     given.update(overrides_from_args(args))  # only the flags given; `--max-steps none` is a None
     general, options = split_settings(given)
     base = TrainConfig.from_dict(general)
