@@ -157,7 +157,7 @@ def _describe(base, methods, seeds, context, train_sizes, min_steps, retain) -> 
         "methods": ", ".join(methods),
         "seeds": ", ".join(str(s) for s in seeds),
         "budget": f"{length} of batch {base.batch_size} x {base.gradient_accumulation} accumulation, "
-        f"max length {base.max_length}",
+        f"max length {base.max_length or 'from the data (99th percentile)'}",
         **extra,
         **(context or {}),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

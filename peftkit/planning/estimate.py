@@ -48,7 +48,7 @@ class Settings:
     model: str = TrainConfig.model
     task: str | None = None  # None: inferred from the model's architecture
     batch_size: int = TrainConfig.batch_size
-    max_length: int = TrainConfig.max_length
+    max_length: int = 64  # tokens per row (peftkit train picks its own from the data)
     memory: int | None = None  # bytes available for training; None: no limit given
     device: str = "cpu"
     dtype: str = "fp32"
