@@ -3,7 +3,7 @@
 For MiniLM and SmolLM2 (their configs; random weights of the same shapes: memory does not depend on the
 values) and every method, one worker process per (model, method, gradient checkpointing) trains a few steps
 exactly as ``peftkit train`` sets them up (``prepare_base``, ``get_peft_model`` with train's default adapter
-config, peftkit's AdamW groups, gradient clipping) on full rows of B x T tokens, and reports its resident
+config, train's loss (the fused linear cross-entropy where exact), peftkit's AdamW groups, gradient clipping) on full rows of B x T tokens, and reports its resident
 memory before the model is built and its peak (``ru_maxrss``). The plan is computed in the driver on the meta
 device. Then LLaMA-7B and LLaMA-65B configs are planned (meta device only) next to the guides' tables.
 
@@ -79,6 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     from peftkit.planning.meta_model import AUTO_CLASSES
     from peftkit.tasks import TASKS
     from peftkit.training.config import TrainConfig
+    from peftkit.training.efficiency import loss_function
     from peftkit.training.methods import adapter_config_for, prepare_base
     from peftkit.training.optim import build_optimizer
 
@@ -97,13 +98,14 @@ def worker(args: argparse.Namespace) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft.train()
     optimizer = build_optimizer(peft, learning_rate=1e-4, weight_decay=0.01)
+    training_loss = loss_function(train, args.task, peft, peft, None, say=lambda _: None)  # train's own
     ready = rss_now()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.tokens))
     labels = torch.randint(0, 2, (args.batch,)) if args.task == "sequence-classification" else ids
     seconds = []
     for _ in range(STEPS):
         start = time.perf_counter()
-        loss = peft(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss = training_loss({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in peft.parameters() if p.requires_grad], 1.0)
         optimizer.step()
@@ -273,6 +275,9 @@ def main() -> None:
     parser.add_argument(
         "--no-checkpointing-runs", action="store_true", help="only runs without checkpointing"
     )
+    parser.add_argument(
+        "--only-checkpointing-runs", action="store_true", help="only the runs with gradient checkpointing"
+    )
     parser.add_argument("--mallocs", nargs="+", choices=list(MALLOC), default=list(MALLOC))
     parser.add_argument("--output", help="write the results as Markdown here (and .json beside it)")
     parser.add_argument("--report-from", help="only rewrite --output from this earlier .json")
@@ -297,7 +302,7 @@ def main() -> None:
         Path(args.output).write_text(markdown(results))
         Path(args.output).with_suffix(".json").write_text(json.dumps(results, indent=1))
         return
-    checkpointing = [(False, m) for m in args.mallocs]
+    checkpointing = [] if args.only_checkpointing_runs else [(False, m) for m in args.mallocs]
     checkpointing += [] if args.no_checkpointing_runs else [(True, "fixed")]
     results = {
         "command": "python -m benchmarks.plan_accuracy " + " ".join(sys.argv[1:]),

@@ -52,7 +52,7 @@ def _copy(finished, tmp_path):
         ({"batch_size": 4}, ["batch_size: 8 -> 4"]),
         (
             {"seed": 1, "learning_rate": 0.001},
-            ["seed: 0 -> 1", " learning_rate: 0.01 -> 0.001", "head_learning_rate: 0.01 -> 0.001"],
+            ["seed: 0 -> 1", " learning_rate: 0.01 -> 0.001"],  # (the head keeps its own rate)
         ),
         ({"method": "bitfit"}, ["method: 'lora' -> 'bitfit'", "r: 8 -> (not a setting of this method)"]),
         ({"max_length": 32, "bf16": True}, ["max_length: 16 -> 32", "bf16: False -> True"]),
@@ -196,3 +196,23 @@ def test_an_unchanged_resume_typed_with_relative_paths_continues(assets, finishe
     original = load_file(finished / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(adapter[k], original[k]) for k in original)
     assert json.loads((run / "result.json").read_text())["steps"] == 4
+
+
+def test_a_fresh_run_never_overwrites_a_trained_adapter(assets, finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    for name in ("checkpoint", "checkpoint.previous"):  # only the trained adapter left
+        shutil.rmtree(run / name)
+    adapter = _files(run / "adapter")
+    with pytest.raises(ConfigError, match=r"holds an earlier run .*pass --resume"):
+        train(rf.config(assets, run), log=rf.QUIET)
+    with pytest.raises(ConfigError, match="holds no checkpoint to continue from"):
+        train(rf.config(assets, run, resume=True), log=rf.QUIET)
+    assert _files(run / "adapter") == adapter
+
+
+def test_a_recorded_setting_out_of_range_names_the_record(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("batch_size: 8", "batch_size: -8"))
+    with pytest.raises(ConfigError, match=f"^{run}/config.yaml: .*batch_size"):
+        RunFolder(run).read_config()

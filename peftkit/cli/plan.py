@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
         help="default: from the model's architecture",
     )
     parser.add_argument("--batch-size", type=int, help="rows per step (default: peftkit train's)")
-    parser.add_argument("--max-length", type=int, help="tokens per row, T (default: peftkit train's)")
+    parser.add_argument(
+        "--max-length", type=int, help="tokens per row, T (default: 64; peftkit train picks its own)"
+    )
     parser.add_argument("--memory", help="memory available for training, e.g. 24GiB or 16GB")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where training would run")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights' dtype")
@@ -28,6 +30,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-labels", type=int, default=2, help="classes of a classification head")
     parser.add_argument("--tasks", type=int, default=1, help="tasks to serve from one base model")
     parser.add_argument("--zero-latency", action="store_true", help="inference must cost what the base costs")
+    parser.add_argument(
+        "--no-fused-loss",
+        dest="fused_loss",
+        action="store_false",
+        help="plan the model's own loss (full logits), as peftkit train --no-fused-loss trains",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--chart", metavar="PNG", help="write memory per method, stacked by component")
     parser.set_defaults(run=run)
@@ -48,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         num_labels=args.num_labels,
         tasks=args.tasks,
         zero_latency=args.zero_latency,
+        fused_loss=args.fused_loss,
     )
     table = plan(settings)
     print(table.to_json() if args.json else table.render())

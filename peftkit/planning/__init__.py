@@ -88,7 +88,7 @@ def _validate(settings: Settings, methods, known) -> None:
 
 def predicted_peaks(config, methods) -> dict[str, int | None]:
     """Predicted peak training memory in bytes of each of ``methods`` for a ``peftkit train`` config (its
-    model, task, batch size, max length, gradient checkpointing; CPU, fp32 weights as train keeps them), or
+    model, task, batch size, max length, gradient checkpointing, loss; CPU, fp32 weights as train keeps them), or
     None where the plan cannot say (an unknown method, a model whose step cannot be simulated). Never raises:
     ``peftkit compare`` shows it next to the measured peak and goes on without it."""
     import peftkit.training.config  # noqa: F401  (declares every method peftkit train knows)
@@ -104,8 +104,9 @@ def predicted_peaks(config, methods) -> dict[str, int | None]:
             model=config.model,
             task=task,
             batch_size=config.batch_size,
-            max_length=config.max_length,
+            max_length=config.max_length or Settings.max_length,  # (None: chosen from the data later)
             methods=known,
+            fused_loss=config.fused_loss,
         )
     except (ValueError, RuntimeError, OSError, ImportError):  # an extra: the measurements stand alone
         return peaks

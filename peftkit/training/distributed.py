@@ -26,7 +26,8 @@ class Distributed:
         if world_size == 1:
             return Distributed()
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            # collectives on CPU tensors go through gloo, on CUDA tensors through NCCL (where there is CUDA)
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
 
     def barrier(self) -> None:
@@ -41,6 +42,15 @@ class Distributed:
         holder = [value]
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over the processes (a step's loss: each process saw its share of the
+        global batch, so the mean is the loss of the whole batch, as one process would log it)."""
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.item() / self.world_size
 
     def shutdown(self) -> None:
         """Leave the process group, if one was joined."""

@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from peftkit.config import ConfigError
 from peftkit.file_checks import CheckpointError
 from peftkit.training.config import TrainConfig, drop_other_methods_defaults
 from peftkit.training.lock import FolderLock
@@ -98,8 +99,16 @@ class RunFolder:
         config.save(self.config_path)
 
     def read_config(self) -> TrainConfig:
-        """The settings the run was started with (raises ConfigError for a file that is not valid)."""
-        return TrainConfig.from_dict(drop_other_methods_defaults(TrainConfig.read_settings(self.config_path)))
+        """The settings the run was started with. Raises ConfigError, naming the file, for one that is not
+        valid."""
+        try:
+            return TrainConfig.from_dict(
+                drop_other_methods_defaults(TrainConfig.read_settings(self.config_path))
+            )
+        except ConfigError as error:
+            if str(self.config_path) in str(error):
+                raise
+            raise ConfigError(f"{self.config_path}: {error}") from error
 
     def write_labels(self, task: str, label_names: list[str] | None) -> None:
         """Write ``labels.json``: the task and the label names the head was built for."""
@@ -111,9 +120,11 @@ class RunFolder:
         return json.loads(path.read_text()).get("task") if path.is_file() else None
 
     def read_labels(self) -> tuple[str, list[str] | None]:
-        """(task name, label names) the run's head was built for."""
-        labels = json.loads((self.root / _LABELS).read_text())
-        return labels["task"], labels["label_names"]
+        """(task name, label names) the run's head was built for; raises ConfigError naming the file for one
+        that is not of that form (see :func:`~peftkit.data.labels_file.read_labels_file`)."""
+        from peftkit.data.labels_file import read_labels_file
+
+        return read_labels_file(self.root / _LABELS)
 
     # --- metrics log
     def log(self, **entry: Any) -> None:

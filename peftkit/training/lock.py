@@ -5,7 +5,7 @@ that holds it, so a run killed by SIGKILL, an out-of-memory kill or a power cut 
 the file left in the folder blocks nobody. The holder writes its pid, host and start time into the file so
 that a refused run can name it. ``flock`` is what ``git``-like tools and ``filelock`` use on POSIX systems;
 ``filelock`` itself is not used because it truncates the file on every attempt, erasing the holder's name.
-On a system without ``fcntl`` (Windows) the lock does nothing.
+On a system without ``fcntl`` (Windows), or a file system that refuses locks, the lock does nothing.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class FolderLock:
                         "or choose another --output-dir"
                     ) from None
                 time.sleep(0.05)
+            except OSError:  # a file system without locks (some network or FUSE mounts): not guarded there
+                os.close(fd)
+                return
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_me()).encode(), 0)
         self._fd = fd
@@ -80,6 +83,8 @@ class FolderLock:
             return None
         except BlockingIOError:
             return _read_holder(fd)
+        except OSError:  # no locks on this file system
+            return None
         finally:
             os.close(fd)  # also drops the shared lock when it was taken
 
