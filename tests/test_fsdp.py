@@ -41,7 +41,7 @@ def _settings(assets, case: str, steps: int = 4) -> list[str]:
     """The flags of one small run (both runs of a comparison take them), without batch size and folder."""
     common = ["--limit", "none", "--max-steps", str(steps), "--eval-every", "2", "--save-every", "2"]
     common += ["--max-length", "16", "--eval-limit", "8", "--eval-batch-size", "8", "--learning-rate", "0.01"]
-    common += ["--dropout", "0"] if case in ("lora", "qlora", "classifier") else []
+    common += ["--dropout", "0"] if case in ("lora", "lora-checkpointing", "qlora", "classifier") else []
     if case == "classifier":  # the fresh task head trains in full beside LoRA
         data = ["--model", str(assets["bert"]), "--dataset", str(assets["reviews"])]
         data += [
@@ -56,6 +56,8 @@ def _settings(assets, case: str, steps: int = 4) -> list[str]:
     data = ["--model", str(assets["llama"]), "--dataset", str(assets["qa"]), "--task", "causal-lm"]
     prompts = ["--num-virtual-tokens", "4"] if case in ("prefix_tuning", "prompt_tuning", "p_tuning") else []
     method = ["--method", case, *prompts]
+    if case == "lora-checkpointing":  # activations recomputed in the backward pass, inside sharded blocks
+        method = ["--method", "lora", "--gradient-checkpointing"]
     return [*data, *common, *method]
 
 
@@ -120,7 +122,18 @@ def _assert_same_trainer_state(run_dir, reference_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "case", ["lora", "qlora", "classifier", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "bottleneck"]
+    "case",
+    [
+        "lora",
+        "lora-checkpointing",
+        "qlora",
+        "classifier",
+        "prefix_tuning",
+        "prompt_tuning",
+        "p_tuning",
+        "ia3",
+        "bottleneck",
+    ],
 )
 def test_two_fsdp_processes_match_one_process_at_the_same_global_batch(assets, tmp_path, case):
     """Global batch 8 both ways: 1 process x batch 4 x 2 accumulation steps, and 2 FSDP processes x batch 2
@@ -151,19 +164,42 @@ def test_two_fsdp_processes_match_one_process_at_the_same_global_batch(assets, t
 
 
 @pytest.mark.slow
-def test_an_fsdp_run_resumed_under_fsdp_ends_where_one_process_ends(assets, tmp_path):
-    """Trained 2 steps, then resumed for 2 more (the schedule recomputed for 4): two FSDP processes write the
-    checkpoint whole and cut its optimizer state back into shards, ending where one process ends."""
+def test_a_ddp_run_resumed_under_fsdp_ends_where_one_process_ends(assets, tmp_path):
+    """Trained 2 steps by two DDP processes, then resumed for 2 more (the schedule recomputed for 4) by two
+    FSDP processes, which cut the checkpoint's whole optimizer state into shards and write whole ones: the
+    end is one process's, trained and resumed the same way."""
     for steps, resume in ((2, []), (4, ["--resume"])):
         common = [*_settings(assets, "lora", steps), *resume]
         _one_process([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
-        two = _torchrun([*common, "--batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "two")])
-    assert "at step 2" in two.stdout
+        sharded = ["--fsdp"] if resume else []
+        two = _torchrun([*common, *sharded, "--batch-size", "2", "--output-dir", str(tmp_path / "two")])
+    assert "at step 2; fsdp: False -> True" in two.stdout
     _assert_same_adapter(tmp_path / "two", tmp_path / "one")
     _assert_same_trainer_state(tmp_path / "two", tmp_path / "one")
     torch.testing.assert_close(
         _train_losses(tmp_path / "two"), _train_losses(tmp_path / "one"), rtol=1e-5, atol=0
     )
+
+
+@pytest.mark.slow
+def test_a_diverging_fsdp_run_stops_on_every_process_together(assets, tmp_path):
+    """The step loss is averaged over the processes before it is checked, so all stop at the same step with
+    the same message (a process stopping alone would leave the others waiting in a collective)."""
+    settings = [*_settings(assets, "lora"), "--learning-rate", "1e30", "--weight-decay", "0"]
+    settings += ["--warmup-ratio", "0", "--batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "run")]
+    launcher = [f"{BIN}/torchrun", "--standalone", "--nproc_per_node", "2", "-m", "peftkit.cli.main"]
+    done = subprocess.run(
+        [*launcher, "train", *settings],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode != 0
+    assert (
+        done.stderr.count("peftkit train: error: training diverged at step 2: the training loss is nan") == 2
+    )
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 @pytest.mark.slow

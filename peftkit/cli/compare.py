@@ -77,7 +77,8 @@ def add_parser(subparsers) -> None:
         metavar="TEXT",
         help="forgetting: after training, score each method's model (adapter active) and the base model on "
         "this general text, a .txt file or a built-in data set's texts (e.g. news_headlines): perplexity "
-        "for causal LMs (lower is better); not applicable to other tasks",
+        "for causal LMs, the masked-LM loss for encoders whose checkpoint has a masked-LM head (lower is "
+        "better for both); not applicable otherwise",
     )
     parser.add_argument(
         "--retain-tokens",
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             raise ConfigError(f"`peftkit compare` sets {name} for each run; use {instead}")
     methods = [m for item in args.methods for m in item.split(",") if m]
-    given = TrainConfig.read_settings(args.config) if args.config else {}
+    given = TrainConfig.read_checked_settings(args.config) if args.config else {}
     given.update(overrides_from_args(args))  # only the flags given; `--max-steps none` is a None
     general, options = split_settings(given)
     base = TrainConfig.from_dict(general)

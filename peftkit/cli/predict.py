@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from peftkit.cli.flags import positive_int
+from peftkit.cli.readers import positive_int
 from peftkit.config import ConfigError
 
 

@@ -2,17 +2,19 @@
 
 Each process holds ``1 / world_size`` of every parameter between uses. A transformer block's parameters are
 all-gathered just before the block runs and freed again after it (forward and backward), so a process holds
-its shard of the model plus one block at a time in full, where DDP holds the whole model in every process.
+its shard of the model plus, while the model runs, the root's parameters (embeddings, heads) and one block
+in full, where DDP holds the whole model in every process all the time.
 Adapters are parameters like any other: sharded, their gradients averaged across processes by
 reduce-scatter, each process updating its own shard (the frozen base gets no gradients, nothing is
 exchanged for it in the backward pass). The order of sharding follows PyTorch's FSDP2 recipe: every block
-(the classes transformers lists in the model's ``_no_split_modules``) first, then the ``PeftModel`` as the
+(the classes transformers lists in the model's ``_no_split_modules``, else the layers a ``ModuleList``
+stacks) first, then the ``PeftModel`` as the
 root, which gathers the rest (embeddings, output head, task head, prompt encoders) for each forward and
 ``generate`` call.
 
 What is written stays the format of a one-process run: the adapter's full tensors and the optimizer's full
 state are gathered (a collective: every process takes part) and only the main process writes them; a
-checkpoint written with or without ``--fsdp`` resumes either way. Evaluation runs on every process (each
+checkpoint written with or without ``--fsdp`` resumes either way (at the same global batch). Evaluation runs on every process (each
 forward is a collective), the main one reporting.
 
 Source: PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``; Zhao et al. 2023, "PyTorch FSDP",
@@ -56,8 +58,8 @@ def check_shardable(model: nn.Module) -> None:
 
 def block_classes(model: nn.Module) -> set[str]:
     """The class names of the transformer blocks: transformers' ``_no_split_modules`` of the base model
-    (what accelerate's FSDP auto-wrap uses too) or, where a model declares none (BERT), the class of the
-    modules a ``ModuleList`` stacks (``encoder.layer``)."""
+    (what accelerate's FSDP auto-wrap uses too) or, where a model declares none, the class of the modules a
+    ``ModuleList`` stacks (BERT's ``encoder.layer``)."""
     classes: set[str] = set()
     for module in model.modules():
         classes |= set(getattr(module, "_no_split_modules", None) or ())
