@@ -129,17 +129,6 @@ def _reader(name: str):
     return read
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a bad value is a usage error naming the flag, exit status 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the flags gave, flat, and only those (a flag given as ``none`` is there as None), column
     flags gathered into ``columns``."""
