@@ -145,7 +145,9 @@ def test_none_given_on_the_command_line_overrides_the_default(tmp_path):
     assert (config.max_steps, config.eval_limit, config.max_grad_norm) == (None, None, 2.0)
     flags = ["--config", str(tmp_path / "run.yaml"), "--max-grad-norm", "none"]
     assert config_from_args(build_parser().parse_args(["train", *flags])).max_grad_norm is None
-    assert config_from_args(build_parser().parse_args(["train"])).max_steps == 400  # not given: default
+    assert (
+        config_from_args(build_parser().parse_args(["train"])).max_steps == TrainConfig.max_steps
+    )  # default
 
 
 def test_adamw_decay_that_would_flip_the_weights_is_refused():

@@ -342,3 +342,13 @@ def test_an_encoder_base_with_heads_of_different_widths(tmp_path):
                 assert [t["score"] for t in answer["tokens"]] == pytest.approx(
                     probs[first].max(-1).values.tolist(), abs=1e-9
                 )
+
+
+def test_a_job_whose_adapter_went_away_fails_as_not_found(server):
+    from peftkit.serve.registry import AdapterNotFound
+
+    _, engine = server
+    job = ClassifyJob("removed-meanwhile", [[1, 2, 3]])
+    engine.scheduler.submit_classify(job)
+    with pytest.raises(AdapterNotFound, match="removed-meanwhile"):
+        job.future.result(timeout=30)

@@ -9,7 +9,7 @@ import typing
 from typing import Any
 
 from peftkit.method_spec import METHOD_SPECS, all_options
-from peftkit.training.config import TrainConfig, default_learning_rate, parse_setting
+from peftkit.training.config import HEAD_LEARNING_RATE, TrainConfig, default_learning_rate, parse_setting
 
 COLUMN_FLAGS = ("text", "label", "tokens", "tags", "prompt", "response", "source", "target")
 HELP = {
@@ -28,8 +28,10 @@ HELP = {
     "optimizer group",
     "weight_decay": "AdamW's decoupled weight-decay coefficient, on weight matrices (biases and norms: none)",
     "warmup_ratio": "share of the steps with a linear learning-rate warm-up, in [0, 1)",
+    "max_length": "tokens per example; longer ones are cut, and the run says which share ('none': the 99th "
+    "percentile of the training examples' lengths, rounded up to a multiple of 8, at most 512 and the model's "
+    "positions)",
     "max_grad_norm": "gradient clipping norm, >= 0 (0 or 'none': no clipping)",
-    "max_length": "tokens per example; longer ones are cut",
     "bf16": "bfloat16 autocast for the forward pass",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
     "fsdp": "under torchrun / accelerate launch: shard the frozen base across the processes (FSDP2) "
@@ -99,7 +101,7 @@ def _default(field: dataclasses.Field) -> Any:
         methods = ", ".join(f"{name} ({spec.summary})" for name, spec in METHOD_SPECS.items())
         return f"{field.default}; one of: {methods}"
     if field.name == "head_learning_rate":
-        return "the run's learning rate"
+        return f"{HEAD_LEARNING_RATE:g}, whatever the method"
     if field.name == "learning_rate":
         rates = ", ".join(f"{m} {default_learning_rate(m):g}" for m in METHOD_SPECS)
         return f"the method's own: {rates}"

@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from peftkit.cli.readers import positive_int
+from peftkit.config import ConfigError
+
 
 def add_parser(subparsers) -> None:
     for name in ("predict", "generate"):
@@ -21,19 +24,7 @@ def add_parser(subparsers) -> None:
         parser.set_defaults(run=run)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a bad value is a usage error naming the flag, exit status 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
-    from peftkit.config import ConfigError
     from peftkit.training.finished import load_run
 
     run = load_run(args.run_dir, log=lambda message: print(message, file=sys.stderr))

@@ -147,7 +147,8 @@ def _describe(base, methods, seeds, context, train_sizes, min_steps, retain) -> 
         length = f"ceil({base.epochs:g} epochs x size / global batch) steps, at least {min_steps}{ceiling}"
     if retain:
         extra["retained ability"] = (
-            f"perplexity on {retain['text']} (first {retain['tokens']} tokens' worth of "
+            f"perplexity (causal LMs) or masked-LM loss (encoders with a masked-LM head) on "
+            f"{retain['text']} (first {retain['tokens']} tokens' worth of "
             f"{retain['length']}-token windows), adapter active"
         )
     return {
@@ -157,7 +158,7 @@ def _describe(base, methods, seeds, context, train_sizes, min_steps, retain) -> 
         "methods": ", ".join(methods),
         "seeds": ", ".join(str(s) for s in seeds),
         "budget": f"{length} of batch {base.batch_size} x {base.gradient_accumulation} accumulation, "
-        f"max length {base.max_length}",
+        f"max length {base.max_length or 'from the data (99th percentile)'}",
         **extra,
         **(context or {}),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

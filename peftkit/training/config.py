@@ -19,6 +19,11 @@ from peftkit.data.core import TASKS, Columns
 from peftkit.method_spec import all_options, check_options, method_spec
 from peftkit.training.ranges import SETTING_RANGES, check_setting, check_weight_decay_step
 
+# The peak learning rate of a freshly initialised task head, whatever the method: a random linear layer over
+# the model's features wants larger steps than an adapter inside the model (see README, "What `make train`
+# does", for the measurements behind it).
+HEAD_LEARNING_RATE = 1e-2
+
 
 @dataclass
 class TrainConfig:
@@ -45,15 +50,15 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)
     # optimisation
     epochs: float = 1.0
-    max_steps: int | None = 400
-    batch_size: int = 16
+    max_steps: int | None = 300
+    batch_size: int = 32
     gradient_accumulation: int = 1
     learning_rate: float | None = None  # None: the method's own, see default_learning_rate()
-    head_learning_rate: float | None = None  # a fresh task head's peak rate (None: learning_rate)
+    head_learning_rate: float | None = None  # a fresh task head's peak rate (None: HEAD_LEARNING_RATE)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
-    max_length: int = 48
+    max_length: int | None = None  # None: from the training data, see peftkit/training/lengths.py
     bf16: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False  # shard the frozen base across the launched processes (FSDP2), see training/fsdp.py
@@ -81,7 +86,7 @@ class TrainConfig:
         if self.learning_rate is None:
             self.learning_rate = default_learning_rate(self.method, self.dataset)
         if self.head_learning_rate is None:
-            self.head_learning_rate = self.learning_rate
+            self.head_learning_rate = HEAD_LEARNING_RATE
         self.validate()
 
     @property

@@ -87,7 +87,7 @@ SETTING_RANGES: dict[str, Range] = {
     "warmup_ratio": Range(float, 0, 1, high_open=True),
     # 0 also turns clipping off, as in Hugging Face's Trainer; a negative norm would flip the gradient
     "max_grad_norm": Range(float, 0, none="no clipping"),
-    "max_length": POSITIVE_INT,
+    "max_length": Range(int, 1, none="chosen from the training data"),
     "seed": Range(int, 0, 2**63, high_open=True),
     "eval_every": POSITIVE_INT,
     "eval_batch_size": POSITIVE_INT,

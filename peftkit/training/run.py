@@ -33,7 +33,7 @@ from peftkit.config import ConfigError
 from peftkit.data.model_checks import check_run
 from peftkit.model import get_peft_model
 from peftkit.tasks import TASKS
-from peftkit.training import batches, efficiency, fsdp
+from peftkit.training import batches, efficiency, fsdp, lengths
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Distributed
@@ -93,7 +93,10 @@ class TrainingRun:
                 raise ConfigError(f"--resume: {folder.root} does not exist; train without --resume to start")
             self.lock.acquire(str(folder.root))
             if config.resume:
-                self.changed = check_same_run(recorded_settings(folder), config, folder)
+                recorded = recorded_settings(folder)
+                if config.max_length is None:  # the run chose it from its data when it began
+                    config.max_length = recorded.max_length
+                self.changed = check_same_run(recorded, config, folder)
             elif folder.find_checkpoint() is not None or folder.is_finished():
                 raise ConfigError(
                     f"{folder.root} holds an earlier run (a checkpoint or a trained adapter): pass --resume to "
@@ -138,13 +141,13 @@ class TrainingRun:
             quiet_transformers()
         ):  # its load report lists the fresh task head, which the adapter trains in full
             base = self.task.load_model(model_dir, self.splits.label_names, self.tokenizer)
+        self._choose_max_length(base)
         check_run(config, self.splits, self.tokenizer, base)  # empty splits, all-[UNK] input, positions
         prepare_base(config, base)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        heads = self.task.head_modules(base)
-        self.model = get_peft_model(base, adapter_config_for(config, heads))
-        self.heads = heads
+        self.heads = self.task.head_modules(base)
+        self.model = get_peft_model(base, adapter_config_for(config, self.heads))
         sizes = ", ".join(f"{k} {v:,}" for k, v in self.splits.sizes().items())
         limited = (
             f"; the first {config.limit:,} of a seeded shuffle (--limit none: all)" if config.limit else ""
@@ -155,6 +158,18 @@ class TrainingRun:
         self.say(f"{config.method} on {config.model}: {self.count.summary()}")
         if config.resume:  # the trained values replace the fresh ones before the optimizer sees them
             self.checkpoint, self.saved_state = restore_checkpoint(self.folder, self.model, self.say)
+
+    def _choose_max_length(self, base: torch.nn.Module) -> None:
+        """``max_length`` from the training examples' token lengths unless given, and the share of them it
+        cuts, said (see :mod:`peftkit.training.lengths`); ``config.yaml`` records the value used."""
+        config = self.config
+        measured = lengths.token_lengths(self.task, self.splits.train[: lengths.SAMPLE], self.tokenizer)
+        reserved = config.options.get("num_virtual_tokens") or 0  # positions a prompt method takes
+        positions = lengths.model_positions(base.config)
+        choice = lengths.choose_max_length(config.max_length, measured, positions, reserved)
+        config.max_length = choice.max_length
+        if (message := choice.message()) is not None:
+            self.say(message)
 
     def _build_optimizer(self) -> None:
         config, dist = self.config, self.dist
@@ -171,10 +186,11 @@ class TrainingRun:
             config, self.task, self.splits.train, self.tokenizer, self.global_batch
         )
         self.sharded = fsdp.shard_run(self.model, config.fsdp, dist.world_size, self.say)
-        # after the adapter (a head trained in full is its copy) and the sharding (which replaces parameters)
-        self.head = head_parameters(self.model.base_model, self.heads)
+        # read now, after the adapter (a head trained in full is its copy), a resumed adapter (which replaced
+        # the fresh one) and the sharding (which replaces parameters)
+        head = head_parameters(self.model.base_model, self.heads)
         self.optimizer = build_optimizer(
-            self.model, config.learning_rate, config.weight_decay, self.head, config.head_learning_rate
+            self.model, config.learning_rate, config.weight_decay, head, config.head_learning_rate
         )
         self.scheduler = linear_schedule(
             self.optimizer, self.total_steps, warmup_steps=round(config.warmup_ratio * self.total_steps)
