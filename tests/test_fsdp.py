@@ -182,6 +182,27 @@ def test_a_ddp_run_resumed_under_fsdp_ends_where_one_process_ends(assets, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_diverging_fsdp_run_stops_on_every_process_together(assets, tmp_path):
+    """The step loss is averaged over the processes before it is checked, so all stop at the same step with
+    the same message (a process stopping alone would leave the others waiting in a collective)."""
+    settings = [*_settings(assets, "lora"), "--learning-rate", "1e30", "--weight-decay", "0"]
+    settings += ["--warmup-ratio", "0", "--batch-size", "2", "--fsdp", "--output-dir", str(tmp_path / "run")]
+    launcher = [f"{BIN}/torchrun", "--standalone", "--nproc_per_node", "2", "-m", "peftkit.cli.main"]
+    done = subprocess.run(
+        [*launcher, "train", *settings],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode != 0
+    assert (
+        done.stderr.count("peftkit train: error: training diverged at step 2: the training loss is nan") == 2
+    )
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.slow
 def test_accelerate_launch_starts_two_cpu_processes(assets, tmp_path):
     """The flags the README gives: `--multi_gpu` picks accelerate's torch.distributed launcher, which needs no
     GPU (`--cpu` alone picks its one-process launcher)."""

@@ -151,3 +151,84 @@ def test_comparison_reports_each_method_beside_the_base(assets, comparison):
     assert f"| {lora.retained_mean:.2f} |" in markdown, markdown
     chart = out / "retained.png"
     assert chart.read_bytes()[:4] == b"\x89PNG" and chart.stat().st_size > 5_000
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """A tiny BERT checkpoint with its masked-LM head, and one without (a classifier's)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    root = tmp_path_factory.mktemp("lab-retain-mlm")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    with_head = fx.save_model(BertForMaskedLM(config), root / "bert-mlm")
+    return {"with_head": with_head, "without_head": fx.tiny_bert(root / "bert-cls")}
+
+
+def _classifier_and_windows(folder):
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+    return model, tokenizer, token_windows([GENERAL], tokenizer, LENGTH - 2, TOKENS)
+
+
+def independent_mlm_loss(folder, tokenizer, windows) -> float:
+    """Mean cross-entropy of the masked tokens under the checkpoint's own masked-LM model, by hand."""
+    from transformers import AutoModelForMaskedLM
+
+    from peftkit.lab.retain_mlm import masked_windows
+
+    inputs, labels = masked_windows(windows, tokenizer)
+    with torch.no_grad():
+        logits = AutoModelForMaskedLM.from_pretrained(folder).eval()(input_ids=inputs).logits
+    where = labels != -100
+    log_probs = torch.log_softmax(logits[where].double(), dim=-1)  # (masked, vocab)
+    return -log_probs.gather(-1, labels[where].unsqueeze(-1)).mean().item()
+
+
+def test_encoder_masked_lm_loss_of_the_base_equals_an_independent_computation(encoders):
+    from peftkit.lab.retain_mlm import encoder_mlm_ability, masked_windows
+
+    model, tokenizer, windows = _classifier_and_windows(encoders["with_head"])
+    result = encoder_mlm_ability(model, encoders["with_head"], tokenizer, windows)
+    assert result["measure"] == "mlm_loss"
+    assert result["tokens"] == int((masked_windows(windows, tokenizer)[1] != -100).sum()) > 0
+    expected = independent_mlm_loss(encoders["with_head"], tokenizer, windows)
+    assert result["mlm_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_encoder_measure_follows_the_adapter(encoders):
+    from peftkit.lab.retain_mlm import encoder_mlm_ability
+
+    folder = encoders["with_head"]
+    model, tokenizer, windows = _classifier_and_windows(folder)
+    base = encoder_mlm_ability(model, folder, tokenizer, windows)["mlm_loss"]
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value"]))
+    assert encoder_mlm_ability(adapted, folder, tokenizer, windows)["mlm_loss"] == base  # B = 0: no change
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    assert encoder_mlm_ability(adapted, folder, tokenizer, windows)["mlm_loss"] != base  # the tuned encoder
+
+
+def test_encoder_measure_is_not_applicable_without_a_head_or_with_a_prompt(encoders):
+    from peftkit.lab.retain_mlm import encoder_mlm_ability
+
+    model, tokenizer, windows = _classifier_and_windows(encoders["without_head"])
+    result = encoder_mlm_ability(model, encoders["without_head"], tokenizer, windows)
+    assert result["measure"] is None and "no masked-LM head" in result["note"]
+    model, tokenizer, windows = _classifier_and_windows(encoders["with_head"])
+    prompted = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=4))
+    result = encoder_mlm_ability(prompted, encoders["with_head"], tokenizer, windows)
+    assert result["measure"] is None and "inputs" in result["note"]

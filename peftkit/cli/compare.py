@@ -77,7 +77,8 @@ def add_parser(subparsers) -> None:
         metavar="TEXT",
         help="forgetting: after training, score each method's model (adapter active) and the base model on "
         "this general text, a .txt file or a built-in data set's texts (e.g. news_headlines): perplexity "
-        "for causal LMs (lower is better); not applicable to other tasks",
+        "for causal LMs, the masked-LM loss for encoders whose checkpoint has a masked-LM head (lower is "
+        "better for both); not applicable otherwise",
     )
     parser.add_argument(
         "--retain-tokens",

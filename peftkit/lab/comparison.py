@@ -147,7 +147,8 @@ def _describe(base, methods, seeds, context, train_sizes, min_steps, retain) -> 
         length = f"ceil({base.epochs:g} epochs x size / global batch) steps, at least {min_steps}{ceiling}"
     if retain:
         extra["retained ability"] = (
-            f"perplexity on {retain['text']} (first {retain['tokens']} tokens' worth of "
+            f"perplexity (causal LMs) or masked-LM loss (encoders with a masked-LM head) on "
+            f"{retain['text']} (first {retain['tokens']} tokens' worth of "
             f"{retain['length']}-token windows), adapter active"
         )
     return {

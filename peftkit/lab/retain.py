@@ -8,8 +8,9 @@ same held-out general text:
   context only). The documents are tokenized without special tokens and joined with the tokenizer's EOS
   token, then cut into consecutive windows; the first ``max_tokens`` tokens' worth of windows are scored
   (every window full: no padding, so every run scores exactly the same tokens);
-- other tasks (encoders with a classification head): not applicable. A frozen encoder's masked-LM head is not
-  part of the task model, and the bundled encoder ships without one; the record says so instead of a number.
+- encoders (classification, tagging): the masked-LM loss of the tuned encoder under the base checkpoint's
+  masked-LM head, where the checkpoint has one (:mod:`peftkit.lab.retain_mlm`); "not applicable" otherwise,
+  and for seq2seq models.
 
 ``python -m peftkit.lab.retain RUN_DIR TEXT OUT`` scores the base model of a finished run (its model, task and
 quantization, without the adapter) and writes the result as JSON to OUT.
@@ -101,14 +102,28 @@ def retained_ability(model, task: str, windows: torch.Tensor | None) -> dict[str
     return {"measure": "perplexity", "loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
 
 
-def evaluate_retention(model, task: str, tokenizer, settings: dict[str, Any]) -> dict[str, Any]:
-    """:func:`retained_ability` on the text of ``settings`` (``{"text", "tokens", "length"}``); the
-    settings are kept in the result, so that a later comparison can tell whether it measured the same."""
-    windows = None
-    if task == "causal-lm":
+ENCODER_TASKS = ("sequence-classification", "token-classification")
+
+
+def evaluate_retention(
+    model, task: str, tokenizer, settings: dict[str, Any], model_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """The retained ability of ``model`` (a ``task`` model, its adapter active) on the text of ``settings``
+    (``{"text", "tokens", "length"}``): perplexity for a causal LM, the masked-LM loss for an encoder whose
+    base checkpoint (``model_dir``) has a masked-LM head, else a note. The settings are kept in the result,
+    so that a later comparison can tell whether it measured the same."""
+    from peftkit.lab.retain_mlm import encoder_mlm_ability
+
+    result = retained_ability(model, task, None) if task != "causal-lm" else None
+    if task == "causal-lm" or (task in ENCODER_TASKS and model_dir is not None):
         documents = read_documents(settings["text"])
-        windows = token_windows(documents, tokenizer, settings["length"], settings["tokens"])
-    return {**retained_ability(model, task, windows), "settings": dict(settings)}
+        if task == "causal-lm":
+            windows = token_windows(documents, tokenizer, settings["length"], settings["tokens"])
+            result = retained_ability(model, task, windows)
+        else:  # room for the encoder's CLS and SEP around each window
+            windows = token_windows(documents, tokenizer, settings["length"] - 2, settings["tokens"])
+            result = encoder_mlm_ability(model, model_dir, tokenizer, windows)
+    return {**result, "settings": dict(settings)}
 
 
 def evaluate_base(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +145,7 @@ def evaluate_base(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     with quiet_transformers():
         base = task.load_model(model_dir, label_names, tokenizer)
     prepare_base(config, base)
-    return evaluate_retention(base, task_name, tokenizer, settings)
+    return evaluate_retention(base, task_name, tokenizer, settings, model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

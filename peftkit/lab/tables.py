@@ -177,8 +177,9 @@ def _metric(r: MethodSummary) -> str:
 
 _RETAINED_NOTE = (
     " Retained: the trained model (adapter active) scored on general text unrelated to the task, beside "
-    "the base model's value in the header: perplexity for causal LMs (lower is better; above the base's "
-    "value means the model forgot some of its general ability)."
+    "the base model's value in the header: perplexity for causal LMs, masked-LM loss (nats per masked "
+    "token) for encoders (lower is better for both; above the base's value means the model forgot some of "
+    "its general ability)."
 )
 
 

@@ -50,9 +50,11 @@ def run(
     latency = measure_latency(loaded.model, batch, repeats=latency_repeats)
     retained = None
     if retain is not None:
+        from peftkit.assets import resolve_model
         from peftkit.lab.retain import evaluate_retention
 
-        retained = evaluate_retention(loaded.model, loaded.task.name, loaded.tokenizer, retain)
+        model_dir = resolve_model(config.model)
+        retained = evaluate_retention(loaded.model, loaded.task.name, loaded.tokenizer, retain, model_dir)
     return {
         "status": "ok",
         "retained": retained,

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import torch
-from rouge_score import rouge_scorer
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -140,6 +139,9 @@ class Seq2Seq(Task):
             label_names=None,
             max_new_tokens=32,
         )
+        # imported here: rouge_score's NLTK brings scikit-learn, SciPy and pandas (about 150 MiB resident)
+        from rouge_score import rouge_scorer
+
         scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
         scores = [scorer.score(r["target"], g) for r, g in zip(scored, generated, strict=True)]
         metrics = {

@@ -36,7 +36,7 @@ from peftkit.tasks import TASKS
 from peftkit.training import batches, efficiency, fsdp, lengths
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
-from peftkit.training.distributed import Distributed
+from peftkit.training.distributed import Distributed, gradient_sync
 from peftkit.training.divergence import FiniteParameters, diverged, loss_problem
 from peftkit.training.finished import LoadedRun, load_run  # noqa: F401  (re-exported: their old home)
 from peftkit.training.layout import RunFolder
@@ -75,7 +75,9 @@ class TrainingRun:
         try:
             seed_everything(config.seed)
             run._open_folder()
-            run._load_data_and_model()
+            with fsdp.in_turn(run.dist, config.fsdp):  # --fsdp: one process at a time holds the whole base
+                run._load_data_and_model()
+                run.sharded = fsdp.shard_run(run.model, config.fsdp, run.dist.world_size, run.say)
             run._build_optimizer()
             run._record_start()
         except BaseException:
@@ -185,7 +187,6 @@ class TrainingRun:
         self.sampler: batches.BatchSampler = efficiency.batch_order(
             config, self.task, self.splits.train, self.tokenizer, self.global_batch
         )
-        self.sharded = fsdp.shard_run(self.model, config.fsdp, dist.world_size, self.say)
         # read now, after the adapter (a head trained in full is its copy), a resumed adapter (which replaced
         # the fresh one) and the sharding (which replaces parameters)
         head = head_parameters(self.model.base_model, self.heads)
@@ -197,9 +198,7 @@ class TrainingRun:
         )
         if self.checkpoint is not None:
             if self.sharded:  # the checkpoint holds the full state: each process takes its shards
-                self.saved_state["optimizer"] = fsdp.shard_optimizer_state(
-                    self.saved_state["optimizer"], self.optimizer
-                )
+                fsdp.shard_optimizer_state(self.saved_state, self.optimizer)
             self._restore_progress()
         finite = fsdp.ShardedFiniteParameters if self.sharded else FiniteParameters
         self.finite = finite(self.model) if config.check_finite else None
@@ -288,12 +287,7 @@ class TrainingRun:
         for micro in range(config.gradient_accumulation):
             mine = batches.micro_batch_rows(step_rows, micro, config.batch_size, dist.world_size, dist.rank)
             batch = self.task.collate([self.splits.train[i] for i in mine], self.tokenizer, config.max_length)
-            final = micro == config.gradient_accumulation - 1  # average gradients once per optimizer step
-            sync = contextlib.nullcontext()
-            if self.sharded:
-                sync = fsdp.gradient_sync(self.model, final)
-            elif dist.world_size > 1 and not final:
-                sync = self.trained.no_sync()
+            sync = gradient_sync(self.trained, final=micro == config.gradient_accumulation - 1)
             with sync, autocast:
                 loss = self.loss(batch) / config.gradient_accumulation
                 loss.backward()
