@@ -143,7 +143,8 @@ class TrainingRun:
             quiet_transformers()
         ):  # its load report lists the fresh task head, which the adapter trains in full
             base = self.task.load_model(model_dir, self.splits.label_names, self.tokenizer)
-        self._choose_max_length(base)
+        # chosen from the training examples unless given; the share it cuts is said (training/lengths.py)
+        self.say(lengths.settle_max_length(config, self.task, self.splits.train, self.tokenizer, base.config))
         check_run(config, self.splits, self.tokenizer, base)  # empty splits, all-[UNK] input, positions
         prepare_base(config, base)
         if config.gradient_checkpointing:
@@ -160,18 +161,6 @@ class TrainingRun:
         self.say(f"{config.method} on {config.model}: {self.count.summary()}")
         if config.resume:  # the trained values replace the fresh ones before the optimizer sees them
             self.checkpoint, self.saved_state = restore_checkpoint(self.folder, self.model, self.say)
-
-    def _choose_max_length(self, base: torch.nn.Module) -> None:
-        """``max_length`` from the training examples' token lengths unless given, and the share of them it
-        cuts, said (see :mod:`peftkit.training.lengths`); ``config.yaml`` records the value used."""
-        config = self.config
-        measured = lengths.token_lengths(self.task, self.splits.train[: lengths.SAMPLE], self.tokenizer)
-        reserved = config.options.get("num_virtual_tokens") or 0  # positions a prompt method takes
-        positions = lengths.model_positions(base.config)
-        choice = lengths.choose_max_length(config.max_length, measured, positions, reserved)
-        config.max_length = choice.max_length
-        if (message := choice.message()) is not None:
-            self.say(message)
 
     def _build_optimizer(self) -> None:
         config, dist = self.config, self.dist
