@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -76,8 +79,18 @@ def _one_request(client: httpx.Client, url: str, body: dict, stream: bool, load:
     return body["max_tokens"]  # ignore_eos: exactly max_tokens tokens
 
 
-def run_load(url: str, jobs: list[list[dict]], stream: bool) -> Load:
-    """``jobs[c]``: the request bodies client ``c`` sends one after another; all clients start together."""
+def run_load(url: str, jobs: list[list[dict]], stream: bool, own_process: bool = True) -> Load:
+    """``jobs[c]``: the request bodies client ``c`` sends one after another; all clients start together.
+
+    ``own_process``: the clients run in a process of their own (``python -m benchmarks.serve_peers``), as
+    clients of a deployed server do: in the server's process their threads would compete with the server
+    for the interpreter lock, which measures the load generator rather than the server."""
+    if own_process:
+        command = [sys.executable, "-m", "benchmarks.serve_peers", url, "stream" if stream else "whole"]
+        done = subprocess.run(command, input=json.dumps(jobs), capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
+        return Load(**json.loads(done.stdout.strip().splitlines()[-1]))
     load = Load(clients=len(jobs), requests=sum(map(len, jobs)), tokens=0, seconds=0.0)
     lock = threading.Lock()
 
@@ -164,3 +177,10 @@ def hf_mixed_generate(
             pad_token_id=pad_token_id,
         )
     return time.perf_counter() - start
+
+
+if __name__ == "__main__":  # the load generator's own process: jobs as JSON on stdin, the Load as JSON out
+    done = run_load(
+        sys.argv[1], json.loads(sys.stdin.read()), stream=sys.argv[2] == "stream", own_process=False
+    )
+    print(json.dumps(dataclasses.asdict(done)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -145,6 +146,7 @@ def as_name_tuple(name: str, value: Any, *, allow_string: bool) -> str | tuple[s
         return None
     if isinstance(value, str):
         if allow_string:
+            check_regex(name, value)
             return value
         return (value,)
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value):
@@ -152,3 +154,12 @@ def as_name_tuple(name: str, value: Any, *, allow_string: bool) -> str | tuple[s
             raise ConfigError(f"`{name}` must not be an empty list; use None for the default")
         return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
     raise ConfigError(f"`{name}` must be a string or a list of non-empty strings, got {value!r}")
+
+
+def check_regex(name: str, pattern: str) -> None:
+    """Raise :class:`ConfigError` when ``pattern`` (one string: a regular expression matched against whole
+    module paths) does not compile, naming the field and Python's reason."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"`{name}`={pattern!r} is not a valid regular expression: {error}") from None

@@ -59,6 +59,12 @@ class ParameterBank:
         self._store_live()
         self._activate(adapter if adapter in self.adapters else None)
 
+    def nbytes(self) -> int:
+        """Bytes the bank holds beside the live parameters: the original values and every adapter's values
+        that are not live."""
+        stored = [*self.base.values(), *(v for values in self.adapters.values() for v in values.values())]
+        return sum(v.numel() * v.element_size() for v in stored if v is not None)
+
     def state_dict(self, model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
         """The adapter's values under the parameters' current dotted names."""
         names = {id(p): name for name, p in model.named_parameters()}

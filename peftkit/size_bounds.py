@@ -4,7 +4,8 @@ naming the layer and the bound instead of an attempt to allocate terabytes.
 - LoRA's rank: ``r <= min(d_in, d_out)`` of each adapted layer. A larger rank adds parameters but no
   expressive power (``B A`` has rank at most ``min(d_in, d_out)``; Hu et al. 2021, arXiv:2106.09685, Sec. 4).
 - Virtual tokens of prompt methods: at most the model's positions (``max_position_embeddings`` /
-  ``n_positions``); a model without such a limit gets :data:`MAX_VIRTUAL_TOKENS`.
+  ``n_positions``); a model without such a limit gets :data:`MAX_VIRTUAL_TOKENS`. Prompts of an ensemble
+  (``num_prompts``): at most :data:`MAX_PROMPTS`.
 - Hidden widths a method adds (a bottleneck adapter's ``bottleneck_size``, P-tuning's
   ``encoder_hidden_size``, prefix tuning's ``projection_size``): at most :data:`WIDTH_FACTOR` times the
   model's hidden size (the papers use widths at or below it), or :data:`MAX_WIDTH` without a known one.
@@ -20,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.config import ConfigError
 from peftkit.layer import innermost
 
+MAX_PROMPTS = 64  # an ensemble of prompts runs every row once per prompt: k x the batch, k x the memory
 MAX_VIRTUAL_TOKENS = 8192  # without a position limit: already far beyond the prompt lengths of the papers
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 WIDTH_FIELDS = ("bottleneck_size", "encoder_hidden_size", "projection_size")
@@ -79,7 +81,14 @@ def check_widths(model: nn.Module, config: Any) -> None:
 
 def check_virtual_tokens(model: nn.Module, config: Any) -> None:
     """Raise :class:`ConfigError` if a prompt method's ``num_virtual_tokens`` exceeds the model's positions
-    (or :data:`MAX_VIRTUAL_TOKENS` for a model without a position limit)."""
+    (or :data:`MAX_VIRTUAL_TOKENS` for a model without a position limit), or an ensemble's ``num_prompts``
+    exceeds :data:`MAX_PROMPTS`."""
+    k = getattr(config, "num_prompts", None)
+    if isinstance(k, int) and k > MAX_PROMPTS:
+        raise ConfigError(
+            f"`num_prompts`={k} is over peftkit's cap of {MAX_PROMPTS}: each prompt of the ensemble runs "
+            f"every row again (the batch and its memory grow {k}-fold); allowed: 1 to {MAX_PROMPTS}"
+        )
     n = getattr(config, "num_virtual_tokens", None)
     if not isinstance(n, int):
         return

@@ -121,6 +121,7 @@ def select_modules(
     if exclude_modules is not None:
         candidates = [n for n in candidates if not name_matches(n, exclude_modules)]
     if layers_to_transform is not None:
+        check_layers_exist(candidates, layers_to_transform, layers_pattern)
         wanted = set(layers_to_transform)
         candidates = [n for n in candidates if layer_index(n, layers_pattern) in wanted]
     if not candidates:
@@ -136,6 +137,20 @@ def select_modules(
             f"supported: {supported_text}"
         )
     return candidates
+
+
+def check_layers_exist(
+    candidates: Sequence[str], layers_to_transform: Sequence[int], layers_pattern: str | None
+) -> None:
+    """Raise :class:`ConfigError` when ``layers_to_transform`` lists a block index that none of the
+    ``candidates`` sits in (``[0, 7]`` on a 2-layer model would silently adapt layer 0 only)."""
+    present = {layer_index(n, layers_pattern) for n in candidates} - {None}
+    missing = sorted(set(layers_to_transform) - present)
+    if missing and present:
+        raise ConfigError(
+            f"`layers_to_transform` lists layer(s) {missing} that the targeted modules do not have; "
+            f"their layers are {min(present)} to {max(present)}"
+        )
 
 
 def _candidate_paths(modules: dict[str, nn.Module]) -> list[str]:

@@ -9,8 +9,10 @@ model's class says (transformers' auto-class mappings).
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: peftkit.config (and `peftkit --help`) must not import torch
+    from torch import nn
 
 
 class TaskType(enum.StrEnum):

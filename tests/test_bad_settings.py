@@ -3,6 +3,7 @@ the command line, a YAML file and Python agree on it: a value outside is an erro
 what is allowed, before anything is loaded or written; a value inside does what it says."""
 
 import math
+import typing
 
 import pytest
 
@@ -16,6 +17,8 @@ from peftkit.training.ranges import SETTING_RANGES
 # setting -> (values refused, values accepted) at its ends and beyond; every ranged setting is listed
 CASES = {
     "limit": ([0, -1, 2.5, math.inf], [1, None]),
+    "train_size": ([0, -1, 2.5, True], [1, None]),
+    "data_seed": ([-1, 2.5, 2**63], [0, None]),
     "epochs": ([0, -1, math.nan, math.inf, -math.inf], [0.25, 1e-3, 3]),
     "max_steps": ([0, -1, 2.5, math.nan], [1, None]),
     "batch_size": ([0, -4, 1.0, 2.5], [1]),
@@ -38,11 +41,17 @@ CASES = {
     "group_by_length": ([1, "auto"], [None, True]),
     "packing": ([1], [False]),
     "check_finite": ([0, "on"], [True, False]),
+    "fsdp": ([1, "yes"], [False]),
     "resume": (["true", None], [False]),
 }
 
 
-def test_every_ranged_setting_is_tested():
+def test_every_numeric_and_switch_setting_has_a_range_and_is_tested():
+    hints = typing.get_type_hints(TrainConfig)
+    ranged = {
+        name for name, hint in hints.items() if {int, float, bool} & ({hint} | set(typing.get_args(hint)))
+    }
+    assert ranged == set(SETTING_RANGES)  # a new setting cannot skip its range
     assert set(CASES) == set(SETTING_RANGES)
 
 
@@ -115,7 +124,10 @@ def test_a_bad_flag_is_a_usage_error_naming_the_flag(flag, value, allowed, tmp_p
 
 def test_a_bad_method_option_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
     assert main(["train", "--output-dir", str(tmp_path / "out"), "--r", "-1"]) == 2
-    assert "peftkit train: error: `r` must be a positive integer, got -1" in capsys.readouterr().err
+    assert "peftkit train: error: --r: `r` must be a positive integer, got -1" in capsys.readouterr().err
+    flags = ["--method", "bottleneck", "--bottleneck-size", "0", "--output-dir", str(tmp_path / "out")]
+    assert main(["train", *flags]) == 2
+    assert "error: --bottleneck-size: `bottleneck_size` must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="`dropout`"):
         TrainConfig(options={"dropout": 1.5})
@@ -133,7 +145,9 @@ def test_none_given_on_the_command_line_overrides_the_default(tmp_path):
     assert (config.max_steps, config.eval_limit, config.max_grad_norm) == (None, None, 2.0)
     flags = ["--config", str(tmp_path / "run.yaml"), "--max-grad-norm", "none"]
     assert config_from_args(build_parser().parse_args(["train", *flags])).max_grad_norm is None
-    assert config_from_args(build_parser().parse_args(["train"])).max_steps == 400  # not given: default
+    assert (
+        config_from_args(build_parser().parse_args(["train"])).max_steps == TrainConfig.max_steps
+    )  # default
 
 
 def test_adamw_decay_that_would_flip_the_weights_is_refused():
@@ -185,3 +199,17 @@ def test_an_unreadable_settings_file_is_named(tmp_path, capsys):
         assert main(["train", "--config", str(path), "--output-dir", str(tmp_path / "out")]) == 2
         assert f"peftkit train: error: {path}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_reads_the_same_ranges(tmp_path, capsys):
+    (tmp_path / "lab.yaml").write_text("epochs: -1\n")
+    flags = ["--config", str(tmp_path / "lab.yaml"), "--output-dir", str(tmp_path / "lab")]
+    assert main(["compare", *flags]) == 2
+    assert f"peftkit compare: error: {tmp_path / 'lab.yaml'}: `epochs` must be a finite number > 0" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "--max-grad-norm", "-1", "--output-dir", str(tmp_path / "lab")])
+    assert exit_.value.code == 2
+    assert "peftkit compare: error: argument --max-grad-norm" in capsys.readouterr().err
+    assert not (tmp_path / "lab").exists()

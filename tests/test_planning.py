@@ -285,3 +285,19 @@ def test_predicted_peaks_for_a_training_config(tmp_path):
 
 
 _SMALL = {"batch_size": 2, "max_length": 8}
+
+
+def test_in_place_methods_count_the_base_values_they_keep(tmp_path):
+    """Full fine-tuning keeps the pretrained values beside the trained ones (disable_adapter gives them
+    back): the plan's base term is that copy, byte for byte what the real model's bank holds."""
+    from peftkit import FullFineTuningConfig, get_peft_model
+
+    model = TINY_MODELS["bert"].build_model()
+    model.config.save_pretrained(tmp_path)
+    labels = model.config.num_labels
+    table = plan(model=str(tmp_path), methods=("full",), batch_size=2, max_length=8, num_labels=labels)
+    real = get_peft_model(model, FullFineTuningConfig())
+    weights = sum(p.numel() * p.element_size() for p in real.base_model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in real.base_model.buffers())  # frozen: base too
+    assert real._bank.nbytes() == weights
+    assert table.row("full").memory.base == weights + buffers

@@ -52,7 +52,7 @@ def _copy(finished, tmp_path):
         ({"batch_size": 4}, ["batch_size: 8 -> 4"]),
         (
             {"seed": 1, "learning_rate": 0.001},
-            ["seed: 0 -> 1", " learning_rate: 0.01 -> 0.001", "head_learning_rate: 0.01 -> 0.001"],
+            ["seed: 0 -> 1", " learning_rate: 0.01 -> 0.001"],  # (the head keeps its own rate)
         ),
         ({"method": "bitfit"}, ["method: 'lora' -> 'bitfit'", "r: 8 -> (not a setting of this method)"]),
         ({"max_length": 32, "bf16": True}, ["max_length: 16 -> 32", "bf16: False -> True"]),

@@ -290,3 +290,65 @@ def test_a_cancelled_job_is_skipped(server):
     follow = engine.classify_job("sent", "fine")
     engine.scheduler.submit_classify(follow)
     assert follow.future.result(timeout=30)[0]["label"] in _labels("sent")
+
+
+def test_an_encoder_base_with_heads_of_different_widths(tmp_path):
+    """BERT-style encoder (the pooler feeds the sequence head): sequence adapters of 2 and 4 labels and a
+    token adapter, one mixed pass per kind, equal to each adapter alone (no HTTP: the classifier itself)."""
+    from tests.pipeline_fixtures import tiny_bert
+
+    model_dir = tiny_bert(tmp_path / "bert")
+    specs = {
+        "two": (SEQUENCE, ["a", "b"], ["query"]),
+        "four": (SEQUENCE, ["w", "x", "y", "z"], ["value", "dense"]),
+        "tags": (TOKEN, ["O", "B-LOC", "I-LOC"], ["query", "value"]),
+    }
+    folders = {}
+    for seed, (name, (task, labels, targets)) in enumerate(specs.items()):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=2, target_modules=targets, modules_to_save=["classifier"])
+        model = get_peft_model(_host(model_dir, task, labels), config)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.normal_(std=0.5)
+        model.save_pretrained(tmp_path / name / "adapter")
+        (tmp_path / name / "config.yaml").write_text("model: bert\n")
+        (tmp_path / name / "labels.json").write_text(json.dumps({"task": task, "label_names": labels}))
+        folders[name] = tmp_path / name
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).eval()
+    config = ServeConfig(model=str(model_dir), adapters={k: str(v) for k, v in folders.items()})
+    engine = Engine(config, PeftModel(base, None), AutoTokenizer.from_pretrained(model_dir))
+    for name in specs:
+        engine.classifier.load(name)
+    jobs = [engine.classify_job(name, TEXTS) for name in specs]
+    with torch.no_grad():
+        engine.classifier.run(jobs, max_rows=64)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for job in jobs:
+        task, labels, _ = specs[job.adapter]
+        alone = PeftModel.from_pretrained(_host(model_dir, task, labels), folders[job.adapter] / "adapter")
+        for text, answer in zip(TEXTS, job.future.result(), strict=True):
+            words = text.split()
+            batch = tokenizer(words, is_split_into_words=True) if task == TOKEN else tokenizer(text)
+            ids = torch.tensor([batch["input_ids"]])
+            with torch.no_grad():
+                probs = torch.softmax(alone(input_ids=ids).logits[0].float(), -1)
+            if task == SEQUENCE:
+                assert list(answer["scores"].values()) == pytest.approx(probs.tolist(), abs=1e-9)
+            else:
+                first = [batch.word_ids().index(w) for w in range(len(words))]
+                assert [t["label"] for t in answer["tokens"]] == [labels[i] for i in probs[first].argmax(-1)]
+                assert [t["score"] for t in answer["tokens"]] == pytest.approx(
+                    probs[first].max(-1).values.tolist(), abs=1e-9
+                )
+
+
+def test_a_job_whose_adapter_went_away_fails_as_not_found(server):
+    from peftkit.serve.registry import AdapterNotFound
+
+    _, engine = server
+    job = ClassifyJob("removed-meanwhile", [[1, 2, 3]])
+    engine.scheduler.submit_classify(job)
+    with pytest.raises(AdapterNotFound, match="removed-meanwhile"):
+        job.future.result(timeout=30)

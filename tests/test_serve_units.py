@@ -134,8 +134,10 @@ class _Letters:
 
     def __init__(self, text: str) -> None:
         self.text = text
+        self.calls = 0
 
     def decode(self, ids, **_) -> str:
+        self.calls += 1
         return "".join(self.text[i] for i in ids)
 
 
@@ -217,3 +219,28 @@ def test_adapter_directory_accepts_adapter_and_generation_run_folders(tmp_path):
     for escape in ("../run2", "link", str(tmp_path / "run" / "link"), "/etc"):
         with pytest.raises(PermissionError, match="outside the allowed adapter roots"):
             registry.allowed(escape)
+
+
+@pytest.mark.parametrize("stop", [(), ("d, b",)])
+def test_a_whole_response_gets_one_event_with_the_text_a_stream_gets_in_pieces(stop):
+    """Non-streaming requests: no event (no thread hand-off) before the end, and the same final text and
+    finish reason as a streaming one; without stop strings nothing is decoded before the end."""
+    text = "hello world, bye"
+
+    def run(streaming: bool) -> tuple[list, _Letters]:
+        events, letters = [], _Letters(text)
+        sequence = _sequence("a", [1])
+        sequence.max_tokens, sequence.final_only = len(text), not streaming
+        sequence.stream, sequence.emit = TextStream(letters, stop, incremental=streaming), events.append
+        for token in range(len(text)):
+            if sequence.add_token(token):
+                break
+        return events, letters
+
+    streamed, _ = run(True)
+    whole, letters = run(False)
+    assert len(whole) == 1 and len(streamed) > 1
+    assert whole[0].text == "".join(e.text for e in streamed) == ("hello worl" if stop else text)
+    assert whole[0].finish_reason == streamed[-1].finish_reason == ("stop" if stop else "length")
+    if not stop:
+        assert letters.calls == 2  # decoded once, at the end (the empty window before it, and the whole)

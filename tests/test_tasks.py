@@ -119,7 +119,9 @@ def test_yaml_settings_and_flags(tmp_path):
     (tmp_path / "exponent.yaml").write_text("learning_rate: 3e-5\n")  # YAML 1.1 reads this as a string
     assert TrainConfig.from_sources(tmp_path / "exponent.yaml").learning_rate == 3e-5
     (tmp_path / "word.yaml").write_text("max_steps: many\n")
-    with pytest.raises(ValueError, match="`max_steps` must be an integer, got 'many'"):
+    with pytest.raises(
+        ValueError, match=r"`max_steps` must be an integer >= 1, or none \(run `epochs` epochs\), got 'many'"
+    ):
         TrainConfig.from_sources(tmp_path / "word.yaml")
     (tmp_path / "bad.yaml").write_text("learning_rte: 0.1\n")
     with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['learning_rte'\]"):

@@ -19,8 +19,8 @@ from peftkit.prompt_tokens import expects_bos, prompt_ids, prompt_text, special_
 from peftkit.serve.engine import Engine
 from peftkit.tasks import TASKS
 from peftkit.training.config import TrainConfig
+from peftkit.training.finished import load_run
 from peftkit.training.layout import RunFolder
-from peftkit.training.run import load_run
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<bot>"] + [f"w{i}" for i in range(40)]
 PAD, BOS, EOS = 0, 1, 2

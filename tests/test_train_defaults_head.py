@@ -14,7 +14,7 @@ from peftkit import get_peft_model
 from peftkit.cli.main import build_parser
 from peftkit.cli.train import config_from_args
 from peftkit.method_spec import method_spec
-from peftkit.training.config import TrainConfig
+from peftkit.training.config import HEAD_LEARNING_RATE, TrainConfig
 from peftkit.training.optim import build_optimizer, head_parameters
 from peftkit.training.run import TrainingRun
 from tests import pipeline_fixtures as fx
@@ -70,14 +70,12 @@ def test_without_a_head_rate_there_is_one_rate():
 def test_head_rate_from_flag_yaml_and_default(tmp_path):
     parse = lambda *flags: config_from_args(build_parser(["train"]).parse_args(["train", *flags]))  # noqa: E731
     assert parse("--head-learning-rate", "3e-3").head_learning_rate == 3e-3
-    assert parse("--learning-rate", "1e-4").head_learning_rate == 1e-4  # the run's rate unless given
+    assert parse("--learning-rate", "1e-4").head_learning_rate == HEAD_LEARNING_RATE  # whatever the rate
     settings = tmp_path / "run.yaml"
     settings.write_text("head_learning_rate: 5e-3\n")  # YAML 1.1 reads this as a string: parsed here
     assert TrainConfig.from_sources(settings).head_learning_rate == 5e-3
-    assert (
-        TrainConfig(method="prompt_tuning").head_learning_rate
-        == TrainConfig(method="prompt_tuning").learning_rate
-    )
+    for method in METHODS:  # one default for every method: the head is the same random layer
+        assert TrainConfig(method=method).head_learning_rate == HEAD_LEARNING_RATE
     with pytest.raises(ValueError, match="head_learning_rate"):
         TrainConfig.from_dict({"head_learning_rate": 0})
 

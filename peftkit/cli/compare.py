@@ -16,7 +16,7 @@ from peftkit.method_spec import METHOD_SPECS, all_options, check_options
 from peftkit.training.config import TrainConfig, parse_setting, split_settings
 
 DEFAULT_OUTPUT = "runs/compare"
-PER_RUN = {"method": "--methods", "seed": "--seeds"}  # set by the lab for each run
+PER_RUN = {"method": "--methods", "seed": "--seeds", "train_size": "--train-sizes"}  # set for each run
 
 
 def add_parser(subparsers) -> None:
@@ -48,6 +48,56 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="reuse the runs of an earlier comparison in --output-dir that finished with the same settings; "
         "run the others (new, changed, failed or interrupted)",
+    )
+    parser.add_argument(
+        "--report",
+        dest="report_only",
+        action="store_true",
+        help="train nothing: write the tables and charts of the runs of an earlier comparison in --output-dir "
+        "that finished with these settings (one cut short), the others marked 'not run'",
+    )
+    parser.add_argument(
+        "--train-sizes",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="low-data comparison: also run every method and seed on the first N training examples of one "
+        "seeded shuffle (nested subsets, the same for every method and seed: --data-seed, default 0), for "
+        "each N, with ceil(--epochs x N / global batch) optimizer steps, at least --min-steps and at most "
+        "--max-steps",
+    )
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=20,
+        help="with --train-sizes: the fewest optimizer steps any size trains (default: 20)",
+    )
+    parser.add_argument(
+        "--retain-eval",
+        metavar="TEXT",
+        help="forgetting: after training, score each method's model (adapter active) and the base model on "
+        "this general text, a .txt file or a built-in data set's texts (e.g. news_headlines): perplexity "
+        "for causal LMs, the masked-LM loss for encoders whose checkpoint has a masked-LM head (lower is "
+        "better for both); not applicable otherwise",
+    )
+    parser.add_argument(
+        "--retain-tokens",
+        type=int,
+        default=8192,
+        help="with --retain-eval: tokens of the text scored (default: 8192)",
+    )
+    parser.add_argument(
+        "--retain-length",
+        type=int,
+        default=256,
+        help="with --retain-eval: tokens per scored window, each token predicted from those before it in "
+        "its window (default: 256)",
+    )
+    parser.add_argument(
+        "--test-limit",
+        type=int,
+        help="test records scored per run: the first N of the test split, the same for every run of one "
+        "data seed (default: all)",
     )
     parser.add_argument("--latency-batch", type=int, default=16, help="rows of the timed inference batch")
     parser.add_argument("--latency-repeats", type=int, default=20, help="timed forward passes per variant")
@@ -99,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             raise ConfigError(f"`peftkit compare` sets {name} for each run; use {instead}")
     methods = [m for item in args.methods for m in item.split(",") if m]
-    given = TrainConfig.read_settings(args.config) if args.config else {}
+    given = TrainConfig.read_checked_settings(args.config) if args.config else {}
     given.update(overrides_from_args(args))  # only the flags given; `--max-steps none` is a None
     general, options = split_settings(given)
     base = TrainConfig.from_dict(general)
@@ -115,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
             settings[method][name] = value
     for method, values in parse_method_settings(args.method_setting, methods).items():
         settings[method].update(values)
+    retain = None
+    if args.retain_eval is not None:
+        retain = {"text": args.retain_eval, "tokens": args.retain_tokens, "length": args.retain_length}
     comparison = run_comparison(
         base,
         methods,
@@ -127,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
         latency_repeats=args.latency_repeats,
         timeout=args.timeout,
         context={"command": "peftkit " + shlex.join(sys.argv[1:])} if sys.argv[1:2] == ["compare"] else None,
+        train_sizes=args.train_sizes,
+        min_steps=args.min_steps,
+        retain=retain,
+        test_limit=args.test_limit,
+        report_only=args.report_only,
     )
     print("\n" + markdown_table(comparison.rows))
     print("written:", ", ".join(str(p) for p in comparison.files))

@@ -18,6 +18,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftkit.data import Columns, load_splits
+    from peftkit.data.model_checks import check_splits
     from peftkit.training.finished import finished_folder, from_record, load_run
 
     folder = finished_folder(args.run_dir)
@@ -26,9 +27,12 @@ def run(args: argparse.Namespace) -> int:
         folder,
         f"data set {config.dataset!r}",
         lambda: load_splits(
-            config.dataset, config.task, Columns(**config.columns), seed=config.seed, limit=config.limit
+            config.dataset, config.task, Columns(**config.columns), seed=config.split_seed, limit=config.limit
         ),
     )
+    check_splits(splits, config.limit)  # an empty split would divide by zero in the metrics
+    if config.train_size is not None:  # the training examples the run kept (validation and test: whole)
+        splits = splits.with_train_size(config.train_size)
     run = load_run(args.run_dir, log=_note)
     metrics = run.task.evaluate(
         run.model,

@@ -9,7 +9,7 @@ import typing
 from typing import Any
 
 from peftkit.method_spec import METHOD_SPECS, all_options
-from peftkit.training.config import TrainConfig, default_learning_rate, parse_setting
+from peftkit.training.config import HEAD_LEARNING_RATE, TrainConfig, default_learning_rate, parse_setting
 
 COLUMN_FLAGS = ("text", "label", "tokens", "tags", "prompt", "response", "source", "target")
 HELP = {
@@ -18,6 +18,8 @@ HELP = {
     "or a Hugging Face datasets folder",
     "task": "sequence-classification, token-classification, causal-lm or seq2seq (inferred for built-ins)",
     "limit": "records read before splitting ('none': all)",
+    "train_size": "training examples kept: the first N of the shuffled training split ('none': all)",
+    "data_seed": "seed of the data split and its order ('none': --seed)",
     "epochs": "passes over the training split when --max-steps is none",
     "max_steps": "optimizer steps ('none': run `epochs` epochs)",
     "batch_size": "examples per micro-batch and process",
@@ -26,10 +28,14 @@ HELP = {
     "optimizer group",
     "weight_decay": "AdamW's decoupled weight-decay coefficient, on weight matrices (biases and norms: none)",
     "warmup_ratio": "share of the steps with a linear learning-rate warm-up, in [0, 1)",
+    "max_length": "tokens per example; longer ones are cut, and the run says which share ('none': the 99th "
+    "percentile of the training examples' lengths, rounded up to a multiple of 8, at most 512 and the model's "
+    "positions)",
     "max_grad_norm": "gradient clipping norm, >= 0 (0 or 'none': no clipping)",
-    "max_length": "tokens per example; longer ones are cut",
     "bf16": "bfloat16 autocast for the forward pass",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
+    "fsdp": "under torchrun / accelerate launch: shard the frozen base across the processes (FSDP2) "
+    "instead of a full copy in each (DDP)",
     "seed": "seed of the data order, initialisation and dropout",
     "eval_every": "optimizer steps between validations",
     "eval_batch_size": "examples per evaluation batch",
@@ -95,7 +101,7 @@ def _default(field: dataclasses.Field) -> Any:
         methods = ", ".join(f"{name} ({spec.summary})" for name, spec in METHOD_SPECS.items())
         return f"{field.default}; one of: {methods}"
     if field.name == "head_learning_rate":
-        return "the run's learning rate"
+        return f"{HEAD_LEARNING_RATE:g}, whatever the method"
     if field.name == "learning_rate":
         rates = ", ".join(f"{m} {default_learning_rate(m):g}" for m in METHOD_SPECS)
         return f"the method's own: {rates}"

@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
         help="default: from the model's architecture",
     )
     parser.add_argument("--batch-size", type=int, help="rows per step (default: peftkit train's)")
-    parser.add_argument("--max-length", type=int, help="tokens per row, T (default: peftkit train's)")
+    parser.add_argument(
+        "--max-length", type=int, help="tokens per row, T (default: 64; peftkit train picks its own)"
+    )
     parser.add_argument("--memory", help="memory available for training, e.g. 24GiB or 16GB")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where training would run")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights' dtype")

@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from peftkit.cli.readers import positive_int
+from peftkit.config import ConfigError
+
 
 def add_parser(subparsers) -> None:
     for name in ("predict", "generate"):
@@ -13,7 +16,10 @@ def add_parser(subparsers) -> None:
         parser.add_argument("run_dir", help="the --output-dir of a `peftkit train` run")
         parser.add_argument("inputs", nargs="*", help="texts or prompts (default: one per line on stdin)")
         parser.add_argument(
-            "--max-new-tokens", type=int, default=64, help="tokens generated per prompt (causal-lm, seq2seq)"
+            "--max-new-tokens",
+            type=positive_int,
+            default=64,
+            help="tokens generated per prompt (causal-lm, seq2seq), >= 1",
         )
         parser.set_defaults(run=run)
 
@@ -23,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, log=lambda message: print(message, file=sys.stderr))
     inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not inputs:
+        raise ConfigError("no inputs: give texts as arguments, or one per line on stdin (none came)")
     outputs = run.task.predict(
         run.model,
         inputs,

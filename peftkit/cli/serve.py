@@ -1,4 +1,5 @@
-"""`peftkit serve`: one base model, many adapters, an OpenAI-compatible server with continuous batching.
+"""`peftkit serve`: one base model, many adapters, an OpenAI-compatible server with continuous batching
+(and ``POST /v1/classify`` for classification and NER adapters).
 
     peftkit serve --model smollm2 --adapter qa=runs/qa --adapter sql=runs/sql
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -26,7 +27,8 @@ def add_parser(subparsers) -> None:
         type=_adapter,
         default=[],
         metavar="NAME=DIR",
-        help="an adapter to serve as model NAME: a `peftkit train` run folder or an adapter folder (repeatable)",
+        help="an adapter to serve as model NAME: a `peftkit train` run folder or an adapter folder (repeatable); "
+        "generation runs answer /v1/completions and /v1/chat/completions, classification and NER runs /v1/classify",
     )
     parser.add_argument(
         "--adapter-root",

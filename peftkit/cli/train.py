@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 from peftkit.cli.flags import add_config_flags, overrides_from_args
-from peftkit.training.config import TrainConfig
+from peftkit.config import ConfigError
+from peftkit.training.config import TrainConfig, named_setting
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +24,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's settings: defaults, then ``--config``'s YAML file, then the flags given.
 
     Raises ConfigError for an unknown setting, a bad value or an option of another method."""
-    return TrainConfig.from_sources(args.config, overrides_from_args(args), none_is_unset=False)
+    overrides = overrides_from_args(args)
+    try:
+        return TrainConfig.from_sources(args.config, overrides, none_is_unset=False)
+    except ConfigError as error:  # a method option its adapter config refuses: name the flag it came from
+        named = named_setting(error)
+        if named not in overrides or str(error).startswith(str(args.config)):
+            raise
+        raise ConfigError(f"--{named.replace('_', '-')}: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:

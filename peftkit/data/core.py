@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,16 @@ class Splits:
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
+    def with_train_size(self, size: int) -> Splits:
+        """The same splits with only the first ``size`` training records: the training split is already in a
+        seeded shuffled order, so the subsets of one data seed are nested (a smaller size is a prefix of a
+        larger one) and validation and test stay the same. Raises DataError when ``size`` exceeds it."""
+        if not 0 < size <= len(self.train):
+            raise DataError(
+                f"`train_size` must be between 1 and the training split's {len(self.train):,} records, got {size}"
+            )
+        return dataclasses.replace(self, train=self.train[:size])
+
 
 def check_task(task: str | None, allowed: Sequence[str] = TASKS, *, what: str | None = None) -> str:
     if task not in allowed:
@@ -117,6 +128,31 @@ def tag_order(names: set[str]) -> tuple[str, ...]:
     if names and all(_is_int(n) for n in names):
         return tuple(sorted(names, key=int))
     return ("O", *sorted(names - {"O"}))
+
+
+BIO_PREFIXES = ("B-", "I-", "E-", "S-")  # IOB2 and IOBES, the schemes seqeval's entity metrics read
+
+
+def check_label_set(names: Sequence[str], task: str, column: str, source: str) -> None:
+    """Raise DataError when the labels found in ``column`` of ``source`` cannot train ``task``: fewer than
+    two classes (a one-label head becomes a regression head, and its accuracy is 1.0 by construction), or
+    token tags outside the BIO scheme (``O``, ``B-TYPE``, ``I-TYPE``; ``E-`` / ``S-`` too), whose entities
+    seqeval cannot read."""
+    if task == "sequence-classification" and len(names) < 2:
+        raise DataError(
+            f"{source}: column {column!r} holds one label ({', '.join(map(repr, names))}) in every row; "
+            "classification needs at least 2 labels"
+        )
+    if task != "token-classification":
+        return
+    bad = [n for n in names if n != "O" and not (n[:2] in BIO_PREFIXES and n[2:].strip())]
+    if bad:
+        raise DataError(
+            f"{source}: tag(s) {bad[:5]} in column {column!r} are not in the BIO scheme: expected 'O' or "
+            "'B-TYPE' / 'I-TYPE' (IOBES 'E-' / 'S-' too), e.g. B-PER I-PER O; entity metrics need the prefixes"
+        )
+    if not any(n != "O" for n in names):
+        raise DataError(f"{source}: column {column!r} tags every word 'O': there are no entities to learn")
 
 
 def _is_int(text: str) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftkit.data.core import Columns, DataError, label_order, tag_order
+from peftkit.data.core import Columns, DataError, check_label_set, label_order, tag_order
 
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 
@@ -64,6 +64,7 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]
                 continue
             if header is None:
                 header = [c.strip() for c in cells]
+                _check_header(path, start, header)
                 continue
             if len(cells) != len(header):
                 raise DataError(
@@ -73,6 +74,17 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]
             yield f"{path}, line {start}", dict(zip(header, cells, strict=True))
     except csv.Error as err:
         raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {err}") from None
+
+
+def _check_header(path: Path, line: int, header: list[str]) -> None:
+    """Raise DataError for a repeated column name: a row would keep only the last of the two columns.
+    (Unnamed columns, such as the index pandas writes, are left alone.)"""
+    repeated = sorted({name for name in header if name and header.count(name) > 1})
+    if repeated:
+        raise DataError(
+            f"{path}, line {line}: column name(s) {repeated} appear more than once in the header; "
+            "rename one so that each column can be told apart"
+        )
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -250,6 +262,8 @@ def _encode_labels(
             value = record[label_field]
             seen.update(value if isinstance(value, list) else [value])
         names = fmt.order(seen)
+    if label_names is None:  # a label set given by the caller (a trained head's) is not the data's to judge
+        check_label_set(names, task, column, source.description)
     index = {name: i for i, name in enumerate(names)}
     records = []
     for where, record in raw:

@@ -3,7 +3,12 @@
 - ``metric_vs_params.png``: the test metric against trainable parameters (log scale), seed spread as bars;
 - ``peak_memory.png`` and ``step_time.png``: one bar per method;
 - ``latency.png``: inference latency per method, base / unmerged / merged side by side;
-- ``loss_curves.png``: training loss against step, every method on one plot (mean over seeds, smoothed).
+- ``loss_curves.png``: training loss against step, every method on one plot (mean over seeds, smoothed);
+- with training-set sizes, ``metric_vs_train_size.png``: the test metric against the training-set size (log
+  scale), one line per method through the means over seeds, a band of ± one standard deviation; the other
+  charts then show the largest size;
+- with retained ability measured, ``retained.png``: each method's value (mean over seeds, standard deviation
+  as bars) beside the base model's as a dashed line.
 Failed methods are left out of the charts (the table says why).
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,13 +35,28 @@ def _pyplot():
     return plt
 
 
-def write_charts(rows: list[MethodSummary], runs: list[RunRecord], directory: Path, title: str) -> list[Path]:
+def write_charts(
+    rows: list[MethodSummary],
+    runs: list[RunRecord],
+    directory: Path,
+    title: str,
+    retained_base: dict[str, Any] | None = None,
+) -> list[Path]:
     """``title`` names the setting (model, data, budget) under every chart's own title."""
     directory.mkdir(parents=True, exist_ok=True)
     good = [r for r in rows if r.status != "failed"]
     if not good:
         return []
+    extra = []
+    sizes = sorted({r.train_size for r in good if r.train_size is not None})
+    if sizes:
+        extra.append(_metric_vs_size(good, directory / "metric_vs_train_size.png", title))
+        good = [r for r in good if r.train_size == sizes[-1]]  # the per-method charts: the largest size
+        runs = [r for r in runs if r.train_size == sizes[-1]]
+    if any(r.retained_mean is not None for r in good):
+        extra.append(_retained(good, retained_base, directory / "retained.png", title))
     return [
+        *extra,
         _metric_vs_params(good, directory / "metric_vs_params.png", title),
         _bars(good, "peak_memory_bytes", 1 / MIB, "peak memory (MiB)", "Peak memory per method", directory / "peak_memory.png", title),
         _bars(good, "step_ms", 1.0, "median training step (ms)", "Training step time per method", directory / "step_time.png", title),
@@ -136,3 +157,49 @@ def _loss_curves(rows: list[MethodSummary], runs: list[RunRecord], path: Path, t
     axes.legend()
     axes.grid(True, alpha=0.3)
     return _finish(figure, axes, path, "Training loss, every method", title)
+
+
+def _metric_vs_size(rows: list[MethodSummary], path: Path, title: str) -> Path:
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    sizes = sorted({r.train_size for r in rows})
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = sorted(
+            (r for r in rows if r.method == method and r.metric_mean is not None), key=lambda r: r.train_size
+        )
+        if not mine:
+            continue
+        x = np.array([r.train_size for r in mine])
+        mean = np.array([r.metric_mean for r in mine])
+        spread = np.array([r.metric_std or 0.0 for r in mine])
+        (line,) = axes.plot(x, mean, marker="o", label=method)
+        axes.fill_between(x, mean - spread, mean + spread, color=line.get_color(), alpha=0.15)
+    axes.set_xscale("log")
+    axes.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    axes.minorticks_off()
+    metric = next((r.metric for r in rows if r.metric), "metric")
+    axes.set(xlabel="training examples (log scale)", ylabel=f"test {metric} (mean, band: ± 1 std over seeds)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    return _finish(figure, axes, path, f"Test {metric} against training-set size", title)
+
+
+def _retained(rows: list[MethodSummary], base: dict[str, Any] | None, path: Path, title: str) -> Path:
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    shown = [r for r in rows if r.retained_mean is not None]
+    measure = shown[0].retained_measure
+    bars = axes.bar(
+        [r.method for r in shown],
+        [r.retained_mean for r in shown],
+        yerr=[r.retained_std or 0 for r in shown],
+        capsize=4,
+        color="tab:purple",
+    )
+    axes.bar_label(bars, fmt="%.2f", padding=2)
+    if base is not None and base.get("measure") == measure:
+        axes.axhline(base[measure], color="black", linestyle="--", label=f"base model: {base[measure]:.2f}")
+        axes.legend(fontsize=8, loc="lower right")
+    axes.set(xlabel="method", ylabel=f"{measure} on general text (lower: less forgotten)")
+    axes.margins(y=0.15)
+    return _finish(figure, axes, path, f"Retained ability: {measure} on held-out general text", title)

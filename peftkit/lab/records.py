@@ -39,6 +39,10 @@ class RunRecord:
     latency_merged_ms: float | None = None  # None: cannot merge
     merge_note: str | None = None
     load_average: float | None = None  # mean 1-minute load average of the machine during the run
+    train_size: int | None = None  # training examples (None: the whole training split)
+    retained_measure: str | None = None  # "perplexity" (causal LMs); None: not measured or not applicable
+    retained_value: float | None = None  # the measure on the general text, adapter active
+    retained_note: str | None = None  # why there is no value
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -54,10 +58,11 @@ def median_after_warmup(values: list[float], warmup: int = WARMUP_STEPS) -> floa
     return statistics.median(kept)
 
 
-def read_run(method: str, seed: int, record: dict[str, Any]) -> RunRecord:
+def read_run(method: str, seed: int, record: dict[str, Any], train_size: int | None = None) -> RunRecord:
     """The lab's row of one run, from the record its worker wrote (see :mod:`peftkit.lab.worker`)."""
     if record.get("status") != "ok":
-        return RunRecord(method, seed, "failed", error=record.get("error") or "unknown error")
+        error = record.get("error") or "unknown error"
+        return RunRecord(method, seed, "failed", error=error, train_size=train_size)
     result = TrainResult.from_dict(record["result"])
     latency = record["latency"]
     median = median_after_warmup(result.step_seconds)
@@ -84,5 +89,19 @@ def read_run(method: str, seed: int, record: dict[str, Any]) -> RunRecord:
         latency_merged_ms=latency["merged_ms"],
         merge_note=latency["merge_note"],
         load_average=record.get("load_average"),
+        train_size=train_size,
+        **_retained(record.get("retained")),
         loss_curve=list(result.loss_curve),
     )
+
+
+def _retained(retained: dict[str, Any] | None) -> dict[str, Any]:
+    """The record's retained-ability fields (see :mod:`peftkit.lab.retain`); none when it was not measured."""
+    if not retained:
+        return {}
+    measure = retained.get("measure")
+    return {
+        "retained_measure": measure,
+        "retained_value": retained.get(measure) if measure else None,
+        "retained_note": retained.get("note"),
+    }

@@ -1,4 +1,4 @@
-"""One row per method: the runs of all seeds folded together."""
+"""One row per method (and training-set size): the runs of all seeds folded together."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ class MethodSummary:
     learning_rate: float | None
     load_average: float | None  # the largest over seeds of the machine's mean load during a run
     error: str | None  # the first failed seed's error
+    train_size: int | None = None  # training examples (None: the whole training split)
+    steps: int | None = None  # optimizer steps of the first successful seed
+    retained_measure: str | None = None  # "perplexity" where retained ability was measured
+    retained_mean: float | None = None  # mean over seeds, adapter active
+    retained_std: float | None = None  # sample standard deviation over seeds (None with one seed)
+    retained_note: str | None = None  # why there is no value
 
 
 COLUMNS = list(MethodSummary.__dataclass_fields__)
@@ -48,9 +54,15 @@ def _mean(values):
 
 
 def summarize(records: list[RunRecord]) -> list[MethodSummary]:
-    """Rows in the order methods first appear in ``records``."""
-    methods = list(dict.fromkeys(r.method for r in records))
-    return [_summarize_method(m, [r for r in records if r.method == m]) for m in methods]
+    """One row per (method, training-set size), in the order they first appear in ``records``."""
+    keys = list(dict.fromkeys((r.method, r.train_size) for r in records))
+    return [_summarize_method(m, [r for r in records if (r.method, r.train_size) == (m, n)]) for m, n in keys]
+
+
+def _spread(values: list[float]) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation) of ``values``; None where there are too few."""
+    mean = statistics.fmean(values) if values else None
+    return mean, statistics.stdev(values) if len(values) > 1 else None
 
 
 def _summarize_method(method: str, runs: list[RunRecord]) -> MethodSummary:
@@ -60,6 +72,7 @@ def _summarize_method(method: str, runs: list[RunRecord]) -> MethodSummary:
     error = f"seed {failed[0].seed}: {failed[0].error}" if failed else None
     values = [r.metric_value for r in good if r.metric_value is not None]
     first = good[0] if good else None
+    retained = _spread([r.retained_value for r in good if r.retained_value is not None])
     return MethodSummary(
         method=method,
         status=status,
@@ -83,4 +96,10 @@ def _summarize_method(method: str, runs: list[RunRecord]) -> MethodSummary:
         learning_rate=first.learning_rate if first else None,
         load_average=max((r.load_average for r in good if r.load_average is not None), default=None),
         error=error,
+        train_size=runs[0].train_size,
+        steps=first.steps if first else None,
+        retained_measure=first.retained_measure if first else None,
+        retained_mean=retained[0],
+        retained_std=retained[1],
+        retained_note=first.retained_note if first else None,
     )

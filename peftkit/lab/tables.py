@@ -20,7 +20,11 @@ MARKDOWN, CSV, JSON = "results.md", "results.csv", "results.json"
 
 
 def write_tables(
-    rows: list[MethodSummary], runs: list[RunRecord], directory: Path, context: dict[str, Any]
+    rows: list[MethodSummary],
+    runs: list[RunRecord],
+    directory: Path,
+    context: dict[str, Any],
+    retained_base: dict[str, Any] | None = None,
 ) -> list[Path]:
     """``results.md``, ``results.csv`` and ``results.json`` in ``directory``; their paths."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -31,28 +35,83 @@ def write_tables(
             writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
     document = {
         "context": context,
+        "retained_base": retained_base,
         "methods": [asdict(r) for r in rows],
         "runs": [{k: v for k, v in asdict(r).items() if k != "loss_curve"} for r in runs],
     }
     (directory / JSON).write_text(json.dumps(document, indent=1, default=str) + "\n")
-    (directory / MARKDOWN).write_text(markdown(rows, context))
+    (directory / MARKDOWN).write_text(markdown(rows, context, retained_base))
     return [directory / name for name in (MARKDOWN, CSV, JSON)]
 
 
-def markdown(rows: list[MethodSummary], context: dict[str, Any]) -> str:
-    """``results.md``: a title, the setting (``context``), the table and what its columns mean."""
+def markdown(
+    rows: list[MethodSummary], context: dict[str, Any], retained_base: dict[str, Any] | None = None
+) -> str:
+    """``results.md``: a title, the setting (``context``), the low-data table (with training-set sizes),
+    the table and what its columns mean."""
     model, dataset = (Path(str(context.get(k))).name for k in ("model", "dataset"))
     lines = [f"# peftkit compare: {model} on {dataset}", ""]
     lines += [f"- {k}: {v}" for k, v in context.items()]
-    return "\n".join(lines) + "\n\n" + markdown_table(rows)
+    if retained_base is not None:
+        lines.append(f"- retained ability of the base model: {retained_text(retained_base)}")
+    sized = size_table(rows)
+    return "\n".join(lines) + "\n\n" + (sized + "\n" if sized else "") + markdown_table(rows, retained_base)
 
 
-def markdown_table(rows: list[MethodSummary]) -> str:
-    """The table, one row per method, and the paragraph saying what its columns mean."""
+def retained_text(retained: dict[str, Any]) -> str:
+    """``perplexity 21.37 (4,080 tokens)``, or why there is no value."""
+    measure = retained.get("measure")
+    if not measure:
+        return str(retained.get("note") or "not measured")
+    return f"{measure} {retained[measure]:.2f} ({retained.get('tokens', 0):,} tokens)"
+
+
+def size_table(rows: list[MethodSummary]) -> str:
+    """The low-data table: one row per method, one column per training-set size, the test metric's mean ±
+    sample standard deviation over seeds; empty without sizes."""
+    sizes = sorted({r.train_size for r in rows if r.train_size is not None})
+    if not sizes:
+        return ""
     metric = next((r.metric for r in rows if r.metric), "metric")
+    cells = {(r.method, r.train_size): r for r in rows}
+    lines = [
+        f"## Test {metric} by training-set size (mean ± sample std over seeds)",
+        "",
+        "| method | " + " | ".join(f"{n:,} examples" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for method in dict.fromkeys(r.method for r in rows):
+        row = [cells.get((method, n)) for n in sizes]
+        lines.append(f"| {method} | " + " | ".join(_size_cell(r) for r in row) + " |")
+    steps = [next((r.steps for r in rows if r.train_size == n and r.steps), None) for n in sizes]
+    lines.append("| (optimizer steps) | " + " | ".join(_int(s) for s in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _size_cell(r: MethodSummary | None) -> str:
+    """Mean ± std over the seeds that finished (how many, when not all did), or why there is none."""
+    if r is None:
+        return ""
+    if r.metric_mean is None:
+        return "not run" if (r.error or "").endswith(NOT_RUN) else "failed"
+    finished = len(r.seeds.split(","))
+    return _metric(r) + (f" ({finished} seed{'s' * (finished > 1)})" if r.status == "partial" else "")
+
+
+NOT_RUN = "the comparison was cut short before it"
+
+
+def markdown_table(rows: list[MethodSummary], retained_base: dict[str, Any] | None = None) -> str:
+    """The table, one row per method (and training-set size), and the paragraph saying what its columns
+    mean; a "retained" column when retained ability was measured (``retained_base``: the base's value)."""
+    metric = next((r.metric for r in rows if r.metric), "metric")
+    sized = any(r.train_size is not None for r in rows)
+    retained = retained_base is not None or any(r.retained_measure or r.retained_note for r in rows)
     header = [
         "method",
+        *(["train size", "steps"] if sized else []),
         f"test {metric}",
+        *([_retained_header(rows, retained_base)] if retained else []),
         "trainable params",
         "% of base",
         "adapter file",
@@ -73,7 +132,9 @@ def markdown_table(rows: list[MethodSummary]) -> str:
     for r in rows:
         cells = [
             r.method,
+            *([_int(r.train_size), _int(r.steps)] if sized else []),
             _metric(r),
+            *([_retained(r)] if retained else []),
             _int(r.trainable),
             _number(r.trainable_percent, "{:.3f}%"),
             format_bytes(r.adapter_bytes) if r.adapter_bytes is not None else "",
@@ -102,7 +163,8 @@ def markdown_table(rows: list[MethodSummary]) -> str:
         "the adapter unmerged and merged into the weights (n/a: the method cannot merge). With several seeds "
         "the metric is mean ± sample standard deviation. Load: the machine's mean 1-minute load average "
         "during the run; the run itself accounts for about its torch threads (by default one per core); more "
-        "means other processes shared the CPU and its times are inflated.",
+        "means other processes shared the CPU and its times are inflated."
+        + (_RETAINED_NOTE if retained else ""),
     ]
     return "\n".join(lines) + "\n"
 
@@ -111,6 +173,27 @@ def _metric(r: MethodSummary) -> str:
     if r.metric_mean is None:
         return ""
     return f"{r.metric_mean:.4f}" + (f" ± {r.metric_std:.4f}" if r.metric_std is not None else "")
+
+
+_RETAINED_NOTE = (
+    " Retained: the trained model (adapter active) scored on general text unrelated to the task, beside "
+    "the base model's value in the header: perplexity for causal LMs, masked-LM loss (nats per masked "
+    "token) for encoders (lower is better for both; above the base's value means the model forgot some of "
+    "its general ability)."
+)
+
+
+def _retained_header(rows: list[MethodSummary], base: dict[str, Any] | None) -> str:
+    measure = next((r.retained_measure for r in rows if r.retained_measure), None) or "ability"
+    if base is not None and base.get("measure"):
+        return f"retained {measure} (base {base[base['measure']]:.2f})"
+    return f"retained {measure}"
+
+
+def _retained(r: MethodSummary) -> str:
+    if r.retained_mean is None:
+        return "n/a" if r.retained_note else ""  # the reason: once, in the context lines
+    return f"{r.retained_mean:.2f}" + (f" ± {r.retained_std:.2f}" if r.retained_std is not None else "")
 
 
 def _no_merge(r: MethodSummary) -> str:

@@ -104,7 +104,7 @@ def predicted_peaks(config, methods) -> dict[str, int | None]:
             model=config.model,
             task=task,
             batch_size=config.batch_size,
-            max_length=config.max_length,
+            max_length=config.max_length or Settings.max_length,  # (None: chosen from the data later)
             methods=known,
             fused_loss=config.fused_loss,
         )

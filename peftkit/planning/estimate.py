@@ -48,7 +48,7 @@ class Settings:
     model: str = TrainConfig.model
     task: str | None = None  # None: inferred from the model's architecture
     batch_size: int = TrainConfig.batch_size
-    max_length: int = TrainConfig.max_length
+    max_length: int = 64  # tokens per row (peftkit train picks its own from the data)
     memory: int | None = None  # bytes available for training; None: no limit given
     device: str = "cpu"
     dtype: str = "fp32"
@@ -63,7 +63,8 @@ class Settings:
 class Memory:
     """Bytes at the peak of a training step, by component; they add up to ``total``.
 
-    ``base``: frozen weights as stored (4-bit ones for QLoRA); ``trainable``: the trained parameters;
+    ``base``: frozen weights as stored (4-bit ones for QLoRA), and the original values of parameters a
+    method trains in place (full fine-tuning keeps a copy of the whole model); ``trainable``: the trained parameters;
     ``optimizer``: AdamW's two moments (in the parameters' dtype) and step counters; ``activations``: what the
     forward keeps for the backward; ``logits``: what the output head and the loss keep on top; ``backward``:
     what the backward and the optimizer step add at their peak (gradients, the logits' gradient, a
@@ -264,6 +265,9 @@ def _memory(peft: nn.Module, trace: StepTrace, settings: Settings) -> Memory:
     quantized = quantized_weight_ids(peft)
     frozen = [p for p in _unique_tensors(peft) if not p.requires_grad]
     base = sum(quantized.get(id(t), tensor_bytes(t)) for t in frozen)
+    # methods that train base parameters in place (full, BitFit, layer tuning) keep their original values
+    # beside them, so that the base model stays available (peftkit.parameter_bank)
+    base += peft._bank.nbytes()
     trained = [p for p in _unique_tensors(peft) if p.requires_grad]
     trainable = parameter_bytes(peft, trainable=True)
     optimizer = 2 * trainable + 4 * len(trained)  # exp_avg, exp_avg_sq; one fp32 step counter per tensor

@@ -205,7 +205,8 @@ async def _answer(engine: Engine, request: Request, body, prompt: tuple, max_tok
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     sequence = _param(
-        lambda: engine.sequence(adapter, ids, max_tokens, params, emit, prompt_field), prompt_field
+        lambda: engine.sequence(adapter, ids, max_tokens, params, emit, prompt_field, body.stream),
+        prompt_field,
     )
     try:
         engine.scheduler.submit(sequence)

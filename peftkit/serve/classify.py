@@ -24,9 +24,10 @@ from torch import nn
 from peftkit import checkpoint
 from peftkit.config import ConfigError
 from peftkit.methods import method_for_file
-from peftkit.model import AdapterError, PeftModel
+from peftkit.model import PeftModel
 from peftkit.module_paths import replace_module
 from peftkit.serve.heads import HeadBank, bio_entities, fresh_heads, head_paths, label_count
+from peftkit.serve.registry import AdapterNotFound
 
 SEQUENCE, TOKEN = "sequence-classification", "token-classification"
 CLASSIFY_TASKS = (SEQUENCE, TOKEN)
@@ -159,7 +160,7 @@ class Classifier:
     def _pass(self, task: str | None, alone: str | None, chunk: list) -> list[dict]:
         if task is None or any(job.adapter not in self.loaded for job, _ in chunk):
             missing = sorted({job.adapter for job, _ in chunk if job.adapter not in self.loaded})
-            raise AdapterError(f"classification adapters {missing} are not loaded (removed meanwhile?)")
+            raise AdapterNotFound(f"classification adapters {missing} are not served (removed meanwhile)")
         host = self.hosts[task]
         names = [job.adapter for job, _ in chunk]
         longest = max(len(job.ids[i]) for job, i in chunk)

@@ -224,9 +224,11 @@ class Engine:
         params: SamplingParams,
         emit,
         prompt_field: str = "prompt",
+        streaming: bool = True,
     ) -> Sequence:
-        """A request ready to submit. Raises RequestError naming ``max_tokens`` or the prompt's field when
-        they do not fit the model's context or the server's limit."""
+        """A request ready to submit; ``streaming`` False: its text is handed over once, when it ends (no
+        per-token events, no per-token detokenization without stop strings). Raises RequestError naming
+        ``max_tokens`` or the prompt's field when they do not fit the model's context or the server's limit."""
         if not prompt_ids:
             raise RequestError(prompt_field, "the prompt is empty after tokenization")
         room = self.context - len(prompt_ids)
@@ -248,7 +250,8 @@ class Engine:
             prompt_ids=list(prompt_ids),
             max_tokens=wanted,
             params=params,
-            stream=TextStream(self.tokenizer, params.stop),
+            stream=TextStream(self.tokenizer, params.stop, incremental=streaming),
+            final_only=not streaming,
             emit=emit,
             stop_ids=frozenset() if params.ignore_eos else self.stop_ids,
             context=self.context,

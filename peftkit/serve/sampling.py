@@ -69,9 +69,11 @@ class TextStream:
     beyond what the window decoded without it); no clean-up of tokenization spaces, so the pieces joined
     equal the decoding of all ids at once."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...], incremental: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        # nobody reads the pieces (a whole response) and no stop string to look for: decode once, at the end
+        self.incremental = incremental or bool(self.stop)
         self.text = ""  # the text of ids[:read]
         self.sent = 0  # characters of it already given out
         self.stopped = False
@@ -83,6 +85,8 @@ class TextStream:
 
     def push(self, ids: list[int], final: bool = False) -> str:
         """The newly final text after ``ids`` (all generated ids so far); sets ``stopped`` at a stop string."""
+        if not (self.incremental or final):
+            return ""
         self._extend(ids, final)
         text = self.text
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)

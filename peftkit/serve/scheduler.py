@@ -126,14 +126,16 @@ class Scheduler:
                 future.set_exception(error)
 
     def _classify(self) -> None:
-        """Every waiting classification request, in passes shared across adapters (between decode steps)."""
-        jobs = []
+        """Waiting classification requests, in passes shared across adapters: about one pass worth of rows
+        per turn, so that a large request does not hold the running decode batch for long."""
+        limit, jobs, rows = self.max_batch_size * CLASSIFY_ROWS_PER_DECODE_ROW, [], 0
         with self._wake:
-            while self.classify_jobs:
+            while self.classify_jobs and rows < limit:
                 jobs.append(self.classify_jobs.popleft())
+                rows += len(jobs[-1].ids)
         jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]  # clients still there
         if jobs:
-            self.classifier.run(jobs, max_rows=self.max_batch_size * CLASSIFY_ROWS_PER_DECODE_ROW)
+            self.classifier.run(jobs, max_rows=limit)
 
     def _admit(self) -> None:
         """Prefill waiting requests while the batch has room and join them to it."""

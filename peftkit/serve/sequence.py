@@ -48,6 +48,8 @@ class Sequence:
     )
     length: int = 0  # tokens in its KV cache
     holds_adapter: bool = False  # counted as a user of its adapter (which then is not evicted)
+    final_only: bool = False  # a whole response: one event when it ends, not one per token
+    held: str = ""  # final text not yet emitted (final_only)
 
     def cancel(self) -> None:
         """Called from any thread (a client that went away): the scheduler drops the row at its next step."""
@@ -67,6 +69,10 @@ class Sequence:
         text = self.stream.push(ids, final=reason is not None)
         if self.stream.stopped:
             reason = "stop"
+        if self.final_only and reason is None:  # nothing to hand over before the end: no thread hand-off
+            self.held += text
+            return False
+        text, self.held = self.held + text, ""
         self.emit(
             Event(
                 text=text,

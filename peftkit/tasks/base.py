@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from peftkit.data.model_checks import check_vocabulary
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -26,6 +28,7 @@ class Task:
 
     def load_tokenizer(self, model_dir: Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        check_vocabulary(tokenizer, model_dir)  # a folder without tokenizer files loads as specials only
         if tokenizer.pad_token is None:  # decoder-only tokenizers often have none; padding rows need one
             tokenizer.pad_token = tokenizer.eos_token
         # Every task feeds one segment per row: ids and mask only (decoders refuse BERT's token_type_ids).

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from seqeval.metrics import f1_score, precision_score, recall_score
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -25,6 +24,8 @@ def _label_maps(label_names: Sequence[str]) -> dict:
         "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
         "label2id": {name: i for i, name in enumerate(label_names)},
+        # a folder whose saved head has another number of labels gets a fresh head (trained in full anyway)
+        "ignore_mismatched_sizes": True,
     }
 
 
@@ -138,6 +139,10 @@ class TokenClassification(Task):
                 keep = batch["labels"][row] != IGNORE  # one position per (kept) word
                 gold.append([label_names[i] for i in batch["labels"][row][keep].tolist()])
                 predicted.append([label_names[i] for i in guesses[row][keep].tolist()])
+        # imported here: seqeval brings scikit-learn, SciPy and pandas (about 150 MiB resident), which every
+        # other task's run would otherwise carry
+        from seqeval.metrics import f1_score, precision_score, recall_score
+
         return {
             "loss": loss_sum / len(records),
             "precision": precision_score(gold, predicted, zero_division=0),

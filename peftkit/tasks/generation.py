@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 
 import torch
-from rouge_score import rouge_scorer
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+from peftkit.data.model_checks import check_positions
 from peftkit.prompt_tokens import expects_bos, prompt_ids
 from peftkit.tasks.base import Metric, Task, batches, model_device, to_device
 
@@ -82,6 +82,10 @@ class CausalLM(Task):
         bos, device = expects_bos(tokenizer), model_device(model)
         for prompt in inputs:
             input_ids = torch.tensor([prompt_ids(tokenizer, prompt, bos)], device=device)
+            check_positions(  # a longer prompt would index past the position embeddings
+                model,
+                [(f"prompt {len(outputs) + 1}", input_ids.shape[1]), ("--max-new-tokens", max_new_tokens)],
+            )
             generated = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -135,6 +139,9 @@ class Seq2Seq(Task):
             label_names=None,
             max_new_tokens=32,
         )
+        # imported here: rouge_score's NLTK brings scikit-learn, SciPy and pandas (about 150 MiB resident)
+        from rouge_score import rouge_scorer
+
         scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
         scores = [scorer.score(r["target"], g) for r, g in zip(scored, generated, strict=True)]
         metrics = {
@@ -152,6 +159,7 @@ class Seq2Seq(Task):
         batch = tokenizer(
             list(inputs), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
         )
+        check_positions(model, [("--max-new-tokens", max_new_tokens)])  # the decoder's own positions
         generated = model.generate(
             **to_device(dict(batch), model_device(model)), max_new_tokens=max_new_tokens, do_sample=False
         )

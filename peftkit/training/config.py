@@ -4,6 +4,7 @@ the run so that it can be repeated and resumed."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,11 @@ from peftkit.config import ConfigError
 from peftkit.data.core import TASKS, Columns
 from peftkit.method_spec import all_options, check_options, method_spec
 from peftkit.training.ranges import SETTING_RANGES, check_setting, check_weight_decay_step
+
+# The peak learning rate of a freshly initialised task head, whatever the method: a random linear layer over
+# the model's features wants larger steps than an adapter inside the model (see README, "What `make train`
+# does", for the measurements behind it).
+HEAD_LEARNING_RATE = 1e-2
 
 
 @dataclass
@@ -35,22 +41,27 @@ class TrainConfig:
     method: str = "lora"
     columns: dict[str, str] = field(default_factory=dict)  # e.g. {"text": "review", "label": "sentiment"}
     limit: int | None = None  # records read before splitting (None: all)
+    # training examples kept: the first N of the (seeded, shuffled) training split, so a smaller size is a
+    # prefix of a larger one (None: all); validation and test stay whole
+    train_size: int | None = None
+    data_seed: int | None = None  # seed of the split and its order (None: `seed`); fixed, it keeps the data
     # the method's own settings (declared with the method, see peftkit/method_spec.py); the missing ones
     # take the method's defaults, and one the method does not take is refused
     options: dict[str, Any] = field(default_factory=dict)
     # optimisation
     epochs: float = 1.0
-    max_steps: int | None = 400
-    batch_size: int = 16
+    max_steps: int | None = 300
+    batch_size: int = 32
     gradient_accumulation: int = 1
     learning_rate: float | None = None  # None: the method's own, see default_learning_rate()
-    head_learning_rate: float | None = None  # a fresh task head's peak rate (None: learning_rate)
+    head_learning_rate: float | None = None  # a fresh task head's peak rate (None: HEAD_LEARNING_RATE)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
-    max_length: int = 48
+    max_length: int | None = None  # None: from the training data, see peftkit/training/lengths.py
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the frozen base across the launched processes (FSDP2), see training/fsdp.py
     # causal-LM / seq2seq training (see peftkit/training/efficiency.py)
     fused_loss: bool = True  # the fused linear cross-entropy where it equals the model's own loss
     group_by_length: bool | None = None  # None: on for causal-lm and seq2seq, off for classification
@@ -75,8 +86,13 @@ class TrainConfig:
         if self.learning_rate is None:
             self.learning_rate = default_learning_rate(self.method, self.dataset)
         if self.head_learning_rate is None:
-            self.head_learning_rate = self.learning_rate
+            self.head_learning_rate = HEAD_LEARNING_RATE
         self.validate()
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data split and its order: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as one flat mapping (the method's options beside the others), as saved."""
@@ -115,6 +131,18 @@ class TrainConfig:
         return loaded
 
     @classmethod
+    def read_checked_settings(cls, yaml_path: str | Path) -> dict[str, Any]:
+        """:meth:`read_settings`, each value checked against its setting's range: an error names the file
+        and the key (a method option's range is checked when the config is built)."""
+        settings = cls.read_settings(yaml_path)
+        for name, value in settings.items():
+            try:
+                check_value(name, value)
+            except ConfigError as error:
+                raise ConfigError(f"{yaml_path}: {error}") from None
+        return settings
+
+    @classmethod
     def from_sources(
         cls,
         yaml_path: str | Path | None = None,
@@ -127,17 +155,16 @@ class TrainConfig:
 
         Raises ConfigError for an unknown setting, a value of the wrong type or out of its range (naming the
         YAML file when the value came from it), an unknown method, or an option of another method."""
-        values: dict[str, Any] = {}
-        if yaml_path is not None:
-            from_file = cls.read_settings(yaml_path)
-            for name, value in from_file.items():
-                try:
-                    check_value(name, value)
-                except ConfigError as error:
-                    raise ConfigError(f"{yaml_path}: {error}") from None
-            values.update(from_file)
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset})
-        return cls.from_dict(values)
+        values = cls.read_checked_settings(yaml_path) if yaml_path is not None else {}
+        given = {k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset}
+        values.update(given)
+        try:
+            return cls.from_dict(values)
+        except ConfigError as error:  # a method option the adapter config refuses: name the file it came from
+            named = named_setting(error)
+            if yaml_path is None or named is None or named in given or named not in values:
+                raise
+            raise ConfigError(f"{yaml_path}: {error}") from None
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting out of its range (see
@@ -203,6 +230,12 @@ def parse_setting(name: str, text: str) -> Any:
     return check_setting(name, value)
 
 
+def named_setting(error: ConfigError) -> str | None:
+    """The setting an error message names first (as `name`), if any."""
+    found = re.search(r"`(\w+)`", str(error))
+    return found[1] if found else None
+
+
 def check_value(name: str, value: Any) -> None:
     """Raise ConfigError when ``value`` cannot be setting ``name``: an unknown name, a wrong type or a value
     out of range (a method option's range is its adapter config's business, checked in ``validate``)."""
@@ -264,7 +297,8 @@ def _coerce(name: str, kind: type | None, value: Any) -> Any:
     try:
         return kind(value)
     except ValueError:
-        raise ConfigError(f"`{name}` must be {_ARTICLE[kind]}, got {value!r}") from None
+        allowed = SETTING_RANGES[name].allowed() if name in SETTING_RANGES else _ARTICLE[kind]
+        raise ConfigError(f"`{name}` must be {allowed}, got {value!r}") from None
 
 
 _ARTICLE = {float: "a number", int: "an integer"}

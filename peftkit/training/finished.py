@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.config import ConfigError
+from peftkit.data.model_checks import check_labels_fit_head
 from peftkit.model import PeftModel
 from peftkit.tasks import TASKS
 from peftkit.training.config import TrainConfig
@@ -39,6 +40,7 @@ def load_run(run_dir: str | Path, log: Callable[[str], None] = lambda _: None) -
     folder = finished_folder(run_dir, log)
     config = folder.read_config()
     task_name, label_names = folder.read_labels()
+    check_labels_fit_head(label_names, folder.adapter_dir, f"the labels file of {folder.root}")
     task = TASKS[task_name]
     model_dir = from_record(folder, f"model {config.model!r}", lambda: resolve_model(config.model, log=log))
     tokenizer = task.load_tokenizer(model_dir)

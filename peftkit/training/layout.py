@@ -120,9 +120,11 @@ class RunFolder:
         return json.loads(path.read_text()).get("task") if path.is_file() else None
 
     def read_labels(self) -> tuple[str, list[str] | None]:
-        """(task name, label names) the run's head was built for."""
-        labels = json.loads((self.root / _LABELS).read_text())
-        return labels["task"], labels["label_names"]
+        """(task name, label names) the run's head was built for; raises ConfigError naming the file for one
+        that is not of that form (see :func:`~peftkit.data.labels_file.read_labels_file`)."""
+        from peftkit.data.labels_file import read_labels_file
+
+        return read_labels_file(self.root / _LABELS)
 
     # --- metrics log
     def log(self, **entry: Any) -> None:

@@ -6,7 +6,7 @@ so that ``--learning-rate inf``, ``learning_rate: .inf`` and ``TrainConfig(learn
 same error: "`learning_rate` must be a finite number > 0, got inf".
 
 Bounds that depend on the model (``max_length`` within its positions) are checked when the model is loaded,
-see :func:`peftkit.training.data_checks.check_against_model`.
+see :mod:`peftkit.data.model_checks`.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ class Range:
 POSITIVE_INT = Range(int, 1)
 SETTING_RANGES: dict[str, Range] = {
     "limit": Range(int, 1, none="all records"),
+    "train_size": Range(int, 1, none="the whole training split"),
+    "data_seed": Range(int, 0, 2**63, high_open=True, none="`seed`"),
     "epochs": Range(float, 0, low_open=True),  # fractional: that share of an epoch, rounded up to a step
     "max_steps": Range(int, 1, none="run `epochs` epochs"),
     "batch_size": POSITIVE_INT,
@@ -85,7 +87,7 @@ SETTING_RANGES: dict[str, Range] = {
     "warmup_ratio": Range(float, 0, 1, high_open=True),
     # 0 also turns clipping off, as in Hugging Face's Trainer; a negative norm would flip the gradient
     "max_grad_norm": Range(float, 0, none="no clipping"),
-    "max_length": POSITIVE_INT,
+    "max_length": Range(int, 1, none="chosen from the training data"),
     "seed": Range(int, 0, 2**63, high_open=True),
     "eval_every": POSITIVE_INT,
     "eval_batch_size": POSITIVE_INT,
@@ -98,6 +100,7 @@ SETTING_RANGES: dict[str, Range] = {
     "group_by_length": Range(bool, none="on for causal-lm and seq2seq, off for classification"),
     "packing": Range(bool),
     "check_finite": Range(bool),
+    "fsdp": Range(bool),
     "resume": Range(bool),
 }
 

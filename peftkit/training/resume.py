@@ -4,7 +4,7 @@ A resumed run continues the run its folder records, so that ``config.yaml`` keep
 Only the settings in :data:`MAY_CHANGE_ON_RESUME` may differ from the recorded ones: how long to train (more
 steps or epochs; the linear decay is then recomputed for the new total, as a run of that length has it),
 how often and on how much to evaluate and checkpoint, when to stop early, and switches that change memory or
-time but not the result (gradient checkpointing, the fused loss, the finiteness check). Any other difference
+time but not the result (gradient checkpointing, the fused loss, the finiteness check, FSDP sharding). Any other difference
 (the model, data, method and its options, batch size, accumulation, learning rate and schedule, precision,
 sequence length, data order, seed) would train something else than the checkpoint was trained for, and is
 refused with the list of differences.
@@ -37,6 +37,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "gradient_checkpointing",
         "fused_loss",
         "check_finite",
+        "fsdp",
         "output_dir",
         "resume",
     }

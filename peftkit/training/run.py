@@ -30,13 +30,15 @@ from tqdm.auto import tqdm
 from peftkit.accounting import base_weight_bytes
 from peftkit.checkpoint import WEIGHTS_NAME
 from peftkit.config import ConfigError
+from peftkit.data.model_checks import check_run
 from peftkit.model import get_peft_model
 from peftkit.tasks import TASKS
-from peftkit.training import batches, efficiency
+from peftkit.training import batches, efficiency, fsdp, lengths
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
-from peftkit.training.distributed import Distributed
+from peftkit.training.distributed import Distributed, gradient_sync
 from peftkit.training.divergence import FiniteParameters, diverged, loss_problem
+from peftkit.training.finished import LoadedRun, load_run  # noqa: F401  (re-exported: their old home)
 from peftkit.training.layout import RunFolder
 from peftkit.training.methods import adapter_config_for, prepare_base
 from peftkit.training.optim import build_optimizer, head_parameters, linear_schedule
@@ -73,7 +75,9 @@ class TrainingRun:
         try:
             seed_everything(config.seed)
             run._open_folder()
-            run._load_data_and_model()
+            with fsdp.in_turn(run.dist, config.fsdp):  # --fsdp: one process at a time holds the whole base
+                run._load_data_and_model()
+                run.sharded = fsdp.shard_run(run.model, config.fsdp, run.dist.world_size, run.say)
             run._build_optimizer()
             run._record_start()
         except BaseException:
@@ -91,7 +95,10 @@ class TrainingRun:
                 raise ConfigError(f"--resume: {folder.root} does not exist; train without --resume to start")
             self.lock.acquire(str(folder.root))
             if config.resume:
-                self.changed = check_same_run(recorded_settings(folder), config, folder)
+                recorded = recorded_settings(folder)
+                if config.max_length is None:  # the run chose it from its data when it began
+                    config.max_length = recorded.max_length
+                self.changed = check_same_run(recorded, config, folder)
             elif folder.find_checkpoint() is not None or folder.is_finished():
                 raise ConfigError(
                     f"{folder.root} holds an earlier run (a checkpoint or a trained adapter): pass --resume to "
@@ -123,8 +130,10 @@ class TrainingRun:
 
         config = self.config
         self.splits = load_splits(
-            config.dataset, config.task, Columns(**config.columns), seed=config.seed, limit=config.limit
+            config.dataset, config.task, Columns(**config.columns), seed=config.split_seed, limit=config.limit
         )
+        if config.train_size is not None:
+            self.splits = self.splits.with_train_size(config.train_size)
         self.task = TASKS[self.splits.task]
         if self.dist.is_main:
             self.folder.write_labels(self.splits.task, self.splits.label_names)
@@ -134,18 +143,22 @@ class TrainingRun:
             quiet_transformers()
         ):  # its load report lists the fresh task head, which the adapter trains in full
             base = self.task.load_model(model_dir, self.splits.label_names, self.tokenizer)
+        # chosen from the training examples unless given; the share it cuts is said (training/lengths.py)
+        self.say(lengths.settle_max_length(config, self.task, self.splits.train, self.tokenizer, base.config))
+        check_run(config, self.splits, self.tokenizer, base)  # empty splits, all-[UNK] input, positions
         prepare_base(config, base)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        heads = self.task.head_modules(base)
-        self.model = get_peft_model(base, adapter_config_for(config, heads))
-        self.head = head_parameters(base, heads)  # after the adapter: a head trained in full is its copy
+        self.heads = self.task.head_modules(base)
+        self.model = get_peft_model(base, adapter_config_for(config, self.heads))
         sizes = ", ".join(f"{k} {v:,}" for k, v in self.splits.sizes().items())
         limited = (
             f"; the first {config.limit:,} of a seeded shuffle (--limit none: all)" if config.limit else ""
         )
         self.say(f"data: {self.splits.source} ({self.splits.task}): {sizes}{limited}")
-        self.say(f"{config.method} on {config.model}: {self.model.trainable_parameters().summary()}")
+        # counted before --fsdp shards the parameters (a sharded 4-bit weight no longer knows its shape)
+        self.count, self.base_bytes = self.model.trainable_parameters(), base_weight_bytes(self.model)
+        self.say(f"{config.method} on {config.model}: {self.count.summary()}")
         if config.resume:  # the trained values replace the fresh ones before the optimizer sees them
             self.checkpoint, self.saved_state = restore_checkpoint(self.folder, self.model, self.say)
 
@@ -163,16 +176,23 @@ class TrainingRun:
         self.sampler: batches.BatchSampler = efficiency.batch_order(
             config, self.task, self.splits.train, self.tokenizer, self.global_batch
         )
+        # read now, after the adapter (a head trained in full is its copy), a resumed adapter (which replaced
+        # the fresh one) and the sharding (which replaces parameters)
+        head = head_parameters(self.model.base_model, self.heads)
         self.optimizer = build_optimizer(
-            self.model, config.learning_rate, config.weight_decay, self.head, config.head_learning_rate
+            self.model, config.learning_rate, config.weight_decay, head, config.head_learning_rate
         )
         self.scheduler = linear_schedule(
             self.optimizer, self.total_steps, warmup_steps=round(config.warmup_ratio * self.total_steps)
         )
         if self.checkpoint is not None:
+            if self.sharded:  # the checkpoint holds the full state: each process takes its shards
+                fsdp.shard_optimizer_state(self.saved_state, self.optimizer)
             self._restore_progress()
-        self.finite = FiniteParameters(self.model) if config.check_finite else None
-        self.trained = DistributedDataParallel(self.model) if dist.world_size > 1 else self.model
+        finite = fsdp.ShardedFiniteParameters if self.sharded else FiniteParameters
+        self.finite = finite(self.model) if config.check_finite else None
+        ddp = dist.world_size > 1 and not self.sharded
+        self.trained = DistributedDataParallel(self.model) if ddp else self.model
         self.loss_function = efficiency.loss_function(
             config, self.task.name, self.trained, self.model, self.tokenizer, self.say
         )
@@ -238,12 +258,10 @@ class TrainingRun:
                 loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", ex_s=f"{self.global_batch / seconds:.1f}"
             )
             last = progress.step == self.total_steps
-            if progress.step % config.eval_every == 0 or last:
-                stop = dist.broadcast(self._validate() if dist.is_main else None)
-            if dist.is_main and (progress.step % config.save_every == 0 or last or stop):
-                state = run_state.trainer_state(self.optimizer, self.scheduler, progress)
-                self.folder.save_checkpoint(self.model, state)
-                self.saved_step = progress.step
+            if progress.step % config.eval_every == 0 or last:  # sharded: every process runs the model
+                stop = dist.broadcast(self._validate() if dist.is_main or self.sharded else None)
+            if progress.step % config.save_every == 0 or last or stop:
+                self._save_checkpoint()
             dist.barrier()
         bar.close()
 
@@ -258,13 +276,12 @@ class TrainingRun:
         for micro in range(config.gradient_accumulation):
             mine = batches.micro_batch_rows(step_rows, micro, config.batch_size, dist.world_size, dist.rank)
             batch = self.task.collate([self.splits.train[i] for i in mine], self.tokenizer, config.max_length)
-            sync = contextlib.nullcontext()
-            if dist.world_size > 1 and micro < config.gradient_accumulation - 1:
-                sync = self.trained.no_sync()  # average gradients across processes once per optimizer step
+            sync = gradient_sync(self.trained, final=micro == config.gradient_accumulation - 1)
             with sync, autocast:
                 loss = self.loss(batch) / config.gradient_accumulation
                 loss.backward()
             loss_total += loss.item()
+        loss_total = dist.mean(loss_total)  # the global batch's loss: every process takes the same decision
         self._stop_if(loss_problem(loss_total))  # before the step: NaN gradients would reach the weights
         if config.max_grad_norm:
             trained = [p for p in self.model.parameters() if p.requires_grad]
@@ -275,6 +292,17 @@ class TrainingRun:
         self.scheduler.step()
         self.progress.step += 1
         return loss_total
+
+    def _save_checkpoint(self) -> None:
+        """The adapter and trainer state, written by the main process; sharded, every process first takes
+        part in gathering them whole (the files are those of a one-process run)."""
+        state = run_state.trainer_state(self.optimizer, self.scheduler, self.progress)
+        if self.sharded:
+            state["optimizer"] = fsdp.full_optimizer_state(self.optimizer)
+        with fsdp.whole_trained_parameters(self.model, keep=self.dist.is_main):
+            if self.dist.is_main:
+                self.folder.save_checkpoint(self.model, state)
+        self.saved_step = self.progress.step
 
     def _stop_if(self, problem: str | None) -> None:
         """Raise :class:`~peftkit.training.divergence.TrainingDiverged` for ``problem`` (None: go on),
@@ -310,7 +338,8 @@ class TrainingRun:
         """Evaluate on (the first ``eval_limit`` of) the validation split; True when early stopping ends it."""
         limit = self.config.eval_limit
         metrics = self.evaluate(self.splits.validation[:limit] if limit else self.splits.validation)
-        self.folder.log(kind="eval", step=self.progress.step, **scalars(metrics))
+        if self.dist.is_main:
+            self.folder.log(kind="eval", step=self.progress.step, **scalars(metrics))
         return track_validation(
             metrics, self.task.primary, self.progress, self.config.early_stopping_patience, self.say
         )
@@ -321,10 +350,14 @@ class TrainingRun:
         dist, folder = self.dist, self.folder
         metrics: dict[str, Any] = {}
         adapter_bytes = 0
-        if dist.is_main:
-            self.model.save_pretrained(folder.adapter_dir)
-            adapter_bytes = (folder.adapter_dir / WEIGHTS_NAME).stat().st_size
+        with fsdp.whole_trained_parameters(self.model, keep=dist.is_main):
+            if dist.is_main:
+                self.model.save_pretrained(folder.adapter_dir)
+                adapter_bytes = (folder.adapter_dir / WEIGHTS_NAME).stat().st_size
+        if dist.is_main or self.sharded:  # sharded: every process runs the model, the main one reports
             metrics = self.evaluate(self.splits.test)
+            metrics = metrics if dist.is_main else {}
+        if dist.is_main:
             self.model.eval()
             folder.log(kind="test", step=self.progress.step, **scalars(metrics))
             folder.plot_curves(self.task.primary.name)
@@ -337,7 +370,7 @@ class TrainingRun:
         return result
 
     def _result(self, metrics: dict[str, Any], adapter_bytes: int) -> TrainResult:
-        count = self.model.trainable_parameters()
+        count = self.count
         primary = self.task.primary.name
         return TrainResult(
             test_metrics=metrics,
@@ -355,7 +388,7 @@ class TrainingRun:
             learning_rate=self.config.learning_rate,
             base_params=count.base,
             adapter_params=count.adapter,
-            base_weight_bytes=base_weight_bytes(self.model),
+            base_weight_bytes=self.base_bytes,
             step_seconds=list(self.step_seconds),
             loss_curve=list(self.loss_curve),
             world_size=self.dist.world_size,
