@@ -182,3 +182,41 @@ def test_inductor_compiled_lora_step_matches_eager():
     tiny = TINY_MODELS["llama"]
     model = get_peft_model(tiny.build(), _random_lora(target_modules="all-linear"))
     assert_compiles_like_eager(model, tiny.batch(), backend="inductor")
+
+
+@pytest.mark.slow
+def test_trainer_with_torch_compile_trains_like_eager(tmp_path):
+    """``TrainingArguments(torch_compile=True)`` (plain ``Trainer``): no graph break, the losses of eager."""
+    from tests.test_trainer_integration import _train
+
+    def losses(**overrides):
+        torch.manual_seed(0)
+        tiny = TINY_MODELS["llama"]
+        model = get_peft_model(tiny.build(), _random_lora(target_modules=("q_proj", "v_proj")))
+        _, train_losses, eval_loss = _train(model, "llama", tmp_path / str(len(overrides)), **overrides)
+        return [*train_losses, eval_loss]
+
+    eager = losses()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = losses(torch_compile=True, torch_compile_backend="aot_eager")
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    torch.testing.assert_close(compiled, eager, **TOLERANCE)
+
+
+@pytest.mark.slow
+def test_lora_step_compiled_with_dynamic_shapes_takes_new_lengths_without_breaks():
+    """Batches of another length run the symbolic-shape graph (one recompile at most, no break)."""
+    tiny = TINY_MODELS["llama"]
+    model = get_peft_model(tiny.build(), _random_lora(target_modules="all-linear")).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for length in (6, 9, 4):
+        ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        want_loss, want_grads = _step(model, model, batch)
+        loss, grads = _step(compiled, model, batch)
+        torch.testing.assert_close(loss, want_loss, **TOLERANCE)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want_grads[name], **TOLERANCE)
