@@ -72,24 +72,8 @@ def run_comparison(
     _claim(output_dir, overwrite, resume or report_only)
     retain = dict(retain) if retain is not None else None
     specs = plan_runs(base, methods, seeds, output_dir, method_settings, train_sizes, min_steps)
-    progress = ComparisonProgress(specs, disable=not show_progress)
-    runs = []
-    try:
-        for index, spec in enumerate(specs):
-            progress.start(index, spec)
-            result = finished_result(spec, retain, test_limit) if resume or report_only else None
-            if result is not None:
-                progress.reused(index)
-            elif report_only:
-                result = {"status": "failed", "error": f"not run: {NOT_RUN}"}
-            else:
-                on_steps = lambda steps, i=index: progress.steps_done(i, steps)  # noqa: E731
-                result = launch(spec, on_steps, latency_batch, latency_repeats, timeout, retain, test_limit)
-            record = read_run(spec.method, spec.seed, result, spec.train_size)
-            runs.append(record)
-            progress.finish(index, record.ok)
-    finally:
-        progress.close()
+    launch_settings = (latency_batch, latency_repeats, timeout, retain, test_limit)
+    runs = _run_all(specs, launch_settings, resume, report_only, show_progress)
     retained_base = None
     if retain:
         retained_base = base_retention(specs, runs, output_dir, retain, resume or report_only)
@@ -103,6 +87,31 @@ def run_comparison(
     files = write_tables(rows, runs, output_dir, described, retained_base)
     files += write_charts(rows, runs, output_dir, _title(base, bool(train_sizes)), retained_base)
     return Comparison(rows, runs, files, retained_base)
+
+
+def _run_all(specs, launch_settings: tuple, resume: bool, report_only: bool, show_progress: bool) -> list:
+    """Each run's record, in ``specs``' order: reused when finished with the same settings (``resume``,
+    ``report_only``), "not run" with ``report_only``, else launched in a process of its own."""
+    retain, test_limit = launch_settings[3], launch_settings[4]
+    progress = ComparisonProgress(specs, disable=not show_progress)
+    runs = []
+    try:
+        for index, spec in enumerate(specs):
+            progress.start(index, spec)
+            result = finished_result(spec, retain, test_limit) if resume or report_only else None
+            if result is not None:
+                progress.reused(index)
+            elif report_only:
+                result = {"status": "failed", "error": f"not run: {NOT_RUN}"}
+            else:
+                on_steps = lambda steps, i=index: progress.steps_done(i, steps)  # noqa: E731
+                result = launch(spec, on_steps, *launch_settings)
+            record = read_run(spec.method, spec.seed, result, spec.train_size)
+            runs.append(record)
+            progress.finish(index, record.ok)
+    finally:
+        progress.close()
+    return runs
 
 
 def _claim(output_dir: Path, overwrite: bool, resume: bool) -> None:
