@@ -101,7 +101,7 @@ def run_comparison(
     if test_limit is not None:
         described["test records"] = f"the first {test_limit} of the test split"
     files = write_tables(rows, runs, output_dir, described, retained_base)
-    files += write_charts(rows, runs, output_dir, _title(base), retained_base)
+    files += write_charts(rows, runs, output_dir, _title(base, bool(train_sizes)), retained_base)
     return Comparison(rows, runs, files, retained_base)
 
 
@@ -128,9 +128,12 @@ def _length(base: TrainConfig) -> str:
     return f"{base.max_steps} steps" if base.max_steps else f"{base.epochs:g} epochs"
 
 
-def _title(base: TrainConfig) -> str:
+def _title(base: TrainConfig, sized: bool = False) -> str:
     """The setting under every chart's title: a folder's name, not its path."""
-    return f"{Path(base.model).name} on {Path(base.dataset).name}, {_length(base)}"
+    length = (
+        f"{base.epochs:g} epochs of each size, capped at {base.max_steps} steps" if sized else _length(base)
+    )
+    return f"{Path(base.model).name} on {Path(base.dataset).name}, {length}"
 
 
 def _describe(base, methods, seeds, context, train_sizes, min_steps, retain) -> dict[str, Any]:
