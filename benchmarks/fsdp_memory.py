@@ -12,7 +12,10 @@ Memory is each process's resident set, measured the same way in both modes (Linu
 - load peak: the high-water mark up to the first step (loading the model, adding the adapter, sharding);
 - training peak: the high-water mark of the optimizer steps, reset just before the first one (clear_refs),
   so it covers the steps, the validation at the end of them and the checkpoint written there;
-- held at step 0: the resident set when the steps start (after sharding, for FSDP).
+- held at step 0: the resident set when the steps start (after sharding, for FSDP);
+- all processes together: the launch's peak of its processes' resident sets summed (torchrun's agent and
+  both workers, sampled every 20 ms), what the machine must hold at once. With ``--fsdp`` the processes load
+  and shard the base one after another (:func:`peftkit.training.fsdp.in_turn`); with DDP they load at once.
 glibc's malloc is pinned to mmap for blocks >= 64 KiB so freed tensors go back to the system and RSS means
 what is live.
 """
@@ -92,27 +95,51 @@ def worker(mode: str, steps: int, output_dir: str, model: str, dataset: str) -> 
     print(RESULT + json.dumps(record), flush=True)
 
 
+def _tree_rss_mib(root: int) -> float:
+    """The resident sets of ``root`` and every process below it, summed (a process gone meanwhile counts 0)."""
+    total, pending = 0.0, [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        total += next(
+            (int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0
+        )
+        pending += [int(child) for child in children]
+    return total
+
+
 def launch(mode: str, steps: int, model: str, dataset: str) -> list[dict]:
-    """One 2-process launch; each process's record."""
+    """One 2-process launch; each process's record, with the launch's peak of all its processes' resident
+    sets summed (sampled every 20 ms: what the machine must hold at once)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     torchrun = Path(sys.executable).parent / "torchrun"
     with tempfile.TemporaryDirectory(prefix="fsdp-memory-") as folder:
-        done = subprocess.run(
-            [
-                *(str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "benchmarks.fsdp_memory"),
-                *("--worker", mode, "--steps", str(steps), "--run-dir", str(Path(folder) / "run")),
-                *("--model", model, "--dataset", dataset),
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=1800,
-        )
-    if done.returncode != 0:
-        raise RuntimeError(f"{mode} launch failed:\n{done.stderr[-4000:]}")
-    records = [
-        json.loads(line[len(RESULT) :]) for line in done.stdout.splitlines() if line.startswith(RESULT)
-    ]
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            process = subprocess.Popen(
+                [
+                    *(str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "benchmarks.fsdp_memory"),
+                    *("--worker", mode, "--steps", str(steps), "--run-dir", str(Path(folder) / "run")),
+                    *("--model", model, "--dataset", dataset),
+                ],
+                stdout=stdout,
+                stderr=stderr,
+                env=env,
+            )
+            launch_peak = 0.0
+            while process.poll() is None:
+                launch_peak = max(launch_peak, _tree_rss_mib(process.pid))
+                time.sleep(0.02)
+        if process.returncode != 0:
+            raise RuntimeError(f"{mode} launch failed:\n{err.read_text()[-4000:]}")
+        lines = out.read_text().splitlines()
+    records = [json.loads(line[len(RESULT) :]) for line in lines if line.startswith(RESULT)]
+    for record in records:
+        record["launch_peak_mib"] = launch_peak
     return sorted(records, key=lambda r: r["rank"])
 
 
@@ -131,6 +158,11 @@ def report(launches: list[list[dict]], command: str, steps: int, model: str) -> 
     def median(mode: str, key: str) -> float:  # the larger process of each launch: what must fit
         return statistics.median(max(r[key] for r in rec) for rec in launches if rec[0]["mode"] == mode)
 
+    launch_rows = [
+        f"| {n} | {rec[0]['mode']} | {rec[0]['launch_peak_mib']:,.0f} MiB |"
+        for n, rec in enumerate(launches, 1)
+    ]
+
     lines = [
         "# FSDP vs DDP: peak memory per process",
         "",
@@ -143,15 +175,23 @@ def report(launches: list[list[dict]], command: str, steps: int, model: str) -> 
         "",
         *rows,
         "",
-        "Medians over launches of the larger process:",
+        "Each launch's peak of all its processes together (torchrun's agent and the 2 workers, resident sets "
+        "summed, sampled every 20 ms):",
+        "",
+        "| launch | mode | all processes, peak |",
+        "|---|---|---|",
+        *launch_rows,
+        "",
+        "Medians over launches (per process: the larger process of each launch):",
         "",
         "| | DDP | FSDP | FSDP / DDP |",
         "|---|---|---|---|",
     ]
     for key, label in (
-        ("train_peak_mib", "training peak"),
-        ("held_mib", "held at step 0"),
-        ("load_peak_mib", "load peak"),
+        ("train_peak_mib", "training peak, per process"),
+        ("held_mib", "held at step 0, per process"),
+        ("load_peak_mib", "load peak, per process"),
+        ("launch_peak_mib", "all processes together, peak"),
     ):
         ddp, fsdp = median("ddp", key), median("fsdp", key)
         lines.append(f"| {label} | {ddp:,.0f} MiB | {fsdp:,.0f} MiB | **{fsdp / ddp:.2f}x** |")

@@ -260,3 +260,11 @@ def test_predict_without_inputs_is_a_message(finished, capsys, monkeypatch):
         main(["generate", str(finished), "hi", "--max-new-tokens", "0"])
     assert exit_.value.code == 2
     assert "argument --max-new-tokens: must be an integer >= 1, got '0'" in _error(capsys)
+
+
+def test_a_fractional_epoch_runs_that_share_of_the_steps(bert, data, tmp_path):
+    # 120 records: 96 train; batch 8 -> 12 steps an epoch; a quarter is 3 steps (not the default 400)
+    flags = _flags(bert, data, tmp_path / "out", "--max-steps", "none", "--epochs", "0.25")
+    assert main(flags) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["steps"] == 3

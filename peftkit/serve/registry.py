@@ -55,20 +55,23 @@ def locate_adapter(path: str | os.PathLike) -> tuple[Path, str | None, list[str]
     if (path / ADAPTER_CONFIG).is_file():
         run = RunFolder(path.parent)
         if path.name == run.adapter_dir.name and run.task() is not None:
-            return path, run.task(), _label_names(run.root)
+            return path, run.task(), _label_names(run)
         return path, None, None
     run = RunFolder(path)
     if run.is_finished() and (run.adapter_dir / ADAPTER_CONFIG).is_file():
-        return run.adapter_dir, run.task(), _label_names(run.root)
+        return run.adapter_dir, run.task(), _label_names(run)
     raise ConfigError(
         f"{path} is neither an adapter folder ({ADAPTER_CONFIG}) nor a finished `peftkit train` run "
         "(config.yaml and adapter/)"
     )
 
 
-def _label_names(run: Path) -> list[str] | None:
-    labels = run / "labels.json"
-    names = json.loads(labels.read_text()).get("label_names") if labels.is_file() else None
+def _label_names(run) -> list[str] | None:
+    """The label names a run's head was built for (None when the run does not say)."""
+    try:
+        names = run.read_labels()[1]
+    except (OSError, KeyError, ValueError):
+        return None
     return [str(n) for n in names] if isinstance(names, list) else None
 
 

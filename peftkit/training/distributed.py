@@ -3,6 +3,7 @@ operations the loop needs. On CPU the gloo backend is used."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -56,3 +57,17 @@ class Distributed:
         """Leave the process group, if one was joined."""
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def gradient_sync(trained: torch.nn.Module, final: bool) -> contextlib.AbstractContextManager:
+    """The context of one micro-batch's backward pass: gradients are averaged across processes only in the
+    ``final`` micro-batch of an optimizer step (DDP's ``no_sync`` before it; FSDP keeps them unreduced);
+    one process: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(trained, FSDPModule):
+        trained.set_requires_gradient_sync(final)
+    elif isinstance(trained, DistributedDataParallel) and not final:
+        return trained.no_sync()
+    return contextlib.nullcontext()

@@ -107,6 +107,21 @@ def shard_run(model: nn.Module, wanted: bool, world_size: int, say: Callable[[st
     return True
 
 
+@contextlib.contextmanager
+def in_turn(dist: Any, enabled: bool) -> Iterator[None]:
+    """With ``enabled``, the processes (a :class:`~peftkit.training.distributed.Distributed`) run the block one
+    after another, rank 0 first: loading the base and sharding it, so that one process at a time holds the
+    whole model and a machine needs the memory of one full copy plus shards, not one full copy per process.
+    Every process passes ``world_size`` barriers in all: ``rank`` before its turn, the rest after. Nothing in
+    the block may be a collective."""
+    turns = dist.world_size if enabled else 0
+    for _ in range(min(dist.rank, turns)):
+        dist.barrier()
+    yield
+    for _ in range(turns - min(dist.rank, turns)):
+        dist.barrier()
+
+
 class ShardedFiniteParameters(FiniteParameters):
     """:class:`~peftkit.training.divergence.FiniteParameters` over this process's shards, the verdict shared
     by every process (the first problem any of them found), so that all stop together or none does."""
@@ -123,14 +138,6 @@ class ShardedFiniteParameters(FiniteParameters):
         found: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(found, super().problem())
         return next((problem for problem in found if problem is not None), None)
-
-
-def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Reduce-scatter the gradients in this backward pass or (``sync=False``, a micro-batch before the last
-    of an optimizer step) keep accumulating them unreduced, as DDP's ``no_sync``."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -176,10 +183,12 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return state
 
 
-def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A full (one-process) optimizer state cut to this process's shards, for ``optimizer.load_state_dict``:
-    each tensor shaped like its parameter takes the parameter's placement (no communication: every process
-    holds the full state). Tensors of other shapes (AdamW's ``step``) stay as they are."""
+def shard_optimizer_state(trainer_state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint's full (one-process) optimizer state, in ``trainer_state["optimizer"]``, cut in place to
+    this process's shards for ``optimizer.load_state_dict``: each tensor shaped like its parameter takes the
+    parameter's placement (no communication: every process holds the full state). Tensors of other shapes
+    (AdamW's ``step``) stay as they are."""
+    state = trainer_state["optimizer"]
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     sharded = {}
     for index, entry in state["state"].items():
@@ -190,4 +199,4 @@ def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimize
             else value
             for key, value in entry.items()
         }
-    return {**state, "state": sharded}
+    trainer_state["optimizer"] = {**state, "state": sharded}

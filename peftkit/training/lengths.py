@@ -92,3 +92,16 @@ def choose_max_length(
     max_length = min(cap, MULTIPLE * math.ceil(percentile / MULTIPLE)) if given is None else given
     cut = sum(n > max_length for n in ordered) / len(ordered)
     return LengthChoice(max_length, given is None, cut, percentile, ordered[-1], len(ordered), cap)
+
+
+def settle_max_length(
+    config: Any, task: Any, records: Sequence[dict], tokenizer: Any, model_config: Any
+) -> str:
+    """Set ``config.max_length`` (a :class:`~peftkit.training.config.TrainConfig`) from the first
+    :data:`SAMPLE` of the training ``records`` when it is None, leave a given one; the line to print about
+    it (for a given one that cuts nothing: its value only)."""
+    measured = token_lengths(task, records[:SAMPLE], tokenizer)
+    reserved = config.options.get("num_virtual_tokens") or 0  # positions a prompt method puts first
+    choice = choose_max_length(config.max_length, measured, model_positions(model_config), reserved)
+    config.max_length = choice.max_length
+    return choice.message() or f"max length {choice.max_length} tokens (given): no training example is cut"

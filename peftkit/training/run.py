@@ -36,7 +36,7 @@ from peftkit.tasks import TASKS
 from peftkit.training import batches, efficiency, fsdp, lengths
 from peftkit.training import state as run_state
 from peftkit.training.config import TrainConfig
-from peftkit.training.distributed import Distributed
+from peftkit.training.distributed import Distributed, gradient_sync
 from peftkit.training.divergence import FiniteParameters, diverged, loss_problem
 from peftkit.training.finished import LoadedRun, load_run  # noqa: F401  (re-exported: their old home)
 from peftkit.training.layout import RunFolder
@@ -75,7 +75,9 @@ class TrainingRun:
         try:
             seed_everything(config.seed)
             run._open_folder()
-            run._load_data_and_model()
+            with fsdp.in_turn(run.dist, config.fsdp):  # --fsdp: one process at a time holds the whole base
+                run._load_data_and_model()
+                run.sharded = fsdp.shard_run(run.model, config.fsdp, run.dist.world_size, run.say)
             run._build_optimizer()
             run._record_start()
         except BaseException:
@@ -141,7 +143,8 @@ class TrainingRun:
             quiet_transformers()
         ):  # its load report lists the fresh task head, which the adapter trains in full
             base = self.task.load_model(model_dir, self.splits.label_names, self.tokenizer)
-        self._choose_max_length(base)
+        # chosen from the training examples unless given; the share it cuts is said (training/lengths.py)
+        self.say(lengths.settle_max_length(config, self.task, self.splits.train, self.tokenizer, base.config))
         check_run(config, self.splits, self.tokenizer, base)  # empty splits, all-[UNK] input, positions
         prepare_base(config, base)
         if config.gradient_checkpointing:
@@ -159,18 +162,6 @@ class TrainingRun:
         if config.resume:  # the trained values replace the fresh ones before the optimizer sees them
             self.checkpoint, self.saved_state = restore_checkpoint(self.folder, self.model, self.say)
 
-    def _choose_max_length(self, base: torch.nn.Module) -> None:
-        """``max_length`` from the training examples' token lengths unless given, and the share of them it
-        cuts, said (see :mod:`peftkit.training.lengths`); ``config.yaml`` records the value used."""
-        config = self.config
-        measured = lengths.token_lengths(self.task, self.splits.train[: lengths.SAMPLE], self.tokenizer)
-        reserved = config.options.get("num_virtual_tokens") or 0  # positions a prompt method takes
-        positions = lengths.model_positions(base.config)
-        choice = lengths.choose_max_length(config.max_length, measured, positions, reserved)
-        config.max_length = choice.max_length
-        if (message := choice.message()) is not None:
-            self.say(message)
-
     def _build_optimizer(self) -> None:
         config, dist = self.config, self.dist
         self.global_batch = batches.global_batch_size(
@@ -185,7 +176,6 @@ class TrainingRun:
         self.sampler: batches.BatchSampler = efficiency.batch_order(
             config, self.task, self.splits.train, self.tokenizer, self.global_batch
         )
-        self.sharded = fsdp.shard_run(self.model, config.fsdp, dist.world_size, self.say)
         # read now, after the adapter (a head trained in full is its copy), a resumed adapter (which replaced
         # the fresh one) and the sharding (which replaces parameters)
         head = head_parameters(self.model.base_model, self.heads)
@@ -197,9 +187,7 @@ class TrainingRun:
         )
         if self.checkpoint is not None:
             if self.sharded:  # the checkpoint holds the full state: each process takes its shards
-                self.saved_state["optimizer"] = fsdp.shard_optimizer_state(
-                    self.saved_state["optimizer"], self.optimizer
-                )
+                fsdp.shard_optimizer_state(self.saved_state, self.optimizer)
             self._restore_progress()
         finite = fsdp.ShardedFiniteParameters if self.sharded else FiniteParameters
         self.finite = finite(self.model) if config.check_finite else None
@@ -288,12 +276,7 @@ class TrainingRun:
         for micro in range(config.gradient_accumulation):
             mine = batches.micro_batch_rows(step_rows, micro, config.batch_size, dist.world_size, dist.rank)
             batch = self.task.collate([self.splits.train[i] for i in mine], self.tokenizer, config.max_length)
-            final = micro == config.gradient_accumulation - 1  # average gradients once per optimizer step
-            sync = contextlib.nullcontext()
-            if self.sharded:
-                sync = fsdp.gradient_sync(self.model, final)
-            elif dist.world_size > 1 and not final:
-                sync = self.trained.no_sync()
+            sync = gradient_sync(self.trained, final=micro == config.gradient_accumulation - 1)
             with sync, autocast:
                 loss = self.loss(batch) / config.gradient_accumulation
                 loss.backward()
