@@ -250,16 +250,22 @@ def _trace(
     layers: list[nn.Module],
 ) -> StepTrace:
     base = peft.base_model
+    config = getattr(base, "config", None)
+    use_cache = getattr(config, "use_cache", None)
     with warnings.catch_warnings():  # transformers 5 renamed it; peftkit train calls it by this name
         warnings.simplefilter("ignore", FutureWarning)
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if use_cache:  # training keeps no cache; transformers would say so on stderr at every plan
+                config.use_cache = False
         try:
             with stand_in_matmuls(base):
                 return trace_step(peft, head, inputs, fused_loss, layers)
         finally:
             if checkpointing:
                 base.gradient_checkpointing_disable()
+                if use_cache:
+                    config.use_cache = use_cache
 
 
 def _memory(peft: nn.Module, trace: StepTrace, settings: Settings) -> Memory:
