@@ -95,11 +95,14 @@ def choose_max_length(
 
 
 def settle_max_length(
-    config: Any, task: Any, records: Sequence[dict], tokenizer: Any, model_config: Any
+    config: Any, task: Any, records: Sequence[dict], tokenizer: Any, model_config: Any, recorded: bool = False
 ) -> str:
     """Set ``config.max_length`` (a :class:`~peftkit.training.config.TrainConfig`) from the first
     :data:`SAMPLE` of the training ``records`` when it is None, leave a given one; the line to print about
-    it (for a given one that cuts nothing: its value only)."""
+    it (for a given one that cuts nothing: its value only; for one ``recorded`` by the resumed run, which
+    the user did not choose now: its value and where it came from, without a warning)."""
+    if recorded and config.max_length is not None:
+        return f"max length {config.max_length} tokens (recorded by the resumed run)"
     measured = token_lengths(task, records[:SAMPLE], tokenizer)
     reserved = config.options.get("num_virtual_tokens") or 0  # positions a prompt method puts first
     choice = choose_max_length(config.max_length, measured, model_positions(model_config), reserved)
