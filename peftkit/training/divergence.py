@@ -21,9 +21,12 @@ class TrainingDiverged(ConfigError):
     """The training loss or a trainable parameter is NaN or infinite; nothing of that step was saved."""
 
 
+LOSS = "the training loss is "
+
+
 def loss_problem(loss: float) -> str | None:
     """What is wrong with a training ``loss`` (a Python number): None when it is finite."""
-    return None if math.isfinite(loss) else f"the training loss is {loss}"
+    return None if math.isfinite(loss) else f"{LOSS}{loss}"
 
 
 class FiniteParameters:
@@ -49,7 +52,14 @@ class FiniteParameters:
 
 def diverged(problem: str, step: int, learning_rate: float, last_good: str) -> TrainingDiverged:
     """The error that stops a run at optimizer step ``step`` (1-based) for ``problem``: it names the step and
-    the learning rate, says what survives (``last_good``) and suggests a lower learning rate."""
+    the learning rate, says what survives (``last_good``) and suggests a lower learning rate; a loss that is
+    not finite at step 1 came before any update, so it points at the inputs and the model instead."""
+    if step == 1 and problem.startswith(LOSS):
+        return TrainingDiverged(
+            f"training stopped at step 1: {problem} before any update, so not because of the learning rate: "
+            "the model gives a non-finite loss on the training examples as they are (check the data, "
+            f"--max-length, the model's weights and --bf16); {last_good}"
+        )
     lower = f" (e.g. {learning_rate / 10:.3g})" if math.isfinite(learning_rate) and learning_rate > 0 else ""
     return TrainingDiverged(
         f"training diverged at step {step}: {problem} (learning rate {learning_rate:.3g} at that step). The "
