@@ -141,16 +141,20 @@ def choose_max_length(
 
 
 def settle_max_length(
-    config: Any, task: Any, records: Sequence[dict], tokenizer: Any, model_config: Any
+    config: Any, task: Any, records: Sequence[dict], tokenizer: Any, model_config: Any, recorded: bool = False
 ) -> str:
     """Set ``config.max_length`` (a :class:`~peftkit.training.config.TrainConfig`) from the first
     :data:`SAMPLE` of the training ``records`` when it is None, leave a given one; the line to print about
-    it (for a given one that cuts nothing: its value only), and a warning line when it leaves some examples
-    no response token. Raises :class:`~peftkit.config.ConfigError` when it leaves none of them one."""
+    it (for a given one that cuts nothing: its value only; for one ``recorded`` by the resumed run, which
+    the user did not choose now: its value and where it came from, without a warning), and a warning line
+    when it leaves some examples no response token. Raises :class:`~peftkit.config.ConfigError` when it
+    leaves none of them one."""
     measured = token_lengths(task, records[:SAMPLE], tokenizer)
     reserved = config.options.get("num_virtual_tokens") or 0  # positions a prompt method puts first
     choice = choose_max_length(config.max_length, measured, model_positions(model_config), reserved)
     lost = check_responses(choice.max_length, response_needs(task, records[:SAMPLE], tokenizer))
     config.max_length = choice.max_length
     said = choice.message() or f"max length {choice.max_length} tokens (given): no training example is cut"
+    if recorded:
+        said = f"max length {choice.max_length} tokens (recorded by the resumed run)"
     return said if lost is None else f"{said}\n{lost}"
