@@ -129,3 +129,15 @@ def test_defaults_are_shown():
             options = parser.format_help().split("\noptions:", 1)[1]
             entry = options.split(f"\n  {action.option_strings[0]}", 1)[1].split("\n  -", 1)[0]
             assert "default" in entry, f"{command} {action.option_strings[0]}: {entry!r}"
+
+
+def test_a_no_flag_never_reads_as_on_by_default():
+    """A store_false ``--no-x`` flag's default (True) is the x's, not the flag's: the help says what the
+    default does in words, never "(default: True)"."""
+    seen = 0
+    for command, parser, action in _flags():
+        if isinstance(action, argparse._StoreFalseAction):
+            seen += 1
+            help_text = parser._get_formatter()._get_help_string(action) % {"default": action.default}
+            assert "(default: True)" not in help_text and "default" in help_text, f"{command}: {help_text!r}"
+    assert seen  # plan's --no-fused-loss at least

@@ -301,3 +301,30 @@ def test_in_place_methods_count_the_base_values_they_keep(tmp_path):
     buffers = sum(b.numel() * b.element_size() for b in real.base_model.buffers())  # frozen: base too
     assert real._bank.nbytes() == weights
     assert table.row("full").memory.base == weights + buffers
+
+
+def test_plan_says_nothing_of_the_cache_on_stderr(tmp_path, capsys):
+    """The checkpointed trace runs without a KV cache (as training does), so transformers has nothing to say
+    about ``use_cache``; the model's own setting is back afterwards."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from peftkit.cli.main import main
+
+    config = TINY_MODELS["llama"].build_model().config
+    assert config.use_cache
+    config.save_pretrained(tmp_path / "model")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.warning_once.cache_clear()  # said once per process: another test may have said it already
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert (
+            main(["plan", "--model", str(tmp_path / "model"), "--methods", "lora", "--max-length", "8"]) == 0
+        )
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    said = [r.getMessage() for r in records] + [capsys.readouterr().err]
+    assert not any("incompatible with gradient checkpointing" in text for text in said), said

@@ -97,3 +97,24 @@ def test_the_finite_check_is_on_by_default_and_can_be_switched_off():
     assert train_cli.config_from_args(parser.parse_args(["train"])).check_finite is True
     args = parser.parse_args(["train", "--no-check-finite"])
     assert train_cli.config_from_args(args).check_finite is False
+
+
+@pytest.mark.parametrize(
+    ("value", "finite"),
+    [(float("nan"), False), (float("inf"), False), (-float("inf"), False), (1e30, True), (-3.0e38, True)],
+)
+def test_the_parameter_check_names_the_tensor_and_never_mistakes_a_large_value(value, finite):
+    from peftkit.training.divergence import FiniteParameters
+
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.ones(3, 4))
+    model.empty = torch.nn.Parameter(torch.ones(0))  # an empty shard under FSDP
+    model.b = torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))
+    model.frozen = torch.nn.Parameter(torch.full((2,), float("nan")), requires_grad=False)  # not checked
+    check = FiniteParameters(model)
+    assert check.problem() is None
+    with torch.no_grad():
+        model.b[2] = value
+    assert (check.problem() is None) == finite  # 3e38 squared would overflow a 2-norm: max |x| does not
+    if not finite:
+        assert check.problem() == "the trainable parameter b holds NaN or infinite values after the update"

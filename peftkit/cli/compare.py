@@ -56,43 +56,8 @@ def add_parser(subparsers) -> None:
         help="train nothing: write the tables and charts of the runs of an earlier comparison in --output-dir "
         "that finished with these settings (one cut short), the others marked 'not run'",
     )
-    parser.add_argument(
-        "--train-sizes",
-        nargs="+",
-        type=int,
-        metavar="N",
-        help="low-data comparison: also run every method and seed on the first N training examples of one "
-        "seeded shuffle (nested subsets, the same for every method and seed: --data-seed, default 0), for "
-        "each N, with ceil(--epochs x N / global batch) optimizer steps, at least --min-steps and at most "
-        "--max-steps",
-    )
-    parser.add_argument(
-        "--min-steps",
-        type=int,
-        default=20,
-        help="with --train-sizes: the fewest optimizer steps any size trains (default: 20)",
-    )
-    parser.add_argument(
-        "--retain-eval",
-        metavar="TEXT",
-        help="forgetting: after training, score each method's model (adapter active) and the base model on "
-        "this general text, a .txt file or a built-in data set's texts (e.g. news_headlines): perplexity "
-        "for causal LMs, the masked-LM loss for encoders whose checkpoint has a masked-LM head (lower is "
-        "better for both); not applicable otherwise",
-    )
-    parser.add_argument(
-        "--retain-tokens",
-        type=int,
-        default=8192,
-        help="with --retain-eval: tokens of the text scored (default: 8192)",
-    )
-    parser.add_argument(
-        "--retain-length",
-        type=int,
-        default=256,
-        help="with --retain-eval: tokens per scored window, each token predicted from those before it in "
-        "its window (default: 256)",
-    )
+    _add_low_data_flags(parser)
+    _add_retain_flags(parser)
     parser.add_argument(
         "--test-limit",
         type=int,
@@ -114,6 +79,51 @@ def add_parser(subparsers) -> None:
         },
     )
     parser.set_defaults(run=run)
+
+
+def _add_low_data_flags(parser) -> None:
+    """The low-data comparison's flags (docs/lab_results.md)."""
+    parser.add_argument(
+        "--train-sizes",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="low-data comparison: also run every method and seed on the first N training examples of one "
+        "seeded shuffle (nested subsets, the same for every method and seed: --data-seed, default 0), for "
+        "each N, with ceil(--epochs x N / global batch) optimizer steps, at least --min-steps and at most "
+        "--max-steps",
+    )
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=20,
+        help="with --train-sizes: the fewest optimizer steps any size trains (default: 20)",
+    )
+
+
+def _add_retain_flags(parser) -> None:
+    """The forgetting comparison's flags (docs/lab_results.md)."""
+    parser.add_argument(
+        "--retain-eval",
+        metavar="TEXT",
+        help="forgetting: after training, score each method's model (adapter active) and the base model on "
+        "this general text, a .txt file or a built-in data set's texts (e.g. news_headlines): perplexity "
+        "for causal LMs, the masked-LM loss for encoders whose checkpoint has a masked-LM head (lower is "
+        "better for both); not applicable otherwise",
+    )
+    parser.add_argument(
+        "--retain-tokens",
+        type=int,
+        default=8192,
+        help="with --retain-eval: tokens of the text scored (default: 8192)",
+    )
+    parser.add_argument(
+        "--retain-length",
+        type=int,
+        default=256,
+        help="with --retain-eval: tokens per scored window, each token predicted from those before it in "
+        "its window (default: 256)",
+    )
 
 
 def parse_method_settings(items: list[str], methods: list[str]) -> dict[str, dict]:

@@ -68,8 +68,8 @@ class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         if "default" in text or not action.option_strings or action.default in (None, False, [], ()):
             return text
-        if action.default is argparse.SUPPRESS:
-            return text
+        if action.default is argparse.SUPPRESS or isinstance(action, argparse._StoreFalseAction):
+            return text  # a --no-x flag's default True would read as "--no-x is on"
         return f"{text} (default: %(default)s)"
 
 

@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
         "--no-fused-loss",
         dest="fused_loss",
         action="store_false",
-        help="plan the model's own loss (full logits), as peftkit train --no-fused-loss trains",
+        help="plan the model's own loss (full logits), as peftkit train --no-fused-loss trains "
+        "(default: the fused loss, where the model allows it, as peftkit train)",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--chart", metavar="PNG", help="write memory per method, stacked by component")

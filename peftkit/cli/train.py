@@ -11,6 +11,7 @@ import argparse
 from peftkit.cli.flags import add_config_flags, overrides_from_args
 from peftkit.config import ConfigError
 from peftkit.training.config import TrainConfig, named_setting
+from peftkit.training.resume import recorded_base
 
 
 def add_parser(subparsers) -> None:
@@ -21,12 +22,15 @@ def add_parser(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's settings: defaults, then ``--config``'s YAML file, then the flags given.
+    """The run's settings: defaults, then ``--config``'s YAML file, then the flags given. With ``--resume``
+    the run's recorded settings stand in for the defaults: only the settings given are compared with them.
 
-    Raises ConfigError for an unknown setting, a bad value or an option of another method."""
+    Raises ConfigError for an unknown setting, a bad value or an option of another method, and for
+    ``--resume`` without a run to continue."""
     overrides = overrides_from_args(args)
+    base = recorded_base(args.config, overrides)
     try:
-        return TrainConfig.from_sources(args.config, overrides, none_is_unset=False)
+        return TrainConfig.from_sources(args.config, overrides, none_is_unset=False, base=base)
     except ConfigError as error:  # a method option its adapter config refuses: name the flag it came from
         named = named_setting(error)
         if named not in overrides or str(error).startswith(str(args.config)):

@@ -72,6 +72,27 @@ def run_comparison(
     _claim(output_dir, overwrite, resume or report_only)
     retain = dict(retain) if retain is not None else None
     specs = plan_runs(base, methods, seeds, output_dir, method_settings, train_sizes, min_steps)
+    launch_settings = (latency_batch, latency_repeats, timeout, retain, test_limit)
+    runs = _run_all(specs, launch_settings, resume, report_only, show_progress)
+    retained_base = None
+    if retain:
+        retained_base = base_retention(specs, runs, output_dir, retain, resume or report_only)
+    rows = summarize(runs)
+    predicted = predicted_peaks(base, list(methods))
+    for row in rows:
+        row.predicted_peak_bytes = predicted.get(row.method)
+    described = _describe(base, methods, seeds, context, train_sizes, min_steps, retain)
+    if test_limit is not None:
+        described["test records"] = f"the first {test_limit} of the test split"
+    files = write_tables(rows, runs, output_dir, described, retained_base)
+    files += write_charts(rows, runs, output_dir, _title(base, bool(train_sizes)), retained_base)
+    return Comparison(rows, runs, files, retained_base)
+
+
+def _run_all(specs, launch_settings: tuple, resume: bool, report_only: bool, show_progress: bool) -> list:
+    """Each run's record, in ``specs``' order: reused when finished with the same settings (``resume``,
+    ``report_only``), "not run" with ``report_only``, else launched in a process of its own."""
+    retain, test_limit = launch_settings[3], launch_settings[4]
     progress = ComparisonProgress(specs, disable=not show_progress)
     runs = []
     try:
@@ -84,25 +105,13 @@ def run_comparison(
                 result = {"status": "failed", "error": f"not run: {NOT_RUN}"}
             else:
                 on_steps = lambda steps, i=index: progress.steps_done(i, steps)  # noqa: E731
-                result = launch(spec, on_steps, latency_batch, latency_repeats, timeout, retain, test_limit)
+                result = launch(spec, on_steps, *launch_settings)
             record = read_run(spec.method, spec.seed, result, spec.train_size)
             runs.append(record)
             progress.finish(index, record.ok)
     finally:
         progress.close()
-    retained_base = None
-    if retain:
-        retained_base = base_retention(specs, runs, output_dir, retain, resume or report_only)
-    rows = summarize(runs)
-    predicted = predicted_peaks(base, list(methods))
-    for row in rows:
-        row.predicted_peak_bytes = predicted.get(row.method)
-    described = _describe(base, methods, seeds, context, train_sizes, min_steps, retain)
-    if test_limit is not None:
-        described["test records"] = f"the first {test_limit} of the test split"
-    files = write_tables(rows, runs, output_dir, described, retained_base)
-    files += write_charts(rows, runs, output_dir, _title(base), retained_base)
-    return Comparison(rows, runs, files, retained_base)
+    return runs
 
 
 def _claim(output_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -128,9 +137,12 @@ def _length(base: TrainConfig) -> str:
     return f"{base.max_steps} steps" if base.max_steps else f"{base.epochs:g} epochs"
 
 
-def _title(base: TrainConfig) -> str:
+def _title(base: TrainConfig, sized: bool = False) -> str:
     """The setting under every chart's title: a folder's name, not its path."""
-    return f"{Path(base.model).name} on {Path(base.dataset).name}, {_length(base)}"
+    length = (
+        f"{base.epochs:g} epochs of each size, capped at {base.max_steps} steps" if sized else _length(base)
+    )
+    return f"{Path(base.model).name} on {Path(base.dataset).name}, {length}"
 
 
 def _describe(base, methods, seeds, context, train_sizes, min_steps, retain) -> dict[str, Any]:

@@ -149,6 +149,8 @@ def evaluate_base(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The base model's retained-ability score in a process of its own (the lab's driver starts it): reads
+    RUN_DIR's model and settings, scores TEXT, writes the JSON result to OUTPUT whole or not at all."""
     parser = argparse.ArgumentParser(prog="python -m peftkit.lab.retain", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("text")

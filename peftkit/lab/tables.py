@@ -152,21 +152,22 @@ def markdown_table(rows: list[MethodSummary], retained_base: dict[str, Any] | No
             r.status if r.error is None else f"{r.status}: {_cell(r.error)}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Step: median optimizer step after the first few (warm-up); training: all optimizer steps; run: the "
-        "whole process (loading, training, evaluations, saving). Peak memory: the peak resident set size of "
-        "the run's own process; predicted peak: what `peftkit plan` predicts before training for the method's "
-        "default adapter config at the comparison's batch size and full max length (shorter rows need less). "
-        "Base weights: what the frozen base model's weights hold in memory, from "
-        "its tensors (QLoRA: 4-bit codes and their scales; the adapters not included). Latency: median no-grad forward pass of one fixed batch, the base model, "
-        "the adapter unmerged and merged into the weights (n/a: the method cannot merge). With several seeds "
-        "the metric is mean ± sample standard deviation. Load: the machine's mean 1-minute load average "
-        "during the run; the run itself accounts for about its torch threads (by default one per core); more "
-        "means other processes shared the CPU and its times are inflated."
-        + (_RETAINED_NOTE if retained else ""),
-    ]
+    lines += ["", _COLUMNS_NOTE + (_RETAINED_NOTE if retained else "")]
     return "\n".join(lines) + "\n"
+
+
+_COLUMNS_NOTE = (
+    "Step: median optimizer step after the first few (warm-up); training: all optimizer steps; run: the "
+    "whole process (loading, training, evaluations, saving). Peak memory: the peak resident set size of "
+    "the run's own process; predicted peak: what `peftkit plan` predicts before training for the method's "
+    "default adapter config at the comparison's batch size and full max length (shorter rows need less). "
+    "Base weights: what the frozen base model's weights hold in memory, from "
+    "its tensors (QLoRA: 4-bit codes and their scales; the adapters not included). Latency: median no-grad forward pass of one fixed batch, the base model, "
+    "the adapter unmerged and merged into the weights (n/a: the method cannot merge). With several seeds "
+    "the metric is mean ± sample standard deviation. Load: the machine's mean 1-minute load average "
+    "during the run; the run itself accounts for about its torch threads (by default one per core); more "
+    "means other processes shared the CPU and its times are inflated."
+)
 
 
 def _metric(r: MethodSummary) -> str:

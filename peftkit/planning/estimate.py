@@ -23,17 +23,18 @@ from peftkit.planning.trace import StepTrace, TraceError, trace_step
 from peftkit.training.config import TrainConfig
 from peftkit.training.efficiency import fused_loss_off_reason
 
-# What the process holds besides tensors: on CPU the RSS after importing torch, transformers and peftkit
-# (419 MiB measured by benchmarks/plan_accuracy.py) plus what building a model adds beyond its tensors (its
-# code and module objects: 100-140 MiB measured); on a GPU a CUDA context plus cuBLAS workspace, which torch's
+# What the process holds besides tensors: on CPU the RSS after importing torch, transformers and what peftkit
+# train imports (402 MiB measured by benchmarks/plan_accuracy.py once the evaluation metrics' scikit-learn /
+# pandas were imported only where used; 534 MiB before) plus what building a model adds beyond its tensors (its
+# code and module objects: 10-25 MiB measured); on a GPU a CUDA context plus cuBLAS workspace, which torch's
 # allocator does not count (typical for recent drivers; not measured here).
-RUNTIME_BYTES = {"cpu": 520 * 2**20, "cuda": 512 * 2**20}
+RUNTIME_BYTES = {"cpu": 420 * 2**20, "cuda": 512 * 2**20}
 # glibc's malloc (CPU) raises its mmap threshold as large blocks are freed (up to 32 MiB), so blocks of that
 # size freed during the step stay in its heap and the peak RSS runs above the bytes alive. The term is this
-# share of the step's peak held in such blocks (trace.HEAP_BLOCK), fitted to the peak RSS of MiniLM and
-# SmolLM2 runs (benchmarks/results/plan_accuracy.md, where with MALLOC_MMAP_THRESHOLD_=131072 the RSS follows
-# the bytes alive). torch's CUDA caching allocator keeps freed blocks for reuse instead: no term there.
-ALLOCATOR_SLACK = {"cpu": 0.5}
+# share of the step's peak held in such blocks (trace.HEAP_BLOCK), fitted to the peak RSS of every method's
+# run on MiniLM and SmolLM2 (benchmarks/results/plan_accuracy.md, where with MALLOC_MMAP_THRESHOLD_=131072 the
+# RSS follows the bytes alive). torch's CUDA caching allocator keeps freed blocks for reuse instead: no term.
+ALLOCATOR_SLACK = {"cpu": 0.75}
 # The checkpoint's metadata: the format tag and the config's SHA-256 in hex (64 characters).
 FILE_METADATA = {"format": "pt", CONFIG_HASH_KEY: "0" * 64}
 # Layers of the reduced models a deep model's step is traced at: two depths 2 apart (a period of alternating
@@ -249,16 +250,22 @@ def _trace(
     layers: list[nn.Module],
 ) -> StepTrace:
     base = peft.base_model
+    config = getattr(base, "config", None)
+    use_cache = getattr(config, "use_cache", None)
     with warnings.catch_warnings():  # transformers 5 renamed it; peftkit train calls it by this name
         warnings.simplefilter("ignore", FutureWarning)
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if use_cache:  # training keeps no cache; transformers would say so on stderr at every plan
+                config.use_cache = False
         try:
             with stand_in_matmuls(base):
                 return trace_step(peft, head, inputs, fused_loss, layers)
         finally:
             if checkpointing:
                 base.gradient_checkpointing_disable()
+                if use_cache:
+                    config.use_cache = use_cache
 
 
 def _memory(peft: nn.Module, trace: StepTrace, settings: Settings) -> Memory:

@@ -54,6 +54,8 @@ class CausalLM(Task):
         for chunk in batches(records, batch_size):
             batch = to_device(self.collate(chunk, tokenizer, max_length), model_device(model))
             tokens = int((batch["labels"][:, 1:] != IGNORE).sum())  # the loss scores position t+1 from t
+            if tokens == 0:  # every row's response cut off by max_length: its mean loss would be 0/0
+                continue
             loss_sum, count = loss_sum + model(**batch).loss.item() * tokens, count + tokens
         loss = loss_sum / max(count, 1)
         samples = self.predict(

@@ -149,20 +149,23 @@ class TrainConfig:
         overrides: dict[str, Any] | None = None,
         *,
         none_is_unset: bool = True,
+        base: dict[str, Any] | None = None,
     ) -> TrainConfig:
-        """Defaults, then the YAML file, then ``overrides`` (which win). With ``none_is_unset`` a None in
-        ``overrides`` means "not given"; without it None is a value (``--max-steps none``).
+        """Defaults (or ``base``, a resumed run's recorded settings, in :meth:`to_dict`'s form), then the YAML
+        file, then ``overrides`` (which win). With ``none_is_unset`` a None in ``overrides`` means "not
+        given"; without it None is a value (``--max-steps none``).
 
         Raises ConfigError for an unknown setting, a value of the wrong type or out of its range (naming the
         YAML file when the value came from it), an unknown method, or an option of another method."""
-        values = cls.read_checked_settings(yaml_path) if yaml_path is not None else {}
+        from_file = cls.read_checked_settings(yaml_path) if yaml_path is not None else {}
+        values = {**(base or {}), **from_file}
         given = {k: v for k, v in (overrides or {}).items() if v is not None or not none_is_unset}
         values.update(given)
         try:
             return cls.from_dict(values)
         except ConfigError as error:  # a method option the adapter config refuses: name the file it came from
             named = named_setting(error)
-            if yaml_path is None or named is None or named in given or named not in values:
+            if yaml_path is None or named is None or named in given or named not in from_file:
                 raise
             raise ConfigError(f"{yaml_path}: {error}") from None
 

@@ -79,9 +79,19 @@ def loss_function(
     def loss(batch: Batch) -> torch.Tensor:
         if pack is not None:
             batch = pack(batch)
+        if task_name == "causal-lm" and not bool((batch["labels"][:, 1:] != -100).any()):
+            return _nothing_scored(forward, batch)
         return fused_training_loss(forward, model, batch) if fused else forward(**batch).loss
 
     return loss
+
+
+def _nothing_scored(forward: Callable, batch: Batch) -> torch.Tensor:
+    """Loss 0 with zero gradients for a causal-LM micro-batch whose rows all lost their response to
+    ``max_length`` (the mean over no scored token would be 0/0 = NaN). The model still runs, so that every
+    process of a distributed run takes part in the same gradient reduction."""
+    logits = forward(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return logits.sum() * 0.0
 
 
 def _packer(config, task_name: str, model, tokenizer) -> Callable[[Batch], Batch]:

@@ -25,6 +25,7 @@ anything, and dies with the process (see :mod:`peftkit.training.lock`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -85,6 +86,34 @@ class RunFolder:
     def writer(self) -> str | None:
         """The live process writing this run ("pid 12 on host h since ..."), or None. Reads only."""
         return self.lock().holder()
+
+    def names(self) -> set[str]:
+        """The names of the folder's entries (none when it does not exist)."""
+        return {path.name for path in self.root.iterdir()} if self.root.is_dir() else set()
+
+    def make(self) -> Path | None:
+        """Create the folder (and its missing parents); the topmost folder created, None when it existed."""
+        created = None
+        for folder in (self.root, *self.root.parents):
+            if folder.exists():
+                break
+            created = folder
+        self.root.mkdir(parents=True, exist_ok=True)
+        return created
+
+    def remove_new(self, before: set[str], created: Path | None) -> None:
+        """Undo a run that failed before training: remove the entries not in ``before`` (the lock file
+        included), and the folders from the root up to ``created`` once empty (a run that made them)."""
+        for name in self.names() - before:
+            path = self.root / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        if created is None:
+            return
+        for folder in (self.root, *self.root.parents):
+            with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                folder.rmdir()
+            if folder == created:
+                break
 
     def is_empty(self) -> bool:
         """True when the folder holds nothing but (maybe) its lock file."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.config import ConfigError
+from peftkit.method_spec import method_spec
 from peftkit.training.config import TrainConfig
 from peftkit.training.layout import RunFolder
 
@@ -78,6 +79,26 @@ def recorded_settings(folder: RunFolder) -> TrainConfig:
     return with_absolute_paths(folder.read_config())
 
 
+def recorded_base(yaml_path: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """For a resume (``resume`` given by the flags ``overrides`` or the YAML file): the run's recorded
+    settings, to stand in for the defaults, so that every setting the user did not give is the run's own and
+    only those given are compared by :func:`check_same_run`; None when not resuming. The recorded options of
+    another method than a given ``method`` are left out (the difference of method is then what is refused).
+    Raises ConfigError (see :func:`recorded_settings`) when the folder holds no run to resume."""
+    given = {**(TrainConfig.read_checked_settings(yaml_path) if yaml_path is not None else {}), **overrides}
+    if not given.get("resume"):
+        return None
+    output_dir = given.get("output_dir") or TrainConfig.output_dir
+    recorded = recorded_settings(RunFolder(output_dir))
+    method = given.get("method", recorded.method)
+    # the folder read is the one written (a moved run folder records where it was)
+    base = {**recorded.to_dict(), "output_dir": str(output_dir)}
+    if method == recorded.method:
+        return base
+    dropped = set(recorded.options) - set(method_spec(method).option_names)
+    return {k: v for k, v in base.items() if k not in dropped}
+
+
 def check_same_run(recorded: TrainConfig, wanted: TrainConfig, folder: RunFolder) -> dict[str, list]:
     """The settings that differ between the recorded run and the resumed one, all in
     :data:`MAY_CHANGE_ON_RESUME` (``{name: [recorded, wanted]}``). Raises ConfigError listing every other
@@ -99,11 +120,27 @@ def check_same_run(recorded: TrainConfig, wanted: TrainConfig, folder: RunFolder
     return {k: v for k, v in changed.items() if k not in ("resume", "output_dir")}
 
 
-def restore_checkpoint(folder: RunFolder, model, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+def check_world_size(state: dict[str, Any], world_size: int, checkpoint: Path) -> None:
+    """Raise ConfigError naming both when the checkpoint's trainer ``state`` records another number of
+    processes than ``world_size``: the global batch (batch size x processes x accumulation) and the data
+    order would change under the resumed steps. A checkpoint that records none is not checked."""
+    recorded = state.get("world_size")
+    if recorded is not None and recorded != world_size:
+        raise ConfigError(
+            f"--resume: {checkpoint} was written by a run of {recorded} process(es), and this one has "
+            f"{world_size}: the global batch (batch size x processes x accumulation steps) would change. "
+            f"Resume it with {recorded} process(es), or train the new setup into another --output-dir"
+        )
+
+
+def restore_checkpoint(
+    folder: RunFolder, model, say: Callable[[str], None], world_size: int = 1
+) -> tuple[Path, dict[str, Any]]:
     """The newest whole checkpoint's trainer state, with its adapter weights put into ``model``'s
     ``default`` adapter; a damaged one (unreadable or incomplete trainer state, missing or damaged adapter
     files, non-finite weights) is passed over for the one before it, with a message through ``say``. Raises
-    ConfigError naming each bad file when no checkpoint is whole."""
+    ConfigError naming each bad file when no checkpoint is whole, and (:func:`check_world_size`) when the
+    checkpoint was written by another number of processes than ``world_size``."""
     problems = []
     for checkpoint in folder.checkpoints():
         try:
@@ -113,6 +150,7 @@ def restore_checkpoint(folder: RunFolder, model, say: Callable[[str], None]) -> 
         except (ValueError, OSError) as error:  # CheckpointError, ConfigError, an unreadable file
             problems.append(str(error))
             continue
+        check_world_size(state, world_size, checkpoint)
         if problems:
             say(
                 f"the latest checkpoint is damaged ({'; '.join(problems)}): resuming from the one before it, "

@@ -64,6 +64,9 @@ class TrainingRun:
         self.changed: dict[str, list] = {}  # settings a resume changed: {name: [recorded, now]}
         self.checkpoint: Path | None = None
         self.saved_step = 0  # the step of the last checkpoint written or resumed from
+        self.length_recorded = False  # a resume's max_length is the one the run chose or was given
+        self.before: set[str] | None = None  # the folder's entries before this run locked it (None: not yet)
+        self.created: Path | None = None  # the topmost folder this run created, if any
 
     @classmethod
     def prepare(cls, config: TrainConfig, log: Callable[[str], None] = tqdm.write) -> TrainingRun:
@@ -82,6 +85,8 @@ class TrainingRun:
             run._record_start()
         except BaseException:
             run.close()
+            if run.dist.is_main and run.before is not None:  # nothing trained: leave the folder as it was
+                run.folder.remove_new(run.before, run.created)
             raise
         return run
 
@@ -89,15 +94,18 @@ class TrainingRun:
         """Lock the folder, then check that what it holds fits a fresh run or a resume of its run."""
         config, folder = self.config, self.folder
         if self.dist.is_main:
+            before = folder.names()
             if not config.resume:
-                folder.root.mkdir(parents=True, exist_ok=True)
+                self.created = folder.make()
             elif not folder.root.is_dir():
                 raise ConfigError(f"--resume: {folder.root} does not exist; train without --resume to start")
             self.lock.acquire(str(folder.root))
+            self.before = before
             if config.resume:
                 recorded = recorded_settings(folder)
                 if config.max_length is None:  # the run chose it from its data when it began
                     config.max_length = recorded.max_length
+                self.length_recorded = config.max_length == recorded.max_length
                 self.changed = check_same_run(recorded, config, folder)
             elif folder.find_checkpoint() is not None or folder.is_finished():
                 raise ConfigError(
@@ -143,7 +151,12 @@ class TrainingRun:
             quiet_transformers()
         ):  # its load report lists the fresh task head, which the adapter trains in full
             base = self.task.load_model(model_dir, self.splits.label_names, self.tokenizer)
-        self._choose_max_length(base)
+        # chosen from the training examples unless given; the share it cuts is said (training/lengths.py)
+        self.say(
+            lengths.settle_max_length(
+                config, self.task, self.splits.train, self.tokenizer, base.config, self.length_recorded
+            )
+        )
         check_run(config, self.splits, self.tokenizer, base)  # empty splits, all-[UNK] input, positions
         prepare_base(config, base)
         if config.gradient_checkpointing:
@@ -159,19 +172,9 @@ class TrainingRun:
         self.count, self.base_bytes = self.model.trainable_parameters(), base_weight_bytes(self.model)
         self.say(f"{config.method} on {config.model}: {self.count.summary()}")
         if config.resume:  # the trained values replace the fresh ones before the optimizer sees them
-            self.checkpoint, self.saved_state = restore_checkpoint(self.folder, self.model, self.say)
-
-    def _choose_max_length(self, base: torch.nn.Module) -> None:
-        """``max_length`` from the training examples' token lengths unless given, and the share of them it
-        cuts, said (see :mod:`peftkit.training.lengths`); ``config.yaml`` records the value used."""
-        config = self.config
-        measured = lengths.token_lengths(self.task, self.splits.train[: lengths.SAMPLE], self.tokenizer)
-        reserved = config.options.get("num_virtual_tokens") or 0  # positions a prompt method takes
-        positions = lengths.model_positions(base.config)
-        choice = lengths.choose_max_length(config.max_length, measured, positions, reserved)
-        config.max_length = choice.max_length
-        if (message := choice.message()) is not None:
-            self.say(message)
+            self.checkpoint, self.saved_state = restore_checkpoint(
+                self.folder, self.model, self.say, self.dist.world_size
+            )
 
     def _build_optimizer(self) -> None:
         config, dist = self.config, self.dist
@@ -308,6 +311,7 @@ class TrainingRun:
         """The adapter and trainer state, written by the main process; sharded, every process first takes
         part in gathering them whole (the files are those of a one-process run)."""
         state = run_state.trainer_state(self.optimizer, self.scheduler, self.progress)
+        state["world_size"] = self.dist.world_size  # a resume with another one would change the global batch
         if self.sharded:
             state["optimizer"] = fsdp.full_optimizer_state(self.optimizer)
         with fsdp.whole_trained_parameters(self.model, keep=self.dist.is_main):
