@@ -1,5 +1,5 @@
-"""A causal LM is scored on the response only: a ``max_length`` that ends within every example's prompt is
-refused before the first step (naming the length that keeps them), one that does so for some examples warns,
+"""A causal LM is scored on the response only: a ``max_length`` that ends within most examples' prompts is
+refused before the first step (naming the length that keeps them), one that does so for fewer warns,
 and a micro-batch of only such rows gives loss 0 (zero gradients), never the NaN of a mean over no token."""
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def test_check_responses_refuses_all_warns_some_and_passes_none():
     assert check_responses(6, [5, 9, 6]).startswith(
         "warning: --max-length 6 leaves no response token to train on for 33.3% of the training examples"
     )
+    with pytest.raises(ConfigError, match=r"for 66.7% of the training examples .*--max-length 9 or more"):
+        check_responses(5, [5, 9, 6])  # most would train on nothing
     assert check_responses(9, [5, 9, 6]) is None
 
 

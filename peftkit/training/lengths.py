@@ -9,9 +9,9 @@ gives 56 (1% of the snippets lose their last few tokens). When the setting cuts 
 the run says which share of the training examples it cuts, so that nothing is silently dropped.
 
 A causal LM is scored on the response only, after the prompt: a length that ends within an example's prompt
-leaves it nothing to learn from. When that is so for every training example the run is refused before its
-first step (a :class:`~peftkit.config.ConfigError` naming the smallest length that keeps them); for some of
-them it warns (such rows add nothing to the loss; a micro-batch of only such rows has loss 0, see
+leaves it nothing to learn from. When that is so for more than :data:`MOST_LOST` of the training examples
+(most steps would learn nothing) the run is refused before its first step (a
+:class:`~peftkit.config.ConfigError` naming the smallest length that keeps them all); for fewer it warns (such rows add nothing to the loss; a micro-batch of only such rows has loss 0, see
 :mod:`peftkit.training.efficiency`).
 """
 
@@ -31,6 +31,7 @@ SAMPLE = 10_000  # training examples measured at most (the split is already shuf
 CHUNK = 256  # examples tokenized at once
 UNCUT = 1 << 20  # the truncation bound while measuring: no example is this long
 IGNORE = -100  # a label the loss does not score
+MOST_LOST = 0.5  # share of the training examples left no response token past which a run is refused
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,8 @@ def response_needs(task: Any, records: Sequence[dict], tokenizer: Any) -> list[i
 
 def check_responses(max_length: int, needs: Sequence[int]) -> str | None:
     """The warning for examples that ``max_length`` leaves without a scored token (None: there are none);
-    raises :class:`~peftkit.config.ConfigError` when it leaves none of them one (nothing to train on).
-    ``needs``: :func:`response_needs` of the measured training examples."""
+    raises :class:`~peftkit.config.ConfigError` when that is more than :data:`MOST_LOST` of them (most
+    steps would train on nothing). ``needs``: :func:`response_needs` of the measured training examples."""
     lost = [n for n in needs if n > max_length]
     if not lost:
         return None
@@ -109,9 +110,10 @@ def check_responses(max_length: int, needs: Sequence[int]) -> str | None:
         f"examples (their prompt and special tokens alone take {max_length} or more tokens); "
         f"--max-length {keep_all} or more keeps a response token of every one"
     )
-    if len(lost) == len(needs):
-        raise ConfigError(said.format(share=f"all {len(needs):,}"))
-    return "warning: " + said.format(share=f"{len(lost) / len(needs):.1%}") + "; those examples add no loss"
+    share = f"all {len(needs):,}" if len(lost) == len(needs) else f"{len(lost) / len(needs):.1%}"
+    if len(lost) > MOST_LOST * len(needs):
+        raise ConfigError(said.format(share=share))
+    return "warning: " + said.format(share=share) + "; those examples add no loss"
 
 
 def model_positions(model_config: Any) -> int | None:
