@@ -35,7 +35,13 @@ def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
 
     @functools.wraps(fields_init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        fields_init(self, *args, **_resolve_aliases(cls, kwargs))
+        try:
+            fields_init(self, *args, **_resolve_aliases(cls, kwargs))
+        except ConfigError as error:
+            spelled = _in_given_spelling(str(error), cls, kwargs)
+            if spelled == str(error):
+                raise
+            raise type(error)(spelled) from None
 
     cls.__init__ = __init__
     return cls
@@ -62,6 +68,16 @@ def _resolve_aliases(cls: type[AdapterConfig], kwargs: dict[str, Any]) -> dict[s
             )
         resolved[field] = value
     return resolved
+
+
+def _in_given_spelling(message: str, cls: type[AdapterConfig], kwargs: dict[str, Any]) -> str:
+    """``message`` with each field the user gave by its Hugging Face PEFT alias named as they wrote it
+    (``lora_dropout=1.5``: "`lora_dropout` (peftkit's `dropout`) must be ...")."""
+    for name in kwargs:
+        field = cls.aliases.get(name, (None, None))[0]
+        if field is not None and field != name:
+            message = message.replace(f"`{field}`", f"`{name}` (peftkit's `{field}`)")
+    return message
 
 
 def _checked_task_type(value: Any) -> str | None:

@@ -50,6 +50,23 @@ def test_hf_peft_spellings_are_aliases_of_peftkits_names():
             LoraConfig(**bad)
 
 
+@pytest.mark.parametrize(
+    "given, said",
+    [
+        (
+            dict(lora_dropout=1.5),
+            r"^`lora_dropout` \(peftkit's `dropout`\) must be a number in \[0.0, 1.0\), got 1.5$",
+        ),
+        (dict(lora_alpha=-1), r"^`lora_alpha` \(peftkit's `alpha`\) must be a number in \[0, inf\), got -1$"),
+        (dict(dropout=1.5), r"^`dropout` must be a number"),  # peftkit's own spelling: as written
+        (dict(lora_dropout=0.1, r=0), r"^`r` must be a positive integer"),  # another field: untouched
+    ],
+)
+def test_a_bad_value_is_named_as_the_user_spelled_it(given, said):
+    with pytest.raises(ConfigError, match=said):
+        LoraConfig(**given)
+
+
 def _saved_base(tiny, directory):
     tiny.build().save_pretrained(directory)
     return directory
