@@ -82,15 +82,15 @@ def _random_lora(**fields) -> LoraConfig:
 
 @pytest.mark.parametrize("family", ["bert", "llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_lora_training_step_compiles_as_one_graph_with_eager_gradients(family):
-    """BERT classifier (nn.Linear, a trained head), LLaMA (GQA), GPT-2 (Conv1D: transposed weights). The
-    graph holds peftkit's fused autograd node once per LoRA layer: compiling does not route around it, and
-    its own backward is what AOTAutograd traces."""
+    """BERT classifier (nn.Linear, a trained head), LLaMA (GQA), GPT-2 (Conv1D: transposed weights). Under
+    compile every LoRA layer runs the plain ops (the graph holds no custom autograd node), which inductor
+    compiles faster than the fused node's own backward; eager keeps the fused node."""
     tiny = TINY_MODELS[family]
     model = get_peft_model(tiny.build(), _random_lora(target_modules="all-linear"))
     graphs = assert_compiles_like_eager(model, tiny.batch())
     layers = sum(isinstance(m, LoraLinear) for m in model.modules())
     assert len(graphs) == 1 and layers > 0
-    assert _fused_nodes(graphs) == layers
+    assert _fused_nodes(graphs) == 0
 
 
 @pytest.mark.slow

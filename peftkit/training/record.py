@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peftkit.accounting import format_bytes
 from peftkit.training.layout import RunFolder
+from peftkit.training.runtime import peak_memory_bytes
 
 
 @dataclass
@@ -35,6 +37,35 @@ class TrainResult:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
     world_size: int = 1  # training processes (torchrun / accelerate launch)
     global_batch: int = 0  # examples per optimizer step: batch size x processes x accumulation steps
+
+    @classmethod
+    def of_run(cls, run, metrics: dict[str, Any], adapter_bytes: int) -> TrainResult:
+        """The result of a finished :class:`~peftkit.training.run.TrainingRun` ``run``: its test ``metrics``
+        and its saved adapter's size in bytes, with what the run counted and timed."""
+        count = run.count
+        primary = run.task.primary.name
+        return cls(
+            test_metrics=metrics,
+            trainable=count.trainable,
+            trainable_percent=count.trainable_percent,
+            adapter_file_bytes=adapter_bytes,
+            seconds=time.perf_counter() - run.started,
+            peak_memory_bytes=peak_memory_bytes(),
+            steps=run.progress.step,
+            output_dir=run.folder.root,
+            primary_metric=primary,
+            best_validation={"step": run.progress.best_step, primary: run.progress.best_metric},
+            method=run.config.method,
+            seed=run.config.seed,
+            learning_rate=run.config.learning_rate,
+            base_params=count.base,
+            adapter_params=count.adapter,
+            base_weight_bytes=run.base_bytes,
+            step_seconds=list(run.step_seconds),
+            loss_curve=list(run.loss_curve),
+            world_size=run.dist.world_size,
+            global_batch=run.global_batch,
+        )
 
     @property
     def train_seconds(self) -> float:

@@ -44,7 +44,7 @@ from peftkit.training.methods import adapter_config_for, prepare_base
 from peftkit.training.optim import build_optimizer, head_parameters, linear_schedule
 from peftkit.training.record import TrainResult
 from peftkit.training.resume import check_same_run, recorded_settings, restore_checkpoint, with_absolute_paths
-from peftkit.training.runtime import peak_memory_bytes, quiet_transformers, seed_everything, step_seed
+from peftkit.training.runtime import quiet_transformers, seed_everything, step_seed
 from peftkit.training.validation import scalars, track_validation
 
 
@@ -378,34 +378,8 @@ class TrainingRun:
             folder.plot_curves(self.task.primary.name)
         dist.barrier()
         dist.shutdown()
-        result = self._result(metrics, adapter_bytes)
+        result = TrainResult.of_run(self, metrics, adapter_bytes)
         if dist.is_main:
             folder.write_result(result.to_dict())
         self.close()
         return result
-
-    def _result(self, metrics: dict[str, Any], adapter_bytes: int) -> TrainResult:
-        count = self.count
-        primary = self.task.primary.name
-        return TrainResult(
-            test_metrics=metrics,
-            trainable=count.trainable,
-            trainable_percent=count.trainable_percent,
-            adapter_file_bytes=adapter_bytes,
-            seconds=time.perf_counter() - self.started,
-            peak_memory_bytes=peak_memory_bytes(),
-            steps=self.progress.step,
-            output_dir=self.folder.root,
-            primary_metric=primary,
-            best_validation={"step": self.progress.best_step, primary: self.progress.best_metric},
-            method=self.config.method,
-            seed=self.config.seed,
-            learning_rate=self.config.learning_rate,
-            base_params=count.base,
-            adapter_params=count.adapter,
-            base_weight_bytes=self.base_bytes,
-            step_seconds=list(self.step_seconds),
-            loss_curve=list(self.loss_curve),
-            world_size=self.dist.world_size,
-            global_batch=self.global_batch,
-        )
