@@ -236,7 +236,7 @@ def _write_and_swap(directory: Path, weights_name: str, write_weights, text: str
         (staging / CONFIG_NAME).write_text(text)
         for written in (staging / weights_name, staging / CONFIG_NAME):
             os.chmod(written, 0o666 & ~_umask())  # safetensors creates its file as 0600
-            _fsync(written)
+            fsync_path(written)
         if directory.is_dir():
             for entry in directory.iterdir():
                 if (
@@ -250,7 +250,7 @@ def _write_and_swap(directory: Path, weights_name: str, write_weights, text: str
             _exchange(staging, directory)
         else:
             os.rename(staging, directory)
-        _fsync(directory.parent)
+        fsync_path(directory.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the old adapter after a swap, or a failed new one
 
@@ -265,7 +265,7 @@ def _write_in_place(directory: Path, weights_name: str, stale: str, write_weight
         config.write_text(text)
         for written in (weights, config):
             os.chmod(written, 0o666 & ~_umask())
-            _fsync(written)
+            fsync_path(written)
         os.replace(weights, directory / weights_name)
         (directory / stale).unlink(missing_ok=True)
         os.replace(config, directory / CONFIG_NAME)
@@ -312,7 +312,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') writes to the disk, so a rename never outlives its data."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -39,7 +39,8 @@ def save_model(model, folder: Path) -> Path:
     return folder
 
 
-def tiny_bert(folder: Path) -> Path:
+def tiny_bert(folder: Path, model_class=BertForSequenceClassification) -> Path:
+    """A tiny BERT of ``model_class`` (a sequence classifier by default), seeded, saved with its tokenizer."""
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=30522,
@@ -51,7 +52,7 @@ def tiny_bert(folder: Path) -> Path:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return save_model(BertForSequenceClassification(config), folder)
+    return save_model(model_class(config), folder)
 
 
 def tiny_llama(folder: Path) -> Path:

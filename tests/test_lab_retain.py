@@ -156,21 +156,10 @@ def test_comparison_reports_each_method_beside_the_base(assets, comparison):
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """A tiny BERT checkpoint with its masked-LM head, and one without (a classifier's)."""
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     root = tmp_path_factory.mktemp("lab-retain-mlm")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    with_head = fx.save_model(BertForMaskedLM(config), root / "bert-mlm")
+    with_head = fx.tiny_bert(root / "bert-mlm", BertForMaskedLM)
     return {"with_head": with_head, "without_head": fx.tiny_bert(root / "bert-cls")}
 
 

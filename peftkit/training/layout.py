@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from peftkit.checkpoint import fsync_path
 from peftkit.config import ConfigError
 from peftkit.file_checks import CheckpointError
 from peftkit.training.config import TrainConfig, drop_other_methods_defaults
@@ -207,14 +208,14 @@ class RunFolder:
         try:
             model.save_pretrained(building / _ADAPTER)
             torch.save(trainer_state, building / _STATE)
-            _fsync(building / _STATE)
+            fsync_path(building / _STATE)
             if (target / _STATE).is_file():  # whole (only ever made by a rename): it becomes the previous one
                 shutil.rmtree(previous, ignore_errors=True)
                 target.rename(previous)
             else:
                 shutil.rmtree(target, ignore_errors=True)
             building.rename(target)
-            _fsync(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
@@ -291,12 +292,3 @@ class RunFolder:
     def _read_json(self, name: str) -> Any:
         path = self.root / name
         return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's (its entries') writes to the disk, so a rename never outlives its data."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
