@@ -47,6 +47,15 @@ def config(assets, out, **overrides) -> TrainConfig:
     return TrainConfig.from_sources(None, settings(assets, out, **overrides))
 
 
+def finished_run(tmp_path_factory, assets, **overrides) -> Path:
+    """A finished run of :func:`config` with ``overrides``, trained in a fresh folder of the test session."""
+    from peftkit.training.loop import train
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(config(assets, out, **overrides), log=QUIET)
+    return out
+
+
 def cli_flags(assets, out, **overrides) -> list[str]:
     """The same run as command-line flags of `peftkit train`."""
     values = settings(assets, out, **overrides)

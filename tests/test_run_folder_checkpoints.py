@@ -72,9 +72,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished(assets, tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 2 (previous) and 4."""
-    out = tmp_path_factory.mktemp("runs") / "run"
-    train(rf.config(assets, out, dropout=0.1), log=rf.QUIET)
-    return out
+    return rf.finished_run(tmp_path_factory, assets, dropout=0.1)
 
 
 def test_a_run_keeps_its_last_two_checkpoints(finished):

@@ -28,9 +28,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished(assets, tmp_path_factory):
     """A finished 4-step run (r=8, batch 8), copied afresh by each test that changes it."""
-    out = tmp_path_factory.mktemp("runs") / "run"
-    train(rf.config(assets, out, r=8), log=rf.QUIET)
-    return out
+    return rf.finished_run(tmp_path_factory, assets, r=8)
 
 
 def _files(run):

@@ -22,9 +22,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished(assets, tmp_path_factory):
     """A finished 4-step run (r=8, batch 8, limit 100, evaluation and checkpoint every 2 steps on 16)."""
-    out = tmp_path_factory.mktemp("runs") / "run"
-    train(rf.config(assets, out, r=8, limit=100), log=rf.QUIET)
-    return out
+    return rf.finished_run(tmp_path_factory, assets, r=8, limit=100)
 
 
 def _copy(finished, tmp_path):
