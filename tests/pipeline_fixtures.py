@@ -97,6 +97,17 @@ def tiny_t5(folder: Path) -> Path:
     return save_model(T5ForConditionalGeneration(config), folder)
 
 
+# `peftkit train` flags that read sentiment_csv's columns as a sequence-classification task
+SENTIMENT_FLAGS = [
+    "--task",
+    "sequence-classification",
+    "--text-column",
+    "review",
+    "--label-column",
+    "sentiment",
+]
+
+
 def sentiment_csv(path: Path, rows: int = 400, seed: int = 0) -> Path:
     """Reviews whose label is whether they use positive or negative words: easy to learn, impossible by chance."""
     rng = random.Random(seed)

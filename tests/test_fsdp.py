@@ -44,14 +44,7 @@ def _settings(assets, case: str, steps: int = 4) -> list[str]:
     common += ["--dropout", "0"] if case in ("lora", "lora-checkpointing", "qlora", "classifier") else []
     if case == "classifier":  # the fresh task head trains in full beside LoRA
         data = ["--model", str(assets["bert"]), "--dataset", str(assets["reviews"])]
-        data += [
-            "--task",
-            "sequence-classification",
-            "--text-column",
-            "review",
-            "--label-column",
-            "sentiment",
-        ]
+        data += fx.SENTIMENT_FLAGS
         return [*data, *common, "--method", "lora"]
     data = ["--model", str(assets["llama"]), "--dataset", str(assets["qa"]), "--task", "causal-lm"]
     prompts = ["--num-virtual-tokens", "4"] if case in ("prefix_tuning", "prompt_tuning", "p_tuning") else []
