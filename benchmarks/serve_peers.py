@@ -44,7 +44,10 @@ class Load:
 
     def summary(self) -> dict:
         def pct(values: list[float], q: float) -> float | None:
-            return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else None
+            """Percentile ``q``; one value is every percentile of itself (the table shows the count)."""
+            if len(values) < 2:
+                return values[0] if values else None
+            return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
         return {
             "clients": self.clients,
