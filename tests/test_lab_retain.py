@@ -13,6 +13,7 @@ from peftkit.config import ConfigError
 from peftkit.lab import run_comparison
 from peftkit.lab.retain import evaluate_retention, read_documents, retained_ability, token_windows
 from peftkit.model import get_peft_model
+from peftkit.prompt_tokens import expects_bos
 from peftkit.training.config import TrainConfig
 from tests import pipeline_fixtures as fx
 
@@ -59,6 +60,23 @@ def test_windows_are_the_text_tokenized_and_cut_in_full_windows(assets):
         token_windows(["short"], tokenizer, 64, 64)
     with pytest.raises(ConfigError, match="--retain-length"):
         token_windows([GENERAL], tokenizer, 16, 8)
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_windows_start_with_bos_only_for_a_model_that_expects_one(adds_bos):
+    from tests.test_train_defaults_bos import BOS, EOS, plain, word_tokenizer
+
+    tokenizer = word_tokenizer(adds_bos)
+    text = " ".join(f"w{i % 40}" for i in range(60))
+    bos = tokenizer.bos_token_id if expects_bos(tokenizer) else None
+    windows = token_windows([text], tokenizer, 8, 16, bos)
+    ids = [*plain(text), EOS]
+    assert windows.shape == (2, 8)
+    if adds_bos:  # BOS, then the text continuing across windows: 7 text tokens per window
+        assert windows[:, 0].tolist() == [BOS, BOS]
+        assert windows[:, 1:].flatten().tolist() == ids[:14]
+    else:
+        assert bos is None and windows.flatten().tolist() == ids[:16]
 
 
 def test_base_perplexity_equals_an_independent_computation(assets):

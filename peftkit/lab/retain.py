@@ -5,7 +5,7 @@ same held-out general text:
 
 - causal LMs: perplexity, ``exp(mean negative log-likelihood)`` of every token of fixed windows of
   ``length`` tokens, each predicted from the tokens before it in its window (the first token of a window is
-  context only). The documents are tokenized without special tokens and joined with the tokenizer's EOS
+  context only; a model pretrained with a BOS token before every text gets it first in each window). The documents are tokenized without special tokens and joined with the tokenizer's EOS
   token, then cut into consecutive windows; the first ``max_tokens`` tokens' worth of windows are scored
   (every window full: no padding, so every run scores exactly the same tokens);
 - encoders (classification, tagging): the masked-LM loss of the tuned encoder under the base checkpoint's
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from peftkit.config import ConfigError
+from peftkit.prompt_tokens import expects_bos
 
 DEFAULT_TOKENS = 8192  # tokens scored: ~2 % standard error on the perplexity of ordinary prose
 DEFAULT_LENGTH = 256  # tokens per window
@@ -52,10 +53,15 @@ def read_documents(source: str) -> list[str]:
     )
 
 
-def token_windows(documents: list[str], tokenizer, length: int, max_tokens: int) -> torch.Tensor:
+def token_windows(
+    documents: list[str], tokenizer, length: int, max_tokens: int, bos: int | None = None
+) -> torch.Tensor:
     """``(windows, length)`` token ids: the documents tokenized, joined with EOS, cut into consecutive full
-    windows; ``ceil(max_tokens / length)`` of them at most. Raises ConfigError when the text does not fill
-    one window or the sizes are not positive."""
+    windows; ``ceil(max_tokens / length)`` of them at most. With ``bos`` (the BOS id of a model pretrained
+    with one at the start of every text, see :func:`peftkit.prompt_tokens.expects_bos`) each window is that
+    token and the next ``length - 1`` text tokens, so that its first text token is read as a text's start
+    rather than as a text's middle, the way the model was trained. Raises ConfigError when the text does not
+    fill one window or the sizes are not positive."""
     if length < 2 or max_tokens < length:
         raise ConfigError(
             f"--retain-length must be at least 2 and --retain-tokens at least the length, got length {length}, "
@@ -68,10 +74,14 @@ def token_windows(documents: list[str], tokenizer, length: int, max_tokens: int)
         ids += tokenizer(document, add_special_tokens=False)["input_ids"] + separator
         if len(ids) >= wanted:
             break
-    usable = min(wanted, len(ids) // length * length)
-    if usable == 0:
+    text_length = length - (bos is not None)  # text tokens per window
+    count = min(wanted // length, len(ids) // text_length)
+    if count == 0:
         raise ConfigError(f"the retain-eval text holds {len(ids)} tokens, fewer than one window of {length}")
-    return torch.tensor(ids[:usable]).view(-1, length)
+    windows = torch.tensor(ids[: count * text_length]).view(count, text_length)
+    if bos is not None:
+        windows = torch.cat([torch.full((count, 1), bos), windows], dim=1)
+    return windows
 
 
 @torch.no_grad()
@@ -118,7 +128,8 @@ def evaluate_retention(
     if task == "causal-lm" or (task in ENCODER_TASKS and model_dir is not None):
         documents = read_documents(settings["text"])
         if task == "causal-lm":
-            windows = token_windows(documents, tokenizer, settings["length"], settings["tokens"])
+            bos = tokenizer.bos_token_id if expects_bos(tokenizer) else None
+            windows = token_windows(documents, tokenizer, settings["length"], settings["tokens"], bos)
             result = retained_ability(model, task, windows)
         else:  # room for the encoder's CLS and SEP around each window
             windows = token_windows(documents, tokenizer, settings["length"] - 2, settings["tokens"])

@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.layer import AdapterLayer, adapter_dtype, innermost
 from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.dropout import dropout_linear, dropout_probability
 from peftkit.methods.lora.fused import fused_lora_linear
 from peftkit.methods.lora.init import LINEAR_INITIALISERS, initialise
 from peftkit.methods.lora.stacking import padded_stack
@@ -33,6 +34,9 @@ class LoraLinear(AdapterLayer):
     gathered per row, so the whole batch is two batched matmuls instead of a loop over sub-batches.
 
     Several active adapters (``set_adapter(["a", "b"])``) add their updates: ``h = W0 x + b + Σ_i s_i B_i A_i x``.
+
+    With dropout, the backward keeps ``x`` and a boolean mask per layer, not each layer's dropped-out copy
+    of ``x`` and its float mask (:mod:`peftkit.methods.lora.dropout`); the masks are ``nn.Dropout``'s.
     """
 
     combines_adapters = True
@@ -109,15 +113,17 @@ class LoraLinear(AdapterLayer):
         running = self.running_adapters() if self.routing is None else ()
         if len(running) == 1 and not args and not kwargs and self._fusable(running[0], x):
             name, base = running[0], self.base_layer
+            dropout_p = dropout_probability(self.lora_dropout[name], x)  # None: call the module itself
             return fused_lora_linear(
                 x,
-                self.lora_dropout[name](x),
+                x if dropout_p is not None else self.lora_dropout[name](x),
                 base.weight,
                 base.bias,
                 self.lora_A[name].weight,
                 self.lora_B[name].weight,
                 self.scaling[name],
                 self.transposed,
+                dropout_p or 0.0,
             )
         result = self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
@@ -125,8 +131,7 @@ class LoraLinear(AdapterLayer):
         out_dtype = result.dtype
         for name in running:  # several active adapters: their updates add up (as in HF PEFT)
             weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
-            x_adapter = x.to(weight_A.dtype) if x.dtype != weight_A.dtype else x
-            hidden = F.linear(self.lora_dropout[name](x_adapter), weight_A)  # (..., r)
+            hidden = dropout_linear(x, weight_A, self.lora_dropout[name])  # (..., r)
             in_place = self.adds_in_place and len(running) == 1
             result = _add_scaled_product(result, hidden, weight_B.T, self.scaling[name], in_place)
         return result if result.dtype == out_dtype else result.to(out_dtype)
