@@ -20,7 +20,8 @@ random (std 0.02), saved and served from their folders. Requests: 32 random prom
    (``adapter_names=``; target >= 1.7x). Alternating rounds, medians.
 3. *latency*: 1, 4 and 16 streaming clients, each sending requests one after another: p50 / p99 time to
    first token and inter-token latency, and tokens/s.
-4. *memory*: resident memory (VmRSS) and adapter tensor bytes with 16 and then 64 adapters loaded.
+4. *memory*: resident memory (VmRSS) and adapter tensor bytes with 16 and then 64 adapters loaded
+   (``--memory-adapters``).
 """
 
 from __future__ import annotations
@@ -352,10 +353,11 @@ def measure(args, root: Path) -> dict:
     from peftkit.serve import BackgroundServer, Engine, ServeConfig
 
     model_dir = model_folder(args.model, root)
-    folders = make_adapters(model_dir, root / "adapters", 64)
+    most = max(ADAPTERS, args.memory_adapters)
+    folders = make_adapters(model_dir, root / "adapters", most)
     first = dict(list(folders.items())[:ADAPTERS])
     config = ServeConfig(
-        model=str(model_dir), adapters={k: str(v) for k, v in first.items()}, max_adapters=64
+        model=str(model_dir), adapters={k: str(v) for k, v in first.items()}, max_adapters=most
     )
     engine = Engine.load(config, log=lambda *_: None)
     rss_base = common.rss_mib()
@@ -375,7 +377,8 @@ def measure(args, root: Path) -> dict:
                     cpu_time=args.cpu_time,
                 )
             )
-        res["memory"] += memory_with(engine, folders, rss_base, 64)
+        if most > ADAPTERS:
+            res["memory"] += memory_with(engine, folders, rss_base, most)
         if "throughput" in args.parts:
             res["throughput"], res["others"]["throughput"] = others_share(
                 lambda: throughput(
@@ -411,6 +414,12 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true", help="decode steps timed in CPU seconds, not wall")
     parser.add_argument(
         "--latency-requests", type=int, default=3, help="requests per client in the latency runs"
+    )
+    parser.add_argument(
+        "--memory-adapters",
+        type=int,
+        default=64,
+        help="resident adapters of the second memory row (16 or fewer: one row, with the 16 served)",
     )
     parser.add_argument(
         "--baseline-requests",
