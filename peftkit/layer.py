@@ -117,6 +117,11 @@ class AdapterLayer(nn.Module):
     adapter_holders: tuple[str, ...] = ()
     adapter_settings: tuple[str, ...] = ()
     base_layer_name = "base_layer"
+    # Where this layer sits when several methods wrap one module (see find_or_wrap): a wrapper of a higher
+    # order goes around one of a lower order. 0: changes the weight (LoRA), 1: rescales the layer (IA3),
+    # 2: acts on the layer's input or output (bottleneck adapters), 3: holds virtual tokens at the input
+    # embedding and leaves its output alone (prompt methods).
+    stack_order = 0
 
     def base(self) -> nn.Module:
         """The wrapped module, untouched by adapters that are not merged."""
@@ -262,9 +267,48 @@ def added_parameter_ids(model: nn.Module) -> set[int]:
 
 
 def base_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the model's own parameters (tied ones once), without those adapters added."""
+    """Names of the model's own parameters (tied ones once), without those adapters added, as the model
+    without adapter wrappers names them (see :func:`plain_paths`)."""
     added = added_parameter_ids(model)
-    return [name for name, p in model.named_parameters() if id(p) not in added]
+    return [name for name, p in plain_named_parameters(model) if id(p) not in added]
+
+
+def plain_paths(model: nn.Module, adapter: str | None = None) -> dict[str, str]:
+    """Every module path of ``model`` -> its path in the model that carries adapter ``adapter`` alone (``None``:
+    no adapter), i.e. without the wrappers that do not hold ``adapter``.
+
+    Such a wrapper stands in the place of the module it wraps, so what it wraps is named as the wrapper is:
+    with IA3 around LoRA around ``v_proj``, the LoRA layer at ``v_proj.base_layer`` is ``v_proj`` and its
+    ``v_proj.base_layer.lora_A`` is ``v_proj.lora_A``. For the LoRA adapter the LoRA wrapper stays: the bias
+    it wraps is ``v_proj.base_layer.bias``, HF PEFT's key for a bias that LoRA's ``bias="all"`` trains.
+    Checkpoint keys are built from these paths, so an adapter's file does not depend on which other adapters
+    the model carries."""
+    paths: dict[str, str] = {}
+
+    def walk(module: nn.Module, path: str, plain: str) -> None:
+        paths[path] = plain
+        unheld = isinstance(module, AdapterLayer) and adapter not in module.adapter_names()
+        for name, child in module.named_children():
+            wrapped = unheld and name == module.base_layer_name
+            walk(child, _join(path, name), plain if wrapped else _join(plain, name))
+
+    walk(model, "", "")
+    return paths
+
+
+def plain_named_parameters(
+    model: nn.Module, adapter: str | None = None
+) -> Iterator[tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` (tied ones once) under their names in the model that carries ``adapter``
+    alone (``None``: no adapter; see :func:`plain_paths`)."""
+    paths = plain_paths(model, adapter)
+    for name, parameter in model.named_parameters():
+        owner, _, tensor = name.rpartition(".")
+        yield _join(paths[owner], tensor), parameter
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def innermost(module: nn.Module) -> nn.Module:
@@ -284,13 +328,23 @@ def wrapper_in_chain(module: nn.Module, wrapper: type[AdapterLayer]) -> AdapterL
 
 
 def find_or_wrap(model: nn.Module, path: str, wrapper: type[AdapterLayer], make) -> AdapterLayer:
-    """The ``wrapper`` already somewhere in the chain of wrappers at ``path``, or a new one (``make(module)``)
-    put around the outermost, so that every method keeps one wrapper per layer however many adapters it adds."""
+    """The ``wrapper`` already somewhere in the chain of wrappers at ``path``, or a new one (``make(module)``),
+    so that every method keeps one wrapper per layer however many adapters it adds.
 
+    A new wrapper goes inside every wrapper of a higher ``stack_order`` and around the rest: the nesting
+    depends on which methods a layer carries, never on the order they were added or loaded in, so adapters of
+    several methods active at once compose the same way every time (a bottleneck adapter reads the output of
+    IA3's ``l ⊙ ((W + s·BA) x + b)``)."""
     outer = model.get_submodule(path)
     found = wrapper_in_chain(outer, wrapper)
     if found is not None:
         return found
-    new = make(outer)
-    replace_module(model, path, new)
+    owner, module = None, outer
+    while isinstance(module, AdapterLayer) and module.stack_order > wrapper.stack_order:
+        owner, module = module, module.base()
+    new = make(module)
+    if owner is None:
+        replace_module(model, path, new)
+    else:
+        setattr(owner, owner.base_layer_name, new)
     return new

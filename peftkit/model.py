@@ -25,7 +25,7 @@ from peftkit import accounting
 from peftkit.adapter_names import check_adapter_name
 from peftkit.config import AdapterConfig, ConfigError
 from peftkit.integrations.signature import base_signature_forward
-from peftkit.layer import BASE_ROW, AdapterError, AdapterLayer, Routing
+from peftkit.layer import BASE_ROW, AdapterError, AdapterLayer, Routing, plain_paths
 from peftkit.methods import method_for_config
 from peftkit.model_checkpoints import AdapterCheckpoints
 from peftkit.model_merging import AdapterMerging
@@ -149,7 +149,8 @@ class PeftModel(AdapterMerging, AdapterCheckpoints, HfPeftSurface, nn.Module):
                 replace_module(self.base_model, path, wrapper)
             wrapper.add_adapter(name)
         self.peft_config[name] = config
-        fully_trained = [p for p, m in self.base_model.named_modules() if isinstance(m, ModulesToSave)]
+        paths = plain_paths(self.base_model)  # trained base parameters are named without adapter wrappers
+        fully_trained = [paths[p] for p, m in self.base_model.named_modules() if isinstance(m, ModulesToSave)]
         in_place = [
             b
             for b in method.trained_base_parameters(self.base_model, self._targets[name], config)

@@ -15,7 +15,7 @@ from torch import nn
 from peftkit import checkpoint
 from peftkit.adapter_names import check_adapter_name
 from peftkit.config import ConfigError
-from peftkit.layer import AdapterError
+from peftkit.layer import AdapterError, plain_named_parameters, plain_paths
 from peftkit.methods import method_for_config, method_for_file
 from peftkit.task_type import file_task_type
 
@@ -138,9 +138,9 @@ class AdapterCheckpoints:
         self, files: checkpoint.AdapterFiles, name: str, source: str, check_finite: bool
     ) -> None:
         expected = self.adapter_state_dict(name)
-        base = {f"{checkpoint.KEY_PREFIX}{n}": p for n, p in self.base_model.named_parameters()}
+        base = self._base_keys(name)
         tensors = checkpoint.read_for_model(files, expected, base, source, check_finite)
-        tensors = self._drop_base_copies(tensors, expected, source=source)
+        tensors = self._drop_base_copies(tensors, expected, base, source=source)
         checkpoint.check_tensors(tensors, expected, source=source)
         with torch.no_grad():
             self._load_tensors(name, tensors)
@@ -163,35 +163,38 @@ class AdapterCheckpoints:
         return peft_model
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under their checkpoint keys (``base_model.model.<path>.<tensor>``)."""
+        """The adapter's tensors under their checkpoint keys (``base_model.model.<path>.<tensor>``), ``<path>``
+        being the path in the model that carries this adapter alone (:func:`peftkit.layer.plain_paths`): the
+        keys do not depend on the adapters of other methods that wrap the same layers."""
         self._check_exists(name)
         tensors = {}
-        for path, layer in self.adapter_layers():
-            if name in layer.adapter_names():
-                for key, tensor in layer.adapter_state_dict(name).items():
-                    tensors[f"{checkpoint.KEY_PREFIX}{path}.{key}"] = tensor
+        for path, layer in self._layers_of(name):
+            for key, tensor in layer.adapter_state_dict(name).items():
+                tensors[f"{checkpoint.KEY_PREFIX}{path}.{key}"] = tensor
         for key, tensor in self._bank.state_dict(self.base_model, name).items():
             tensors[f"{checkpoint.KEY_PREFIX}{key}"] = tensor
         return tensors
 
     def _load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        for path, layer in self.adapter_layers():
-            if name in layer.adapter_names():
-                prefix = f"{checkpoint.KEY_PREFIX}{path}."
-                own = {key: tensors[prefix + key] for key in layer.adapter_state_dict(name)}
-                layer.load_adapter_state_dict(name, own)
+        for path, layer in self._layers_of(name):
+            prefix = f"{checkpoint.KEY_PREFIX}{path}."
+            own = {key: tensors[prefix + key] for key in layer.adapter_state_dict(name)}
+            layer.load_adapter_state_dict(name, own)
         in_place = {
             b: tensors[f"{checkpoint.KEY_PREFIX}{b}"] for b in self._bank.state_dict(self.base_model, name)
         }
         self._bank.load(self.base_model, name, in_place)
 
     def _drop_base_copies(
-        self, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str
+        self,
+        tensors: dict[str, torch.Tensor],
+        expected: dict[str, torch.Tensor],
+        base: dict[str, nn.Parameter],
+        source: str,
     ) -> dict[str, torch.Tensor]:
         """HF PEFT also writes the full embedding table when LoRA targets an embedding (in case the vocabulary
         was resized). A copy equal to the model's own table is redundant and skipped; a different one would
         silently replace base weights, so it is refused."""
-        base = {f"{checkpoint.KEY_PREFIX}{n}": p for n, p in self.base_model.named_parameters()}
         kept = {}
         for key, tensor in tensors.items():
             if key in expected or key not in base:
@@ -204,3 +207,15 @@ class AdapterCheckpoints:
                     "(a resized vocabulary?); peftkit does not overwrite base weights from an adapter file"
                 )
         return kept
+
+    def _layers_of(self, name: str) -> list[tuple[str, nn.Module]]:
+        """The layers holding adapter ``name``, each with its path in the model that carries it alone."""
+        paths = plain_paths(self.base_model, name)
+        return [(paths[p], layer) for p, layer in self.adapter_layers() if name in layer.adapter_names()]
+
+    def _base_keys(self, name: str) -> dict[str, nn.Parameter]:
+        """The base weights under every key a file of adapter ``name`` may give a copy of them: this model's
+        names, and those of the model carrying the adapter alone (HF PEFT's: a LoRA-wrapped embedding's table
+        is ``<layer>.base_layer.weight`` however many other adapters wrap the embedding here)."""
+        named = [*self.base_model.named_parameters(), *plain_named_parameters(self.base_model, name)]
+        return {f"{checkpoint.KEY_PREFIX}{key}": parameter for key, parameter in named}

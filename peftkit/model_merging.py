@@ -40,8 +40,10 @@ class AdapterMerging:
                     f"{sorted(unmergeable - {'ModulesToSave'})} add a non-linear function of their input, which "
                     "no change of the base weights reproduces; run it unmerged"
                 )
-        for name in names:
-            for path, layer in self.adapter_layers():
+        # inner wrappers first: IA3 around LoRA folds diag(l) into the weight LoRA's update is in already, as
+        # it scales that layer's output unmerged; unmerging, outer first, restores each one's original
+        for path, layer in reversed(self.adapter_layers()):
+            for name in names:
                 if name in layer.adapter_names() and not isinstance(layer, ModulesToSave):
                     layer.merge(name)
                     if safe_merge and not _finite(layer.base()):

@@ -16,10 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftkit.layer import plain_named_parameters
+
 
 class ParameterBank:
     """Per-adapter values of base-model parameters, keyed by the parameter object itself (its dotted name
-    changes when a layer around it is wrapped or unwrapped; the object does not)."""
+    changes when a layer around it is wrapped or unwrapped; the object does not). Names given to :meth:`add`
+    are those of the model without adapter wrappers, names of an adapter's values those of the model carrying
+    that adapter alone (:func:`peftkit.layer.plain_named_parameters`)."""
 
     def __init__(self) -> None:
         self.parameters: dict[int, nn.Parameter] = {}
@@ -33,7 +37,7 @@ class ParameterBank:
     def add(self, model: nn.Module, adapter: str, names: list[str]) -> None:
         if not names:
             return
-        named = dict(model.named_parameters())
+        named = dict(plain_named_parameters(model))
         self._store_live()
         for name in names:
             key = id(named[name])
@@ -66,13 +70,14 @@ class ParameterBank:
         return sum(v.numel() * v.element_size() for v in stored if v is not None)
 
     def state_dict(self, model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-        """The adapter's values under the parameters' current dotted names."""
-        names = {id(p): name for name, p in model.named_parameters()}
+        """The adapter's values under the parameters' dotted names in the model that carries it alone."""
+        names = {id(p): name for name, p in plain_named_parameters(model, adapter)}
         values = self.adapters.get(adapter, {})
         return {names[key]: self.parameters[key] if value is None else value for key, value in values.items()}
 
     def load(self, model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-        named = dict(model.named_parameters())
+        """Copy ``tensors`` (keys as :meth:`state_dict` gives them) into the adapter's values."""
+        named = dict(plain_named_parameters(model, adapter))
         with torch.no_grad():
             for name, value in tensors.items():
                 stored = self.adapters[adapter][id(named[name])]

@@ -61,6 +61,57 @@ def test_batch_cache_right_aligns_rows_pads_with_zeros_and_trims_when_rows_leave
     assert cache.cache is None and cache.width == 0
 
 
+@pytest.mark.parametrize("headroom", [64, 1])
+def test_batch_cache_steps_joins_and_leaves_keep_every_row_equal_to_its_own_concatenated_cache(
+    monkeypatch, headroom
+):
+    """A random run of decode steps, joins (narrower and wider than the window) and leaves (from the front,
+    the middle, the end): after each, every row's last ``length`` columns equal that row's keys and values
+    concatenated alone, and the step's window is exactly as wide as the longest row. Headroom 1: the
+    buffers slide back or grow at nearly every step."""
+    monkeypatch.setattr("peftkit.serve.kv.HEADROOM", headroom)
+    generator = torch.Generator().manual_seed(0)
+    cache, reference, seed = BatchCache(), [], 100
+    moves = [3, "step", 6, "step", "step", 2, "step", [1, 2], "step", 9, "step", [2, 0], "step", [1], "step"]
+    for move in [*moves, [], 4, "step", "step"]:
+        if isinstance(move, int):  # a row of this many prompt tokens joins
+            seed += 1
+            cache.join(_row_cache(move, seed), [move])
+            reference.append([_row_cache(move, seed).layers[i].keys[0] for i in range(LAYERS)])
+        elif isinstance(move, list):  # these rows stay, in this order
+            cache.keep(move)
+            reference = [reference[i] for i in move]
+        else:
+            cache.step_inputs(torch.device("cpu"))
+            for layer in range(LAYERS):
+                keys = torch.randn(cache.rows, HEADS, 1, DIM, generator=generator)
+                window, values = cache.cache.update(keys, keys + 100, layer)
+                assert window.shape[2] == values.shape[2] == cache.width + 1
+                for row in range(cache.rows):
+                    reference[row][layer] = torch.cat([reference[row][layer], keys[row]], dim=1)
+            cache.advance()
+        assert cache.lengths == [r[0].shape[1] for r in reference]
+        if cache.rows:
+            assert cache.cache.get_seq_length() == cache.width
+        for row in range(cache.rows):
+            for layer in range(LAYERS):
+                assert torch.equal(_row(cache, row, layer), reference[row][layer])
+                length = cache.lengths[row]
+                stored = cache.cache.layers[layer].values[row, :, cache.width - length :]
+                assert torch.equal(stored, reference[row][layer] + 100)
+
+
+def test_batch_cache_grows_its_rows_only_when_they_do_not_fit():
+    """A wider row joining widens the window without growing the rows' capacity; a row beyond it doubles it."""
+    cache = BatchCache(row_capacity=2)
+    cache.join(_row_cache(3, 1), [3])
+    cache.join(_row_cache(9, 2), [9])  # wider than the window and its free columns
+    assert cache.key_buffers[0].shape[0] == 2 and cache.width == 9
+    cache.join(_row_cache(2, 3), [2])
+    assert cache.key_buffers[0].shape[0] == 4 and cache.lengths == [3, 9, 2]
+    assert torch.equal(_row(cache, 1), _row_cache(9, 2).layers[0].keys[0])
+
+
 def _sequence(adapter: str, ids: list[int]) -> Sequence:
     return Sequence(
         adapter=adapter,
@@ -72,9 +123,12 @@ def _sequence(adapter: str, ids: list[int]) -> Sequence:
     )
 
 
-def test_mixed_decode_steps_in_float32_equal_each_row_alone():
-    """Rows of different lengths and adapters (and the base) in one batch, prefilled together or alone: each
-    row's logits at every step equal those of the same row run alone with its own adapter (``set_adapter``)."""
+@pytest.mark.parametrize("headroom", [64, 1])
+def test_mixed_decode_steps_in_float32_equal_each_row_alone(monkeypatch, headroom):
+    """Rows of different lengths and adapters (and the base) in one batch, prefilled together or alone, one
+    leaving halfway: each row's logits at every step equal those of the same row run alone with its own
+    adapter (``set_adapter``). Headroom 1: the cache's buffers slide back or grow at nearly every step."""
+    monkeypatch.setattr("peftkit.serve.kv.HEADROOM", headroom)
     spec = TINY_MODELS["llama"]
     model = get_peft_model(spec.build(), LoraConfig(r=4, target_modules="all-linear"), adapter_name="a")
     model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
@@ -84,49 +138,40 @@ def test_mixed_decode_steps_in_float32_equal_each_row_alone():
                 parameter.normal_(std=0.3)
     model.eval()
     runner = Runner(model, {})
-    prompts = {"a": [5, 9, 2, 7, 1], "b": [3, 4], BASE_ROW: [8, 8, 1, 2]}
+    prompts = {"a": [5, 9, 2, 7, 1], "b": [3, 4], BASE_ROW: [8, 8, 1, 2, 6, 6, 4, 3, 1]}
     rows = [_sequence(name, ids) for name, ids in prompts.items()]
     cache = BatchCache()
-    with torch.no_grad():
-        # "a" and "b" prefilled together (left-padded), the base row alone, joining later
-        for group in (rows[:2], rows[2:]):
-            adapters = [None if row.adapter == BASE_ROW else row.adapter for row in group]
-            logits, prefilled = runner.prefill(group, adapters)
-            for row, row_logits in zip(group, logits, strict=True):
-                row.generated.append(int(row_logits.argmax()))
-            cache.join(prefilled, [row.length for row in group])
-        batched = []
-        for _ in range(4):
-            batched.append(_step_logits(runner, rows, cache))
-            for row, step in zip(rows, batched[-1], strict=True):
-                row.generated.append(int(step.argmax()))
-        for index, row in enumerate(rows):
-            ids = torch.tensor([row.prompt_ids + row.generated[:-1]])
-            if row.adapter == BASE_ROW:
-                with model.disable_adapter():
-                    alone = model(input_ids=ids).logits[0]
-            else:
-                model.set_adapter(row.adapter)
+    logits_of = {row.adapter: [] for row in rows}
+    with torch.inference_mode():
+        # "a" and "b" prefilled together (left-padded), the base row alone, wider, joining after two steps
+        for group, steps in ((rows[:2], 2), (rows[2:], 3), ([], 4)):
+            if group:
+                adapters = [None if row.adapter == BASE_ROW else row.adapter for row in group]
+                logits, prefilled = runner.prefill(group, adapters)
+                for row, row_logits in zip(group, logits, strict=True):
+                    row.generated.append(int(row_logits.argmax()))
+                cache.join(prefilled, [row.length for row in group])
+            running = rows[: 2 if steps == 2 else 3] if steps != 4 else [rows[0], rows[2]]
+            if steps == 4:
+                cache.keep([0, 2])  # "b" leaves from the middle
+            for _ in range(steps):
+                step = runner.step_logits(running, cache)
+                for row, row_logits in zip(running, step, strict=True):
+                    logits_of[row.adapter].append(row_logits)
+                    row.generated.append(int(row_logits.argmax()))
+    for row in rows:
+        ids = torch.tensor([row.prompt_ids + row.generated[:-1]])
+        if row.adapter == BASE_ROW:
+            with model.disable_adapter():
                 alone = model(input_ids=ids).logits[0]
-            assert row.generated[0] == int(alone[len(row.prompt_ids) - 1].argmax())
-            for step, logits in enumerate(batched):
-                expected = alone[len(row.prompt_ids) + step]
-                torch.testing.assert_close(logits[index], expected, atol=1e-5, rtol=1e-5)
-
-
-def _step_logits(runner: Runner, rows, cache: BatchCache) -> torch.Tensor:
-    mask, positions = cache.step_inputs(runner.device)
-    ids = torch.tensor([[row.generated[-1]] for row in rows])
-    output = runner.model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache.cache,
-        use_cache=True,
-        adapter_names=[row.routing_name for row in rows],
-    )
-    cache.advance()
-    return output.logits[:, -1]
+        else:
+            model.set_adapter(row.adapter)
+            alone = model(input_ids=ids).logits[0]
+        assert row.generated[0] == int(alone[len(row.prompt_ids) - 1].argmax())
+        assert len(logits_of[row.adapter]) == len(row.generated) - 1 > 0
+        for step, logits in enumerate(logits_of[row.adapter]):
+            expected = alone[len(row.prompt_ids) + step]
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
 class _Letters:

@@ -94,8 +94,8 @@ def _role_matchers(model: nn.Module, roles: tuple[str, ...]) -> dict[str, Callab
             remedy="`roles`=None (every bias) and `modules_to_save` for whole modules",
         )
 
-    def owner(name: str) -> str:  # the module a bias belongs to, seen through adapter wrappers
-        return name.removesuffix(".bias").replace(".base_layer", "")
+    def owner(name: str) -> str:  # the module a bias belongs to (names come without adapter wrappers)
+        return name.removesuffix(".bias")
 
     matchers: dict[str, Callable[[str], bool]] = {}
     for role in roles:

@@ -140,6 +140,7 @@ class BottleneckLayer(AdapterLayer):
     """
 
     adapter_holders = ("adapters",)
+    stack_order = 2  # reads the layer's output as the other methods' adapters leave it
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -154,10 +155,14 @@ class BottleneckLayer(AdapterLayer):
         return entry.file_prefix  # adapter.down.weight, fusion.query.weight, ...
 
     def read_input_of(self, module: nn.Module) -> None:
-        """Parallel adapters here read ``module``'s input (the sub-layer's) instead of this module's."""
+        """Parallel adapters here read ``module``'s input (the sub-layer's) instead of this module's.
+
+        The hook goes on the plain layer under ``module``'s adapter wrappers, which stays in the model when
+        another method's wrapper around it comes or goes (deleting a LoRA adapter removes its wrapper)."""
         if self._hook is None:
-            self.source_features = linear_features(module)[0]
-            self._hook = module.register_forward_pre_hook(self._capture, with_kwargs=True)
+            plain = innermost(module)
+            self.source_features = linear_features(plain)[0]
+            self._hook = plain.register_forward_pre_hook(self._capture, with_kwargs=True)
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured = args[0] if args else next(iter(kwargs.values()))

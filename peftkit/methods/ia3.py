@@ -24,7 +24,7 @@ from peftkit.config import AdapterConfig, ConfigError, as_name_tuple, check_choi
 from peftkit.layer import ADAPTER_DTYPES, AdapterLayer, adapter_dtype, find_or_wrap, innermost
 from peftkit.method_spec import TARGET_MODULES, declare_method
 from peftkit.methods.registry import Method, no_base_parameters, register_method
-from peftkit.targeting import name_matches, select_modules
+from peftkit.targeting import linear_features, name_matches, select_modules
 
 INIT_MODES = ("ones", "random")
 
@@ -119,13 +119,13 @@ class IA3Linear(AdapterLayer):
 
     adapter_holders = ("ia3_l",)
     adapter_settings = ("feedforward",)
+    stack_order = 1  # rescales the layer as adapted by LoRA: l ⊙ ((W + s·BA) x + b)
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.transposed = isinstance(innermost(base_layer), Conv1D)
-        weight = base_layer.weight
-        self.in_features, self.out_features = weight.shape if self.transposed else weight.shape[::-1]
+        self.in_features, self.out_features = linear_features(base_layer)  # a 4-bit weight is packed
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
 

@@ -64,7 +64,7 @@ class Engine:
         self.classifier = Classifier(self._classify_host, pad or 0, self.context, self.metrics)
         for name, path in config.adapters.items():
             self.add_adapter(name, path, trusted=True)
-        runner = Runner(model, self.registry.input_methods)
+        runner = Runner(model, self.registry.input_methods, lambda: self.registry.changes)
         self.scheduler = Scheduler(
             runner,
             self.registry,

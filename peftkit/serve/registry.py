@@ -110,6 +110,7 @@ class Registry:
         self.resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.input_methods: dict[str, object] = {}  # resident adapters that enter through the inputs
         self.loads = 0  # adapter loads, evicted ones reloaded included (a metric)
+        self.changes = 0  # loads and unloads: the model's adapter layers may differ after each
 
     # --- known adapters (any thread: only dict updates) ---------------------------------------------------
     def add(self, name: str, path: str | os.PathLike, *, trusted: bool) -> Adapter:
@@ -157,6 +158,7 @@ class Registry:
         adapter = self.get(name)
         if name not in self.resident:
             self._make_room()
+            self.changes += 1  # counted first: a load that fails halfway may have added layers
             self.model.load_adapter(adapter.directory, name)
             self.resident[name] = None
             self.loads += 1
@@ -195,6 +197,7 @@ class Registry:
 
     def _unload(self, name: str) -> None:
         if name in self.resident:
+            self.changes += 1
             self.model.delete_adapter(name)
             del self.resident[name]
             self.input_methods.pop(name, None)

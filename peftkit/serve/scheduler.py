@@ -2,8 +2,9 @@
 between steps.
 
 Each turn of the loop: run the control operations clients asked for (load or remove an adapter) at the step
-boundary, admit waiting requests while the batch has room (each is prefilled alone through its adapter,
-gives its first token, and its cache joins the batch), then one decode step for every row; rows that ended
+boundary, admit waiting requests while the batch has room (those waiting are prefilled together in one mixed
+batch, each row through its adapter; prompt-method adapters one at a time; each gives its first token and
+its cache joins the batch), then one decode step for every row; rows that ended
 (end of sequence, ``max_tokens``, a stop string, the context's end) or whose client went away leave. This is
 iteration-level scheduling as in Orca (Yu et al., OSDI 2022) and vLLM, with per-row adapters as in Punica
 and S-LoRA: rows of different adapters and of the base model share each step.
@@ -58,7 +59,7 @@ class Scheduler:
         self.classify_jobs: collections.deque = collections.deque()  # waiting POST /v1/classify requests
         self.classifier = None  # set by the engine: runs a list of classify jobs in shared passes
         self.rows: list[Sequence] = []
-        self.cache = BatchCache()
+        self.cache = BatchCache(max_batch_size)
         self._wake = threading.Condition()
         self._stopping = False
         self._loads_counted = 0
@@ -102,7 +103,9 @@ class Scheduler:
 
     # --- the scheduler's thread -------------------------------------------------------------------------
     def _loop(self) -> None:
-        with torch.no_grad():
+        # inference mode: no autograd bookkeeping (version counters, view tracking) on the thousands of ops of
+        # a step; adapter loads step out of it (see _loading), since they create parameters
+        with torch.inference_mode():
             while True:
                 with self._wake:
                     if not (
@@ -121,7 +124,8 @@ class Scheduler:
         while self.controls:
             function, future = self.controls.popleft()
             try:
-                future.set_result(function())
+                with torch.inference_mode(False):  # loads and removals change the model's parameters
+                    future.set_result(function())
             except Exception as error:  # handed to the waiting request
                 future.set_exception(error)
 
@@ -193,7 +197,7 @@ class Scheduler:
             for row in self.rows:
                 row.fail(error)
                 self._finish(row, "error")
-            self.rows, self.cache = [], BatchCache()
+            self.rows, self.cache = [], BatchCache(self.max_batch_size)
             return
         self.metrics.decode_steps.inc()
         kept = []
@@ -211,7 +215,8 @@ class Scheduler:
 
     def _acquire(self, sequence: Sequence) -> None:
         if sequence.adapter != self.base_name:
-            self.registry.acquire(sequence.adapter)
+            with torch.inference_mode(False):  # a load creates parameters: not inference tensors
+                self.registry.acquire(sequence.adapter)
             sequence.holds_adapter = True
             self.metrics.resident_adapters.set(len(self.registry.resident))
             self.metrics.adapter_loads.inc(self.registry.loads - self._loads_counted)

@@ -69,7 +69,7 @@ def trained_biases(model: nn.Module, targets: list[str], config: LoraConfig) -> 
         return []
     names = [n for n in base_parameter_names(model) if n == "bias" or n.endswith(".bias")]
     if config.bias == "lora_only":
-        names = [n for n in names if n.rsplit(".", 2)[0] in targets]
+        names = [n for n in names if n.rpartition(".")[0] in targets]  # names without adapter wrappers
     return names
 
 

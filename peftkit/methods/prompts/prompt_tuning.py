@@ -129,6 +129,7 @@ class PromptEmbedding(AdapterLayer):
     """
 
     adapter_holders = ("prompt_embeddings",)
+    stack_order = 3  # leaves the embedding's output alone: around a LoRA adapter on the embedding
 
     def __init__(self, base_layer: nn.Module, model: nn.Module) -> None:
         super().__init__()

@@ -146,6 +146,7 @@ class EncodersAtInputEmbedding(AdapterLayer):
 
     method: str
     adapter_holders = ("encoders",)
+    stack_order = 3  # leaves the embedding's output alone: around a LoRA adapter on the embedding
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
