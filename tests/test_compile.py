@@ -9,12 +9,16 @@ so a case takes seconds; one slow case runs inductor itself.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch._dynamo
+from functorch.compile import make_boxed_func
+from torch import nn
 from torch._dynamo.backends.registry import lookup_backend
+from torch._functorch.aot_autograd import aot_module_simplified
 
 from peftkit import (
     BottleneckConfig,
@@ -220,3 +224,68 @@ def test_lora_step_compiled_with_dynamic_shapes_takes_new_lengths_without_breaks
         torch.testing.assert_close(loss, want_loss, **TOLERANCE)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, want_grads[name], **TOLERANCE)
+
+
+class _ReferenceLora(nn.Module):
+    """The textbook LoRA layer, written independently of peftkit: ``base(x) + s · B(A(dropout(x)))``."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.A = nn.Linear(base.in_features, r, bias=False)
+        self.B = nn.Linear(r, base.out_features, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scale = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.B(self.A(self.dropout(x)))
+
+
+def _reference_lora_model(base: nn.Module, targets: list[str], r: int, alpha: float, dropout: float):
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        owner = base.get_submodule(parent)
+        setattr(owner, child, _ReferenceLora(getattr(owner, child), r, alpha, dropout))
+    return base
+
+
+def _aten_ops(model, batch) -> dict[str, Counter]:
+    """The aten ops (call_function nodes, by target) of the forward and backward graphs AOTAutograd hands a
+    compiler (inductor) for one training step of ``torch.compile(model, fullgraph=True)``."""
+    graphs = {}
+
+    def keep(kind):
+        def compiler(graph_module, example_inputs):
+            graphs[kind] = Counter(str(n.target) for n in graph_module.graph.nodes if n.op == "call_function")
+            return make_boxed_func(graph_module.forward)
+
+        return compiler
+
+    def backend(graph_module, example_inputs):
+        return aot_module_simplified(graph_module, example_inputs, keep("forward"), keep("backward"))
+
+    torch._dynamo.reset()
+    model.train()
+    _loss(torch.compile(model, backend=backend, fullgraph=True), batch).backward()
+    return graphs
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compiled_lora_graph_has_no_more_aten_ops_than_a_plain_lora(dropout):
+    """Structural check behind 'compiles no slower than Hugging Face PEFT': the forward and backward graphs
+    inductor receives for peftkit's LoRA model hold no more aten ops (of any kind) than those of the same
+    model with a plain ``base(x) + s · B(A(dropout(x)))`` layer on the same linear layers. Extra per-layer
+    ops (an in-place add's copies, masks, casts) each cost compile time in every layer and block fusions."""
+    tiny = TINY_MODELS["llama"]
+    model = get_peft_model(tiny.build(), _random_lora(target_modules="all-linear", dropout=dropout))
+    targets = [n.removeprefix("base_model.") for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    assert targets
+    reference = _reference_lora_model(tiny.build(), targets, r=4, alpha=8, dropout=dropout)
+    batch = tiny.batch()
+    ours, theirs = _aten_ops(model, batch), _aten_ops(reference, batch)
+    for kind in ("forward", "backward"):
+        extra = ours[kind] - theirs[kind]  # the ops peftkit has more of, by kind
+        assert sum(ours[kind].values()) <= sum(theirs[kind].values()), f"{kind}: peftkit adds {dict(extra)}"
+        assert not extra, f"{kind} graph: ops peftkit adds over a plain LoRA: {dict(extra)}"

@@ -20,6 +20,7 @@ from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.model import get_peft_model
 from peftkit.training.config import TrainConfig
+from peftkit.training.layout import RunFolder
 from tests import pipeline_fixtures as fx
 
 METHODS = ["lora", "full", "ia3", "no_such_method"]
@@ -249,6 +250,18 @@ def test_resume_reuses_finished_runs_and_reruns_changed_ones(assets, tmp_path):
     before, after = ({r.method: r for r in c.runs} for c in (first, second))
     assert after["lora"] == before["lora"]  # the whole record, load average and loss curve included
     assert after["bitfit"].learning_rate == 5e-3 != before["bitfit"].learning_rate
+
+
+def test_resume_and_report_reuse_runs_whose_max_length_was_chosen_from_the_data(assets, tmp_path):
+    out, base = tmp_path / "compare", _base(assets, max_length=None)
+    options = {"show_progress": False, "latency_repeats": 1}
+    first = run_comparison(base, ["bitfit"], [0], out, **options)
+    assert RunFolder(out / "runs" / "bitfit-seed0").read_config().max_length is not None  # the chosen length
+    (out / "runs" / "bitfit-seed0" / "kept").write_text("")
+    reported = run_comparison(base, ["bitfit"], [0], out, report_only=True, **options)
+    resumed = run_comparison(base, ["bitfit"], [0], out, resume=True, **options)
+    assert (out / "runs" / "bitfit-seed0" / "kept").exists()  # reused, not run again
+    assert reported.runs == resumed.runs == first.runs
 
 
 def test_method_defaults_follow_a_built_in_dataset_and_yield_to_the_user():

@@ -101,6 +101,17 @@ def test_batch_cache_steps_joins_and_leaves_keep_every_row_equal_to_its_own_conc
                 assert torch.equal(stored, reference[row][layer] + 100)
 
 
+def test_batch_cache_grows_its_rows_only_when_they_do_not_fit():
+    """A wider row joining widens the window without growing the rows' capacity; a row beyond it doubles it."""
+    cache = BatchCache(row_capacity=2)
+    cache.join(_row_cache(3, 1), [3])
+    cache.join(_row_cache(9, 2), [9])  # wider than the window and its free columns
+    assert cache.key_buffers[0].shape[0] == 2 and cache.width == 9
+    cache.join(_row_cache(2, 3), [2])
+    assert cache.key_buffers[0].shape[0] == 4 and cache.lengths == [3, 9, 2]
+    assert torch.equal(_row(cache, 1), _row_cache(9, 2).layers[0].keys[0])
+
+
 def _sequence(adapter: str, ids: list[int]) -> Sequence:
     return Sequence(
         adapter=adapter,

@@ -103,6 +103,8 @@ def finished_result(
     planned = with_absolute_paths(spec.config).to_dict()
     for location in ("output_dir", "resume"):
         saved.pop(location, None), planned.pop(location, None)
+    if planned.get("max_length") is None:  # to be chosen from the data: a run records the length it chose
+        saved["max_length"] = None
     return record if saved == planned else None
 
 

@@ -107,7 +107,8 @@ class BatchCache:
         if not self.key_buffers:
             self._allocate(cache, max(rows, self.row_capacity), width)
         elif rows > self.key_buffers[0].shape[0] or self.end - width < 0:
-            self._relayout(max(rows, 2 * self.key_buffers[0].shape[0]), width)
+            capacity = self.key_buffers[0].shape[0]  # rows grow only when they must, by doubling
+            self._relayout(capacity if rows <= capacity else max(rows, 2 * capacity), width)
         self.start = self.end - width
         new_width = cache.get_seq_length()
         columns = slice(self.end - new_width, self.end)
