@@ -1,5 +1,7 @@
 """One forward pass, one adapter per row: each row equals what its adapter alone gives."""
 
+import copy
+
 import pytest
 import torch
 
@@ -79,3 +81,23 @@ def test_mixed_batch_errors():
     model.train()
     with pytest.raises(AdapterError, match=r"model.eval\(\)"):
         model(**tiny.batch(), adapter_names=["dropped"] * 3)
+
+
+def test_a_mixed_batch_with_gradients_after_one_without_trains_the_adapters():
+    # a pass under no_grad keeps its stacked adapter matrices for the next decode step; they carry no graph,
+    # so a later pass that trains must stack the adapters again, or no gradient reaches them
+    tiny = TINY_MODELS["llama"]
+    model = get_peft_model(tiny.build(), LoraConfig(r=4, init="random"), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, init="random"))
+    reference = copy.deepcopy(model)
+    batch, rows = tiny.batch(), ["b", BASE_ROW, "a"]
+    with torch.no_grad():
+        run(model, tiny, batch, adapter_names=rows)
+    for trained in (model, reference):  # `run` is for inference (no_grad): call the model itself
+        tiny.output(trained(**batch, adapter_names=rows)).square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in expected.values())
+    for name, grad in expected.items():
+        assert grads[name] is not None, name
+        torch.testing.assert_close(grads[name], grad)

@@ -164,8 +164,11 @@ def test_two_processes_match_one_process_with_twice_the_batch(assets, tmp_path):
     )
     assert double.returncode == 0, double.stderr[-2000:]
     one, two = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    # each process pads its half of a step's batch to its own longest row, the single one pads the whole batch:
+    # the sums round differently, and Adam (dividing by each entry's own gradient size) moves an entry whose
+    # gradient is near zero by a few 1e-6 for it
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=5e-6)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir()
     )

@@ -45,7 +45,8 @@ HELP = {
     "output_dir": "the run's folder",
     "resume": "continue the run in --output-dir from its last checkpoint",
     "fused_loss": "causal-LM / seq2seq loss from the hidden states in chunks, without the logits (exact)",
-    "group_by_length": "batches of similar lengths (none: on for causal-lm and seq2seq only)",
+    "group_by_length": "batches of similar lengths, keeping a classification batch's label mix (null in a "
+    "config.yaml recorded before this was the default: on for causal-lm and seq2seq only)",
     "packing": "causal-lm: several examples per row, each with its own positions and attention",
     "check_finite": "stop the run when a trainable parameter turns NaN or infinite after a step",
 }

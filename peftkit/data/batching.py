@@ -7,7 +7,11 @@ Both are pure functions of their inputs, so a run is reproducible from its seed 
   ``group_batches`` global batches from a seeded permutation; each mega-batch is sorted by length and cut
   into global batches, and the global batches are shuffled: examples of similar length share a batch, the
   batches still come in random order (the scheme of transformers' ``LengthGroupedSampler`` and of
-  fairseq's bucketing).
+  fairseq's bucketing). With class labels (sequence classification) the sort keeps every batch's label mix:
+  each label's examples are sorted by length on their own and the mega-batch is ordered by each example's
+  rank within its label, so a batch takes the same length band of every label, in the labels' proportions.
+  Where a text's length goes with its label (long spam, short ham), plain sorting would make batches of
+  mostly one label; this way a batch's labels are as mixed as a random batch's, and only the padding goes.
 - :func:`pack_batch` lays a right-padded causal-LM batch out as fewer, fuller rows, several examples per
   row, each keeping its own positions (``position_ids`` restart at 0) and its own attention (a block-diagonal
   causal mask): the model computes for each example exactly what it computes for it alone, and the label
@@ -35,7 +39,9 @@ class StepOrder:
 
     ``size`` examples, ``global_batch`` of them per step (batch x processes x accumulation); ``lengths``
     (one per example, e.g. tokens) turns on length grouping, ``group_batches`` global batches per sorted
-    mega-batch. An epoch is ``size // global_batch`` steps; the examples left over are not used that epoch.
+    mega-batch; ``labels`` (one class per example, with ``lengths``) keeps each batch's label mix while
+    grouping (see the module's docstring). An epoch is ``size // global_batch`` steps; the examples left
+    over are not used that epoch.
     """
 
     size: int
@@ -43,6 +49,7 @@ class StepOrder:
     seed: int
     lengths: Sequence[int] | None = None
     group_batches: int = 32
+    labels: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if self.global_batch < 1 or self.group_batches < 1:
@@ -54,6 +61,10 @@ class StepOrder:
             raise DataError(f"{self.size} examples are fewer than one batch of {self.global_batch}")
         if self.lengths is not None and len(self.lengths) != self.size:
             raise DataError(f"got {len(self.lengths)} lengths for {self.size} examples")
+        if self.labels is not None and (self.lengths is None or len(self.labels) != self.size):
+            raise DataError(
+                f"`labels` go with `lengths`, one per example: got {len(self.labels)} for {self.size}"
+            )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -69,14 +80,24 @@ class StepOrder:
         batches: list[list[int]] = []
         leftover: list[int] = []
         for start in range(0, self.size, mega):
-            group = sorted(
-                order[start : start + mega], key=lambda i: -self.lengths[i]
-            )  # stable: ties keep order
+            group = self._by_length(order[start : start + mega])
             full = len(group) - len(group) % self.global_batch
             batches += [group[i : i + self.global_batch] for i in range(0, full, self.global_batch)]
             leftover += group[full:]
         shuffled = torch.randperm(len(batches), generator=generator).tolist()
         return [i for b in shuffled for i in batches[b]] + leftover
+
+    def _by_length(self, group: list[int]) -> list[int]:
+        """``group`` longest first; with labels, by each example's length rank within its own label (ties keep
+        the group's seeded order), so that every cut of the result holds the labels in the group's shares."""
+        longest_first = sorted(group, key=lambda i: -self.lengths[i])  # stable: ties keep order
+        if self.labels is None:
+            return longest_first
+        members: dict[int, list[int]] = {}
+        for i in longest_first:
+            members.setdefault(self.labels[i], []).append(i)
+        quantile = {i: (rank + 0.5) / len(same) for same in members.values() for rank, i in enumerate(same)}
+        return sorted(group, key=lambda i: quantile[i])
 
     def step_rows(self, step: int) -> list[int]:
         """The ``global_batch`` example indices of optimizer step ``step`` (0-based, counting across epochs)."""

@@ -72,7 +72,10 @@ class SequenceClassification(Task):
     def evaluate(self, model, records, tokenizer, *, batch_size, max_length, label_names):
         model.eval()
         predictions, labels, loss_sum = [], [], 0.0
-        for chunk in batches(records, batch_size):
+        # the metrics do not depend on the order: texts of similar length share a batch and little is padded
+        ids = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
+        ordered = [records[i] for i in sorted(range(len(records)), key=lambda i: len(ids[i]))]
+        for chunk in batches(ordered, batch_size):
             batch = to_device(self.collate(chunk, tokenizer, max_length), model_device(model))
             output = model(**batch)
             loss_sum += output.loss.item() * len(chunk)
@@ -129,11 +132,15 @@ class TokenClassification(Task):
     @torch.no_grad()
     def evaluate(self, model, records, tokenizer, *, batch_size, max_length, label_names):
         model.eval()
-        gold, predicted, loss_sum = [], [], 0.0
-        for chunk in batches(records, batch_size):
+        gold, predicted, loss_sum, scored = [], [], 0.0, 0
+        # the metrics do not depend on the order (the loss is the mean over every scored word, whatever the
+        # batches): sentences of similar length share a batch and little is padded
+        for chunk in batches(sorted(records, key=lambda r: sum(len(w) for w in r["tokens"])), batch_size):
             batch = to_device(self.collate(chunk, tokenizer, max_length), model_device(model))
             output = model(**batch)
-            loss_sum += output.loss.item() * len(chunk)
+            words = int((batch["labels"] != IGNORE).sum())  # the model's loss is the mean over these
+            if words:  # (a chunk whose words were all cut off has no loss: 0/0)
+                loss_sum, scored = loss_sum + output.loss.item() * words, scored + words
             guesses = real_positions(output.logits, batch["input_ids"]).argmax(-1)
             for row in range(len(chunk)):
                 keep = batch["labels"][row] != IGNORE  # one position per (kept) word
@@ -144,7 +151,7 @@ class TokenClassification(Task):
         from seqeval.metrics import f1_score, precision_score, recall_score
 
         return {
-            "loss": loss_sum / len(records),
+            "loss": loss_sum / max(scored, 1),
             "precision": precision_score(gold, predicted, zero_division=0),
             "recall": recall_score(gold, predicted, zero_division=0),
             "f1": f1_score(gold, predicted, zero_division=0),

@@ -64,7 +64,9 @@ class TrainConfig:
     fsdp: bool = False  # shard the frozen base across the launched processes (FSDP2), see training/fsdp.py
     # causal-LM / seq2seq training (see peftkit/training/efficiency.py)
     fused_loss: bool = True  # the fused linear cross-entropy where it equals the model's own loss
-    group_by_length: bool | None = None  # None: on for causal-lm and seq2seq, off for classification
+    # batches of similar lengths, keeping each batch's label mix (see training/efficiency.py); None: the rule
+    # of runs recorded before this was the default (on for causal-lm and seq2seq only)
+    group_by_length: bool | None = True
     packing: bool = False  # several causal-LM examples per row, attention and positions kept apart
     check_finite: bool = True  # stop when a trainable parameter turns NaN or infinite (see divergence.py)
     seed: int = 0

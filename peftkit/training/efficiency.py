@@ -1,8 +1,11 @@
 """What ``peftkit train`` does to spend less memory and time on generation tasks, chosen once per run.
 
-- the batch order (:func:`batch_order`): length-grouped for causal-LM and seq2seq training unless
-  ``group_by_length`` says otherwise. Classification keeps random batches by default: there a text's length
-  can go with its label, and batches of one length would then be batches of mostly one label.
+- the batch order (:func:`batch_order`): length-grouped (``group_by_length``, on by default for every task),
+  so a batch pads to its own examples' length rather than to the longest of a random draw. For sequence
+  classification the grouping keeps each batch's label mix (:class:`~peftkit.data.batching.StepOrder` with
+  ``labels``): a text's length can go with its label, and batches of one length must not become batches of
+  one label. ``group_by_length: null``, as runs recorded before it was on by default, keeps their rule: on
+  for causal-LM and seq2seq only.
 - the loss (:func:`loss_function`): the fused linear cross-entropy when ``fused_loss`` is on and it equals
   the model's own loss (:func:`~peftkit.losses.language_model.fused_loss_unsupported`), else the model's
   own; with ``packing`` (causal LM only) each micro-batch is first packed into fuller rows, each example
@@ -34,13 +37,22 @@ Batch = dict[str, torch.Tensor]
 
 
 def groups_by_length(config, task_name: str) -> bool:
-    """``group_by_length`` as set, or (None) on for the generation tasks."""
+    """``group_by_length`` as set, or (None: the rule of runs recorded before it was on by default) on for
+    the generation tasks only."""
     return config.group_by_length if config.group_by_length is not None else task_name in GENERATION_TASKS
+
+
+def class_labels(records: Sequence[dict]) -> list[int] | None:
+    """Each record's class (sequence classification: one integer ``label`` per record), or None for records
+    without one (token tags, generation), whose batches need no label mix kept."""
+    labels = [r.get("label") for r in records]
+    return labels if all(isinstance(y, int) and not isinstance(y, bool) for y in labels) else None
 
 
 def batch_order(config, task, records: Sequence[dict], tokenizer, global_batch: int) -> StepOrder:
     """The run's :class:`~peftkit.data.batching.StepOrder`: seeded, length-grouped when asked (lengths are
-    the tokens the task's collate gives each record, truncated to ``max_length``)."""
+    the tokens the task's collate gives each record, truncated to ``max_length``), keeping each batch's mix
+    of class labels where the records have them."""
     lengths = None
     if groups_by_length(config, task.name):
         lengths = []
@@ -50,7 +62,8 @@ def batch_order(config, task, records: Sequence[dict], tokenizer, global_batch: 
             if batch["labels"].dim() == 2 and batch["labels"].shape != batch["input_ids"].shape:
                 tokens = tokens + (batch["labels"] != -100).sum(dim=1)  # seq2seq: the target's tokens too
             lengths += tokens.tolist()
-    return StepOrder(len(records), global_batch, config.seed, lengths=lengths)
+    labels = class_labels(records) if lengths is not None else None
+    return StepOrder(len(records), global_batch, config.seed, lengths=lengths, labels=labels)
 
 
 def fused_loss_off_reason(enabled: bool, task_name: str, model) -> str | None:

@@ -97,7 +97,9 @@ SETTING_RANGES: dict[str, Range] = {
     "bf16": Range(bool),
     "gradient_checkpointing": Range(bool),
     "fused_loss": Range(bool),
-    "group_by_length": Range(bool, none="on for causal-lm and seq2seq, off for classification"),
+    "group_by_length": Range(
+        bool, none="on for causal-lm and seq2seq only, as runs recorded before it was the default"
+    ),
     "packing": Range(bool),
     "check_finite": Range(bool),
     "fsdp": Range(bool),

@@ -46,20 +46,14 @@ def dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Te
     if x.device.type in _NATIVE_DROPOUT_DEVICES:
         return torch.native_dropout(x, p, True)
     keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)  # the draws of ATen's CPU dropout
-    return x * _noise(keep, p, x.dtype), keep
+    return x * keep_multiplier(keep, p, x.dtype), keep
 
 
-def reapply_dropout(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """``t · keep / (1 - p)``: the forward's ``dropout(x)`` again from ``x`` (bit for bit on the CPU), or the
-    gradient of ``dropout(x)`` carried back to ``x``."""
-    if t.device.type in _NATIVE_DROPOUT_DEVICES:
-        return torch.ops.aten.native_dropout_backward(t, keep, 1 / (1 - p))
-    return t * _noise(keep, p, t.dtype)
-
-
-def _noise(keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """ATen's CPU dropout's multiplier: the 0/1 draws in ``dtype``, divided by ``1 - p`` in place."""
-    return keep.to(dtype).div_(1 - p)
+def keep_multiplier(keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """``keep / (1 - p)`` in ``dtype`` (``keep``'s shape): ``dropout(x) = x · multiplier``, and the gradient
+    reaching ``x`` is the one reaching ``dropout(x)`` times it. Bit for bit the multiplier of ATen's CPU
+    dropout (its 0/1 draws divided by ``1 - p``), made in one pass from the boolean mask."""
+    return keep * torch.ones((), dtype=dtype, device=keep.device).div_(1 - p)
 
 
 class DropoutLinear(torch.autograd.Function):
@@ -85,13 +79,14 @@ class DropoutLinear(torch.autograd.Function):
     def backward(ctx, grad_hidden):  # (..., r)
         x, keep, weight_A = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
+        multiplier = keep_multiplier(keep, ctx.p, weight_A.dtype)  # (..., in)
         grad_x = grad_A = None
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             if ctx.needs_input_grad[0]:
                 grad_dropped = (grad_hidden @ weight_A).to(weight_A.dtype)  # (..., in)
-                grad_x = reapply_dropout(grad_dropped, keep, ctx.p).to(x.dtype)
+                grad_x = grad_dropped.mul_(multiplier).to(x.dtype)
             if ctx.needs_input_grad[1]:
-                dropped = reapply_dropout(x.to(weight_A.dtype), keep, ctx.p)
+                dropped = x.to(weight_A.dtype) * multiplier  # the forward's dropout(x), bit for bit
                 flat = grad_hidden.reshape(-1, grad_hidden.shape[-1])
                 grad_A = (flat.T @ dropped.reshape(-1, dropped.shape[-1])).to(weight_A.dtype)  # (r, in)
         return grad_x, grad_A, None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peftkit.methods.lora.dropout import dropout_with_mask, reapply_dropout
+from peftkit.methods.lora.dropout import dropout_with_mask, keep_multiplier
 
 
 def fused_lora_linear(
@@ -100,10 +100,11 @@ class FusedLoraLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_hidden = (grad @ weight_B).mul_(scale)  # (tokens, r)
         grad_x = grad_x_adapter = grad_bias = grad_A = grad_B = None
+        multiplier = keep_multiplier(keep, p, adapter_input.dtype) if p else None  # (tokens, in)
         if needs[0]:
             grad_x = grad @ (weight.T if ctx.transposed else weight)  # (tokens, in)
             if p:  # the adapter's share goes back through the dropout mask
-                grad_x.add_(reapply_dropout(grad_hidden @ weight_A, keep, p))
+                grad_x.addcmul_(grad_hidden @ weight_A, multiplier)
             elif ctx.shared_input:
                 grad_x.addmm_(grad_hidden, weight_A)
         if needs[1] and not ctx.shared_input:
@@ -112,7 +113,7 @@ class FusedLoraLinear(torch.autograd.Function):
             grad_bias = grad.sum(0)
         if needs[4]:
             if p:  # dropout(x) again, bit for bit
-                adapter_input = reapply_dropout(adapter_input, keep, p)
+                adapter_input = adapter_input * multiplier
             grad_A = grad_hidden.T @ adapter_input  # (r, in)
         if needs[5]:
             grad_B = grad.T @ (hidden * scale)  # (out, r)

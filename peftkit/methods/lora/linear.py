@@ -204,6 +204,8 @@ class LoraLinear(AdapterLayer):
             kept is not None
             and kept[0] == (names, merged)
             and all(parameter._version == version for parameter, version in kept[1])
+            # stacks kept from a pass without gradients carry no graph: a pass that trains stacks afresh
+            and not (torch.is_grad_enabled() and any(parameter.requires_grad for parameter, _ in kept[1]))
         ):
             return kept[2]
         live = [n for n in names if n in self.lora_A and n not in merged]  # self.runs(n)
