@@ -8,6 +8,7 @@ nothing generic knows about a particular method.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,18 @@ class Routing:
                 f"mixed batch: `adapter_names` has {len(self.index)} entries but layer {layer} sees a batch of "
                 f"{batch} rows; give one adapter name per row of the input batch"
             )
+
+
+@contextlib.contextmanager
+def routed(layers: Sequence[AdapterLayer], routing: Routing) -> Iterator[None]:
+    """Every layer of ``layers`` routes its rows by ``routing`` for the passes run inside; none after."""
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.routing = None
 
 
 class AdapterLayer(nn.Module):

@@ -25,7 +25,7 @@ from peftkit import accounting
 from peftkit.adapter_names import check_adapter_name
 from peftkit.config import AdapterConfig, ConfigError
 from peftkit.integrations.signature import base_signature_forward
-from peftkit.layer import BASE_ROW, AdapterError, AdapterLayer, Routing, plain_paths
+from peftkit.layer import BASE_ROW, AdapterError, AdapterLayer, Routing, plain_paths, routed
 from peftkit.methods import method_for_config
 from peftkit.model_checkpoints import AdapterCheckpoints
 from peftkit.model_merging import AdapterMerging
@@ -322,14 +322,8 @@ class PeftModel(AdapterMerging, AdapterCheckpoints, HfPeftSurface, nn.Module):
         layers = [layer for _, layer in self.adapter_layers()]  # walked once: this runs every decode step
         self._check_not_merged("a mixed batch (adapter_names=...)", layers)
         device = next(self.base_model.parameters()).device
-        routing = Routing.from_row_names(list(adapter_names), device)
-        for layer in layers:
-            layer.routing = routing
-        try:
+        with routed(layers, Routing.from_row_names(list(adapter_names), device)):
             yield
-        finally:
-            for layer in layers:
-                layer.routing = None
 
     def _check_exists(self, name: str) -> None:
         check_adapter_name(name)

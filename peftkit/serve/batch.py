@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from peftkit.layer import BASE_ROW, Routing
+from peftkit.layer import BASE_ROW, Routing, routed
 from peftkit.model import PeftModel
 from peftkit.serve.kv import BatchCache, check_cache
 from peftkit.serve.sampling import next_tokens
@@ -124,11 +124,5 @@ class Runner:
             self._layers = (self.version(), [layer for _, layer in self.model.adapter_layers()])
         if self._routing is None or self._routing[0] != names:
             self._routing = (names, Routing.from_row_names(names, self.device))
-        layers, routing = self._layers[1], self._routing[1]
-        for layer in layers:
-            layer.routing = routing
-        try:
+        with routed(self._layers[1], self._routing[1]):
             yield
-        finally:
-            for layer in layers:
-                layer.routing = None
