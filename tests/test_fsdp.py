@@ -95,9 +95,12 @@ def _assert_same_adapter(run_dir, reference_dir, folder="adapter"):
         load_file(reference / "adapter_model.safetensors"),
     )
     assert ours.keys() == theirs.keys()
+    # each process pads its part of a step's batch to its own longest row (length-grouped batches make the
+    # parts' lengths differ more): the sums round differently, and Adam, dividing by each entry's own gradient
+    # size, moves an entry whose gradient is near zero by a few 1e-6 for it (as in test_training_pipeline)
     for key in theirs:
         assert ours[key].dtype == theirs[key].dtype
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=5e-6, msg=key)
 
 
 def _assert_same_trainer_state(run_dir, reference_dir):
